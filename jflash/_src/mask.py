@@ -94,21 +94,25 @@ def visible(
     kv_valid: Scalar,
     q_seg: jax.Array | None = None,
     kv_seg: jax.Array | None = None,
+    *,
+    transpose: bool = False,
 ) -> jax.Array:
   """The element predicate on a tile: ``[bq] x [bk] -> bool[bq, bk]``.
 
-  q_pos, k_pos: absolute positions of the tile's rows and columns.
+  q_pos, k_pos: absolute positions of the tile's rows and columns (1-D).
   q_seg, kv_seg: the tile's segment ids (required iff ``spec.has_segment_ids``).
+  transpose: return the ``[bk, bq]`` tile instead (for kernels that compute k @ q^T).
   """
-  qi = q_pos[:, None]
-  kj = k_pos[None, :]
+  row, col = (lambda x: x[None, :], lambda x: x[:, None]) if transpose else (
+      lambda x: x[:, None], lambda x: x[None, :])
+  qi, kj = row(q_pos), col(k_pos)
   ok = (kj < kv_valid) & (qi < q_valid)
   if spec.band_lo is not None:
     ok = ok & (kj - qi >= spec.band_lo)
   if spec.band_hi is not None:
     ok = ok & (kj - qi <= spec.band_hi)
   if spec.has_segment_ids:
-    ok = ok & (q_seg[:, None] == kv_seg[None, :])
+    ok = ok & (row(q_seg) == col(kv_seg))
   return ok
 
 

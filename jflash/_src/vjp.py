@@ -36,8 +36,11 @@ def _bwd(p, res, cotangents):
   dout, dlse = cotangents
   # An lse cotangent on an empty row (lse = +inf) has nothing to flow into.
   dlse = jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  # delta_i = do_i . o_i (= sum_j p_ij dp_ij); a cotangent on lse_i adds p_ij * dlse_i to
+  # ds_ij, which is the same as lowering delta_i by dlse_i.
+  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
   dq, dk, dv = registry.get(p.implementation).backward(
-      p, q, k, v, arrays, out, lse, dout.astype(q.dtype), dlse)
+      p, q, k, v, arrays, lse, dout.astype(q.dtype), delta - dlse)
   return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, arrays)
 
 

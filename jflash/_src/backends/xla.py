@@ -129,16 +129,13 @@ def forward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays, cfg: XlaConfig | N
   return out, lse
 
 
-def backward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays, out, lse, dout, dlse,
+def backward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays, lse, dout, delta,
              cfg: XlaConfig | None = None):
-  """Returns ``(dq, dk, dv)`` in the input dtypes. ``dlse`` is the lse cotangent."""
+  """Returns ``(dq, dk, dv)`` in the input dtypes. ``delta [B, N, T]`` as in vjp.py."""
   cfg = cfg or XlaConfig.for_problem(p)
   blk = _Blocks(p, q, k, v, arrays, cfg)
   b, t, n, h = q.shape
   kh, g, bq, bk = k.shape[2], blk.groups, cfg.block_q, cfg.block_k
-  # delta_i = sum_j p_ij dp_ij = do_i . o_i; a cotangent on lse_i adds p_ij * dlse_i.
-  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - dlse
   grouped = lambda x, fill: pad_axis(x, 2, blk.tp, fill).reshape(b, kh, g, blk.tp)
   lse_g = grouped(lse, jnp.inf)  # padded rows: p = exp(s - inf) = 0
   delta_g = grouped(delta, 0.0)

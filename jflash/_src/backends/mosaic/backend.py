@@ -17,5 +17,5 @@ def forward(p, q, k, v, arrays):
   supports(p, q, k, v)
 
 
-def backward(p, q, k, v, arrays, out, lse, dout, dlse):
+def backward(p, q, k, v, arrays, lse, dout, delta):
   supports(p, q, k, v)

@@ -1,0 +1,74 @@
+"""The "triton" implementation: pads to tile multiples and runs the Pallas Triton kernels.
+
+Any NVIDIA GPU of sm80 or newer; without a GPU the same kernels run in Pallas interpret
+mode (``Problem.interpret``), which is how CI exercises them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jflash._src import mask as mask_lib
+from jflash._src.backends.triton import bwd as bwd_lib
+from jflash._src.backends.triton import fwd as fwd_lib
+from jflash._src.backends.triton.config import TritonConfig
+from jflash._src.layout import next_pow2, pad_axis, round_up
+from jflash._src.problem import Problem
+
+MAX_HEAD_DIM = 256
+
+
+def supports(p: Problem, q, k, v) -> None:
+  h = q.shape[-1]
+  if h > MAX_HEAD_DIM:
+    raise NotImplementedError(f"implementation='triton' supports head_dim <= {MAX_HEAD_DIM}; got {h}")
+  if not p.interpret:
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if cc is not None and float(cc) < 8.0:
+      raise NotImplementedError(f"implementation='triton' needs an sm80+ GPU; this one is sm{cc}")
+
+
+def _config(p: Problem, head_dim: int) -> TritonConfig:
+  return TritonConfig.for_problem(p.q_len, p.kv_len, head_dim)
+
+
+class _Padded:
+  """Pads T, S to tile multiples and H to a power of two (>= 16), and undoes it."""
+
+  def __init__(self, p: Problem, q, k, v, arrays: mask_lib.MaskArrays):
+    self.h = q.shape[-1]
+    self.d = max(16, next_pow2(self.h))
+    self.cfg = _config(p, self.d)
+    self.tp = round_up(p.q_len, self.cfg.q_multiple)
+    self.sp = round_up(p.kv_len, self.cfg.k_multiple)
+    self.t = p.q_len
+    self.arrays = mask_lib.MaskArrays(
+        q_valid=arrays.q_valid, kv_valid=arrays.kv_valid,
+        q_segment_ids=pad_axis(arrays.q_segment_ids, 1, self.tp, -1),
+        kv_segment_ids=pad_axis(arrays.kv_segment_ids, 1, self.sp, -2))
+
+  def q(self, x):
+    return pad_axis(pad_axis(x, 1, self.tp), 3, self.d)
+
+  def kv(self, x):
+    return pad_axis(pad_axis(x, 1, self.sp), 3, self.d)
+
+  def rows(self, x, fill):
+    return pad_axis(x, 2, self.tp, fill)
+
+
+def forward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays):
+  pad = _Padded(p, q, k, v, arrays)
+  out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.arrays)
+  return out[:, :pad.t, :, :pad.h], lse[:, :, :pad.t]
+
+
+def backward(p: Problem, q, k, v, arrays, lse, dout, delta):
+  pad = _Padded(p, q, k, v, arrays)
+  dq, dk, dv = bwd_lib.backward(
+      p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.arrays, pad.q(dout),
+      pad.rows(lse, jnp.inf), pad.rows(delta, 0.0))
+  s = p.kv_len
+  return dq[:, :pad.t, :, :pad.h], dk[:, :s, :, :pad.h], dv[:, :s, :, :pad.h]

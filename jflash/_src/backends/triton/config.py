@@ -1,0 +1,54 @@
+"""Tuning for the Triton kernels: block sizes, warps, pipeline stages. Never meaning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jflash._src.layout import next_pow2
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  # Forward: a query tile per program, looping over key tiles.
+  block_q: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  # dK/dV: a key tile per program, looping over query tiles (of every head in the group).
+  dkv_block_q: int = 32
+  dkv_block_k: int = 128
+  dkv_warps: int = 4
+  dkv_stages: int = 3
+  # dQ: a query tile per program, looping over key tiles.
+  dq_block_q: int = 128
+  dq_block_k: int = 32
+  dq_warps: int = 4
+  dq_stages: int = 3
+
+  @classmethod
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int) -> "TritonConfig":
+    """A heuristic default; shrinks the tiles for short sequences (and CPU tests)."""
+    big = head_dim > 64
+    cfg = cls(
+        block_q=128, block_k=64 if big else 128, num_warps=8 if big else 4,
+        num_stages=2 if head_dim > 128 else 3,
+        dkv_block_q=32 if head_dim > 128 else 64, dkv_block_k=128 if head_dim <= 128 else 64,
+        dkv_warps=8 if big else 4, dkv_stages=2 if head_dim > 128 else 3,
+        dq_block_q=128 if head_dim <= 128 else 64, dq_block_k=32 if head_dim > 128 else 64,
+        dq_warps=8 if big else 4, dq_stages=2 if head_dim > 128 else 3)
+    # Tiles no longer than the (power-of-two-rounded) sequence, at least 16 for the MMA.
+    tq = max(16, next_pow2(q_len))
+    tk = max(16, next_pow2(kv_len))
+    return dataclasses.replace(
+        cfg,
+        block_q=min(cfg.block_q, tq), block_k=min(cfg.block_k, tk),
+        dkv_block_q=min(cfg.dkv_block_q, tq), dkv_block_k=min(cfg.dkv_block_k, tk),
+        dq_block_q=min(cfg.dq_block_q, tq), dq_block_k=min(cfg.dq_block_k, tk))
+
+  @property
+  def q_multiple(self) -> int:
+    return max(self.block_q, self.dkv_block_q, self.dq_block_q)
+
+  @property
+  def k_multiple(self) -> int:
+    return max(self.block_k, self.dkv_block_k, self.dq_block_k)
