@@ -1,0 +1,130 @@
+"""JAX side of the benchmark: the attention callables, timing and peak memory.
+
+Imported only after the torch worker has run, so that JAX (which grabs most of
+the GPU memory when it initialises) never competes with PyTorch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jflash
+
+FWD, FWDBWD = "fwd", "fwdbwd"
+
+
+def _jflash(implementation):
+  def f(q, k, v, causal):
+    return jflash.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  return f
+
+
+def _jax_nn(implementation):
+  def f(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  return f
+
+
+# impl name -> (attention(q, k, v, causal), modes it is timed in)
+IMPLS = {
+    "jflash-mosaic": (_jflash("mosaic"), (FWD, FWDBWD)),
+    "jflash-triton": (_jflash("triton"), (FWD, FWDBWD)),
+    "jflash-xla": (_jflash("xla"), (FWD, FWDBWD)),
+    "cudnn": (_jax_nn("cudnn"), (FWD, FWDBWD)),
+    # Materialises the [b, N, s, s] logits: a reference point, forward only.
+    "xla": (_jax_nn("xla"), (FWD,)),
+}
+
+
+def make_fn(impl, mode, causal):
+  attn = IMPLS[impl][0]
+  if mode == FWD:
+    return jax.jit(lambda q, k, v, do: attn(q, k, v, causal))
+
+  def fwdbwd(q, k, v, do):
+    # Returning the gradients (and out) keeps XLA from dropping the backward.
+    out, pullback = jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)
+    return out, pullback(do)
+  return jax.jit(fwdbwd)
+
+
+def make_inputs(b, s, n, d, dtype, sets=2, seed=0):
+  """``sets`` independent (q, k, v, do) tuples, [b, s, n, d], standard normal."""
+  keys = jax.random.split(jax.random.key(seed), 4 * sets)
+  arrs = [jax.random.normal(kk, (b, s, n, d), jnp.float32).astype(dtype) for kk in keys]
+  jax.block_until_ready(arrs)
+  return [tuple(arrs[4 * i:4 * i + 4]) for i in range(sets)]
+
+
+def time_fn(fn, input_sets, *, target_s, loops, min_reps, max_reps):
+  """Median seconds per call, over ``loops`` loops of back-to-back calls.
+
+  Calls are queued asynchronously and only the last one is waited on, so the
+  host dispatch overlaps the GPU work as it does in a training step.
+  """
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*input_sets[0]))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(2):
+    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+  estimate = (time.perf_counter() - t0) / 2
+  reps = int(min(max_reps, max(min_reps, target_s / max(estimate, 1e-9))))
+  times = []
+  for _ in range(loops):
+    t0 = time.perf_counter()
+    for i in range(reps):
+      out = fn(*input_sets[i % len(input_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+    del out
+  return statistics.median(times), reps, compile_s
+
+
+# ---------------------------------------------------------------------------
+# Peak memory of one fwd+bwd, run in a fresh process per measurement.
+
+
+def memory_worker(impl, s, *, b=1, n=16, d=128, dtype=jnp.bfloat16):
+  fn = make_fn(impl, FWDBWD, causal=False)
+  shape = (b, s, n, d)
+  spec = jax.ShapeDtypeStruct(shape, dtype)
+  # Compile before any input exists: compile-time scratch (autotuning) then
+  # cannot push the peak above what the step itself needs.
+  compiled = fn.lower(spec, spec, spec, spec).compile()
+  est = None
+  try:
+    ma = compiled.memory_analysis()
+    est = int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+              - ma.alias_size_in_bytes)
+  except Exception:  # memory_analysis is best effort on some backends
+    pass
+  # Host-side randoms: on-device generation would leave f32 temporaries in the peak.
+  rng = np.random.default_rng(0)
+  args = [jax.device_put(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
+          for _ in range(4)]
+  jax.block_until_ready(args)
+  dev = jax.devices()[0]
+  before = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+  jax.block_until_ready(compiled(*args))
+  stats = dev.memory_stats() or {}
+  tensor = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  return {
+      "impl": impl, "s": s, "b": b, "n": n, "d": d, "dtype": jnp.dtype(dtype).name,
+      "peak_bytes": stats.get("peak_bytes_in_use"),
+      "peak_before_run": before,
+      "xla_estimate_bytes": est,
+      # q, k, v + out + dq, dk, dv.
+      "ideal_bytes": 7 * tensor,
+      "device": dev.device_kind,
+  }
+
+
+def device_info():
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__}
