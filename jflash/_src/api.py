@@ -34,6 +34,9 @@ def _check_qkv(query, key, value):
     raise TypeError(f"query, key and value must share a dtype; got {query.dtype=}, {key.dtype=}, {value.dtype=}")
   if key.shape != value.shape:
     raise ValueError(f"key and value must have the same shape; got {key.shape=}, {value.shape=}")
+
+
+def _check_shapes(query, key):
   b, t, n, h = query.shape
   bk, s, kh, hk = key.shape
   if b != bk:
@@ -145,6 +148,7 @@ def dot_product_attention(
   unbatched = query.ndim == 3
   if unbatched:
     query, key, value = query[None], key[None], value[None]
+  _check_shapes(query, key)
   b, t, n, h = query.shape
   s = key.shape[1]
 

@@ -1,0 +1,104 @@
+"""Shared test helpers: random inputs, dtype-keyed tolerances, and comparisons."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import reference
+
+# Relative error allowed on top of twice the error of naive attention in the same dtype.
+ATOL = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 2e-3, jnp.dtype(jnp.float16): 5e-4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One attention problem: shapes, dtype and the jflash keyword arguments."""
+  b: int = 2
+  t: int = 40
+  s: int = 40
+  n: int = 2
+  k: int = 2
+  h: int = 16
+  dtype: Any = jnp.float32
+  is_causal: bool = False
+  window: Any = None
+  q_lengths: Any = None
+  kv_lengths: Any = None
+  segments: Any = None  # "packed" (self attention) or "pair"
+  softcap: float | None = None
+  scale: float | None = None
+  seed: int = 0
+
+  def inputs(self):
+    ks = jax.random.split(jax.random.PRNGKey(self.seed), 4)
+    q = jax.random.normal(ks[0], (self.b, self.t, self.n, self.h), jnp.float32)
+    k = jax.random.normal(ks[1], (self.b, self.s, self.k, self.h), jnp.float32)
+    v = jax.random.normal(ks[2], (self.b, self.s, self.k, self.h), jnp.float32)
+    do = jax.random.normal(ks[3], (self.b, self.t, self.n, self.h), jnp.float32)
+    return tuple(x.astype(self.dtype) for x in (q, k, v, do))
+
+  def segment_ids(self):
+    if self.segments is None:
+      return None
+    rng = np.random.default_rng(self.seed + 7)
+
+    def packed(length):
+      # Sorted ids: documents of random lengths, as in packed training batches.
+      cuts = np.sort(rng.integers(0, length, size=(self.b, 3)), axis=1)
+      pos = np.arange(length)[None, :]
+      return (pos[:, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+
+    if self.segments == "packed":
+      return jnp.asarray(packed(self.t))
+    q_ids = rng.integers(0, 3, size=(self.b, self.t)).astype(np.int32)
+    kv_ids = rng.integers(0, 3, size=(self.b, self.s)).astype(np.int32)
+    return (jnp.asarray(q_ids), jnp.asarray(kv_ids))
+
+  def kwargs(self):
+    kw = dict(is_causal=self.is_causal, local_window_size=self.window, scale=self.scale,
+              logits_soft_cap=self.softcap, segment_ids=self.segment_ids())
+    if self.q_lengths is not None:
+      kw["query_seq_lengths"] = jnp.asarray(self.q_lengths, jnp.int32)
+    if self.kv_lengths is not None:
+      kw["key_value_seq_lengths"] = jnp.asarray(self.kv_lengths, jnp.int32)
+    return kw
+
+  def mask(self):
+    return reference.dense_mask(
+        self.b, self.t, self.s, is_causal=self.is_causal, window=self.window,
+        q_lengths=self.q_lengths, kv_lengths=self.kv_lengths, segment_ids=self.segment_ids())
+
+  def shares_jax_nn_args(self) -> bool:
+    """jax.nn supports everything but soft-cap and segment ids, and differs from jflash on
+    rows that see no key (unless query padding, which both zero, emptied them)."""
+    no_q_pad = dataclasses.replace(self, q_lengths=None)
+    return self.softcap is None and self.segments is None and bool(no_q_pad.mask().any(-1).all())
+
+
+def rel_err(actual, expected) -> float:
+  a = np.asarray(actual, np.float64)
+  e = np.asarray(expected, np.float64)
+  return float(np.abs(a - e).max() / max(1.0, np.abs(e).max()))
+
+
+def assert_close(name, actual, expected, baseline, dtype):
+  """``actual`` within 2x the error of ``baseline`` (naive attention in ``dtype``) + atol."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  assert np.isfinite(actual).all(), f"{name}: non-finite values"
+  err = rel_err(actual, expected)
+  bound = 2 * rel_err(baseline, expected) + ATOL[jnp.dtype(dtype)]
+  assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def assert_lse_close(actual, expected, dtype):
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  empty = np.isneginf(expected)
+  np.testing.assert_array_equal(np.isneginf(actual), empty, err_msg="lse: -inf rows differ")
+  tol = {jnp.dtype(jnp.float32): 1e-5}.get(jnp.dtype(dtype), 2e-2)
+  np.testing.assert_allclose(actual[~empty], expected[~empty], atol=tol, rtol=tol)
