@@ -6,6 +6,8 @@ mode (``Problem.interpret``), which is how CI exercises them.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -30,8 +32,22 @@ def supports(p: Problem, q, k, v) -> None:
       raise NotImplementedError(f"implementation='triton' needs an sm80+ GPU; this one is sm{cc}")
 
 
+_override: TritonConfig | None = None
+
+
+@contextlib.contextmanager
+def override_config(cfg: TritonConfig):
+  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public."""
+  global _override
+  prev, _override = _override, cfg
+  try:
+    yield
+  finally:
+    _override = prev
+
+
 def _config(p: Problem, head_dim: int) -> TritonConfig:
-  return TritonConfig.for_problem(p.q_len, p.kv_len, head_dim)
+  return _override or TritonConfig.for_problem(p.q_len, p.kv_len, head_dim)
 
 
 class _Padded:

@@ -67,10 +67,10 @@ def _dkv_kernel(*refs, p: Problem, bq: int, bk: int, nq: int, groups: int):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, p: Problem, bq: int, bk: int, nk: int):
+def _dq_kernel(*refs, p: Problem, bq: int, bk: int, nq: int, nk: int):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref), qs_ref, ks_ref, (
       dq_ref,) = _split(refs, p.mask.has_segment_ids, 8)
-  qi, b = pl.program_id(0), pl.program_id(1)
+  qi, b = nq - 1 - pl.program_id(0), pl.program_id(1)  # see tiles.reversed_index
   q0 = qi * bq
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   q, do = q_ref[...], do_ref[...]
@@ -132,25 +132,26 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, arrays: mask_lib.MaskArrays
       name="jflash_bwd_dkv",
   )(q, k, v, dout, lse, delta, *lengths, *seg_args)
 
-  # dQ: grid over (query tiles, batch, query heads).
+  # dQ: grid over (query tiles, batch, query heads); the last query tiles first.
   bq, bk = cfg.dq_block_q, cfg.dq_block_k
+  qt = tiles.reversed_index(tp // bq)
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, j, h: (j, 0, h // groups, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, j, h: (j, 0, h // groups, 0)),
-      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
-      pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, i)),
-      pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, i)),
+      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, qt(i))),
+      pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, qt(i))),
       full_len(), full_len(),
   ]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, qt(i))),
                  pl.BlockSpec((None, sp), lambda i, j, h: (j, 0))]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, p=p, bq=bq, bk=bk, nk=sp // bk),
+      functools.partial(_dq_kernel, p=p, bq=bq, bk=bk, nq=tp // bq, nk=sp // bk),
       grid=(tp // bq, b, n),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=cfg.dq_warps, num_stages=cfg.dq_stages),
       interpret=p.interpret,

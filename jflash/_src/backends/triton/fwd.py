@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -17,12 +16,12 @@ from jflash._src.backends.triton.config import TritonConfig
 from jflash._src.problem import Problem
 
 
-def _kernel(*refs, p: Problem, bq: int, bk: int, nk: int):
+def _kernel(*refs, p: Problem, bq: int, bk: int, nq: int, nk: int):
   if p.mask.has_segment_ids:
     q_ref, k_ref, v_ref, qv_ref, kvv_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
   else:
     (q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
-  qi, b = pl.program_id(0), pl.program_id(1)
+  qi, b = nq - 1 - pl.program_id(0), pl.program_id(1)  # see tiles.reversed_index
   q0 = qi * bq
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   q = q_ref[...]
@@ -63,9 +62,10 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, arrays: mask_lib.MaskArrays)
   groups = n // kh
   bq, bk = cfg.block_q, cfg.block_k
   nq, nk = tp // bq, sp // bk
-  kernel = functools.partial(_kernel, p=p, bq=bq, bk=bk, nk=nk)
+  kernel = functools.partial(_kernel, p=p, bq=bq, bk=bk, nq=nq, nk=nk)
+  qt = tiles.reversed_index(nq)
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, j, h: (j, 0, h // groups, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, j, h: (j, 0, h // groups, 0)),
       pl.BlockSpec((b,), lambda i, j, h: (0,)),
@@ -73,15 +73,15 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, arrays: mask_lib.MaskArrays)
   ]
   args = [q, k, v, arrays.q_valid, arrays.kv_valid]
   if p.mask.has_segment_ids:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, qt(i))),
                  pl.BlockSpec((None, sp), lambda i, j, h: (j, 0))]
     args += [arrays.q_segment_ids, arrays.kv_segment_ids]
   return pl.pallas_call(
       kernel,
       grid=(nq, b, n),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, i))],
+      out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, qt(i)))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -45,3 +45,9 @@ def three_phase_loop(ranges, step, carry):
   carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
   carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
   return lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+
+
+def reversed_index(n: int):
+  """Grid index -> tile index, last tile first. Under a causal mask the last query tiles
+  have the most keys; launching them first keeps the tail of the grid short."""
+  return lambda i: n - 1 - i
