@@ -1,6 +1,16 @@
 """jflash: FlashAttention as JAX Pallas GPU kernels."""
 
 from jflash._src.api import dot_product_attention
+from jflash._src.flax_adapter import flax_attention_fn
 
 __all__ = ["dot_product_attention"]
+__all__ += ["flax_attention_fn", "linen", "nnx"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # `jflash.linen` / `jflash.nnx` import Flax, so they load on first use, not with jflash.
+  if name in ("linen", "nnx"):
+    import importlib
+    return importlib.import_module(f"jflash.{name}")
+  raise AttributeError(f"module 'jflash' has no attribute {name!r}")

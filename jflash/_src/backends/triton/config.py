@@ -28,14 +28,22 @@ class TritonConfig:
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int) -> "TritonConfig":
     """A heuristic default; shrinks the tiles for short sequences (and CPU tests)."""
-    big = head_dim > 64
-    cfg = cls(
-        block_q=128, block_k=64 if big else 128, num_warps=8 if big else 4,
-        num_stages=2 if head_dim > 128 else 3,
-        dkv_block_q=32 if head_dim > 128 else 64, dkv_block_k=128 if head_dim <= 128 else 64,
-        dkv_warps=8 if big else 4, dkv_stages=2 if head_dim > 128 else 3,
-        dq_block_q=128 if head_dim <= 128 else 64, dq_block_k=32 if head_dim > 128 else 64,
-        dq_warps=8 if big else 4, dq_stages=2 if head_dim > 128 else 3)
+    # Measured on an H200 (2026-11-21, s=4096, bf16; benchmarks/tune_triton.py):
+    # d=64: fwd 64x64/4 warps, dK/dV 64x64/4 warps (128-key tiles with 4 warps spill
+    # and run at a third of the speed); d=128: fwd 128x64/4 warps, dK/dV 64x128/8 warps,
+    # dQ 128x64/8 warps. d>128 halves the tiles to stay within registers.
+    if head_dim <= 64:
+      cfg = cls(block_q=64, block_k=64, num_warps=4, num_stages=3,
+                dkv_block_q=64, dkv_block_k=64, dkv_warps=4, dkv_stages=3,
+                dq_block_q=128, dq_block_k=64, dq_warps=4, dq_stages=3)
+    elif head_dim <= 128:
+      cfg = cls(block_q=128, block_k=64, num_warps=4, num_stages=3,
+                dkv_block_q=64, dkv_block_k=128, dkv_warps=8, dkv_stages=3,
+                dq_block_q=128, dq_block_k=64, dq_warps=8, dq_stages=3)
+    else:
+      cfg = cls(block_q=64, block_k=64, num_warps=8, num_stages=2,
+                dkv_block_q=32, dkv_block_k=64, dkv_warps=8, dkv_stages=2,
+                dq_block_q=64, dq_block_k=32, dq_warps=8, dq_stages=2)
     # Tiles no longer than the (power-of-two-rounded) sequence, at least 16 for the MMA.
     tq = max(16, next_pow2(q_len))
     tk = max(16, next_pow2(kv_len))
