@@ -217,7 +217,9 @@ def parse_args(argv=None):
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr", type=float, default=6e-3,
+                 help="peak AdamW learning rate (fine for the tiny default model; lower it, e.g. "
+                 "to 1e-3 or less, for wider or deeper ones)")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                  help="compute dtype (default: float32; bfloat16 for --attention cudnn)")
   p.add_argument("--seed", type=int, default=0)

@@ -23,6 +23,16 @@ from jflash._src import flax_adapter
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 B, T, F, HEADS = 2, 12, 32, 4
+# "xla" pins the f32 numerics (on CPU it is also what implementation=None picks).
+ATTN_FN = functools.partial(jflash.flax_attention_fn, implementation="xla")
+
+
+def JLinen(**kw):
+  return jflash.linen.MultiHeadAttention(implementation="xla", **kw)
+
+
+def JNnx(*args, **kw):
+  return jflash.nnx.MultiHeadAttention(*args, implementation="xla", **kw)
 
 
 def _x(shape=(B, T, F), seed=0):
@@ -66,7 +76,7 @@ def test_linen_causal_mask_attention_fn_and_layer():
   x = _x()
   ref, params = _linen_pair()
   hooked = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=jflash.flax_attention_fn)
-  layer = jflash.linen.MultiHeadAttention(num_heads=HEADS, is_causal=True)
+  layer = JLinen(num_heads=HEADS, is_causal=True)
   # Same parameter tree as Flax's layer.
   chex.assert_trees_all_equal_shapes(layer.init(jax.random.PRNGKey(1), x), params)
   cmask = nn.make_causal_mask(x[..., 0])  # float 0/1, [B, 1, T, T]
@@ -90,7 +100,7 @@ def test_linen_padding_mask_vs_lengths():
   lengths = _lengths()
   ref, params = _linen_pair()
   hooked = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=jflash.flax_attention_fn)
-  layer = jflash.linen.MultiHeadAttention(num_heads=HEADS)
+  layer = JLinen(num_heads=HEADS)
   valid = jnp.arange(T)[None, :] < lengths[:, None]
   pmask = nn.make_attention_mask(valid, valid)
   rows = _valid_rows(lengths)
@@ -117,9 +127,9 @@ def test_linen_extra_batch_dims_and_cross_attention():
   xq, xkv = _x((2, 3, T, F), seed=3), _x((2, 3, 9, F), seed=4)
   ref = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=16, out_features=8)
   params = ref.init(jax.random.PRNGKey(0), xq, xkv)
-  layer = jflash.linen.MultiHeadAttention(num_heads=HEADS, qkv_features=16, out_features=8)
+  layer = JLinen(num_heads=HEADS, qkv_features=16, out_features=8)
   hooked = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=16, out_features=8,
-                                           attention_fn=jflash.flax_attention_fn)
+                                           attention_fn=ATTN_FN)
   y_ref = ref.apply(params, xq, xkv)
   np.testing.assert_allclose(layer.apply(params, xq, xkv), y_ref, **TOL)
   np.testing.assert_allclose(hooked.apply(params, xq, xkv), y_ref, **TOL)
@@ -127,7 +137,7 @@ def test_linen_extra_batch_dims_and_cross_attention():
 
 def test_linen_dropout_is_never_dropped_silently():
   x = _x()
-  layer = jflash.linen.MultiHeadAttention(num_heads=HEADS, dropout_rate=0.1)
+  layer = JLinen(num_heads=HEADS, dropout_rate=0.1)
   params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)
   layer.apply(params, x, deterministic=True)  # dropout off: fine
   with pytest.raises(NotImplementedError, match="dropout"):
@@ -146,7 +156,7 @@ def test_linen_dropout_is_never_dropped_silently():
 
 def _nnx_pair(**kw):
   ref = nnx.MultiHeadAttention(HEADS, F, decode=False, rngs=nnx.Rngs(0), **kw)
-  ours = jflash.nnx.MultiHeadAttention(HEADS, F, rngs=nnx.Rngs(0), **kw)
+  ours = JNnx(HEADS, F, rngs=nnx.Rngs(0), **kw)
   chex.assert_trees_all_equal(nnx.state(ours, nnx.Param), nnx.state(ref, nnx.Param))
   return ref, ours
 
@@ -158,8 +168,7 @@ def _grads_and_out(model, fn):
 def test_nnx_causal_layer_and_attention_fn():
   x = _x(seed=5)
   ref, ours = _nnx_pair()
-  hooked = nnx.MultiHeadAttention(HEADS, F, decode=False, rngs=nnx.Rngs(0),
-                                  attention_fn=jflash.flax_attention_fn)
+  hooked = nnx.MultiHeadAttention(HEADS, F, decode=False, rngs=nnx.Rngs(0), attention_fn=ATTN_FN)
   cmask = nnx.make_causal_mask(x[..., 0])
   l_ref, g_ref = _grads_and_out(ref, lambda m: m(x, is_causal=True))
   l_mask, g_mask = _grads_and_out(ref, lambda m: m(x, mask=cmask))
@@ -190,7 +199,7 @@ def test_nnx_padding_and_segments():
 
 def test_nnx_gqa_vs_repeated_kv_heads():
   x = _x(seed=7)
-  ours = jflash.nnx.MultiHeadAttention(HEADS, F, qkv_features=16, num_kv_heads=2,
+  ours = JNnx(HEADS, F, qkv_features=16, num_kv_heads=2,
                                        is_causal=True, rngs=nnx.Rngs(3))
   assert ours.key.kernel.shape == (F, 2, 4) and ours.query.kernel.shape == (F, HEADS, 4)
 
@@ -224,7 +233,7 @@ def test_nnx_dropout_raises_and_deterministic_runs():
 @pytest.mark.parametrize("window", [None, 3])
 def test_nnx_decode_matches_full_causal_pass(window):
   x = _x((B, T, F), seed=8)
-  model = jflash.nnx.MultiHeadAttention(
+  model = JNnx(
       HEADS, F, num_kv_heads=2, is_causal=True, logits_soft_cap=5.0,
       local_window_size=None if window is None else (window, 0), rngs=nnx.Rngs(4))
   full = model(x)
@@ -247,6 +256,18 @@ def test_nnx_decode_matches_full_causal_pass(window):
   chunks = [(0, 5), (5, 6), (6, 7), (7, T)]
   outs = [model(x[:, a:b], decode=True) for a, b in chunks]
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+
+
+def test_flax_nnx_decode_with_attention_fn():
+  """Flax's own cache (an occupancy mask each step) with jflash as its attention_fn."""
+  x = _x((B, 6, F), seed=9)
+  models = [nnx.MultiHeadAttention(HEADS, F, decode=True, rngs=nnx.Rngs(0), **kw)
+            for kw in ({}, {"attention_fn": jflash.flax_attention_fn})]
+  outs = []
+  for m in models:
+    m.init_cache(x.shape)
+    outs.append(jnp.concatenate([m(x[:, i:i + 1]) for i in range(6)], axis=1))
+  np.testing.assert_allclose(outs[1], outs[0], **TOL)
 
 
 def test_nnx_decode_errors():
@@ -281,7 +302,7 @@ def test_jitted_training_step_traced_once_and_matches_flax():
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 3, T + 1), 0, 16)
   flax_attn = functools.partial(nnx.MultiHeadAttention, decode=False)
   results = {}
-  for name, cls in (("jflash", jflash.nnx.MultiHeadAttention), ("flax", flax_attn)):
+  for name, cls in (("jflash", JNnx), ("flax", flax_attn)):
     model = _TinyLM(cls, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     chex.clear_trace_counter()
@@ -309,8 +330,8 @@ def test_attention_fn_bias_and_unbatched():
   q, k, v = (_x((T, HEADS, 8), seed=s) for s in (10, 11, 12))
   bias = 0.5 * _x((HEADS, T, T), seed=13)
   mask = jax.random.bernoulli(jax.random.PRNGKey(14), 0.7, (1, T, T)).at[:, :, 0].set(True)
-  expect = jax.nn.dot_product_attention(q[None], k[None], v[None], bias[None], mask[None])[0]
-  got = jflash.flax_attention_fn(q, k, v, bias, mask.astype(jnp.float32))
+  expect = jax.jit(jax.nn.dot_product_attention)(q[None], k[None], v[None], bias[None], mask[None])[0]
+  got = jax.jit(jflash.flax_attention_fn)(q, k, v, bias, mask.astype(jnp.float32))
   np.testing.assert_allclose(got, expect, **TOL)
 
 
@@ -320,7 +341,8 @@ def test_dense_fallback_matches_jflash_on_structured_masks():
   k, v = k[:, :, :2], v[:, :, :2]  # GQA
   seg = jnp.array([[0] * 6 + [1] * 6, [0] * 2 + [1] * 10], jnp.int32)
   kw = dict(is_causal=True, local_window_size=(4, 0), logits_soft_cap=3.0, segment_ids=seg,
-            query_seq_lengths=jnp.array([T, 9]), key_value_seq_lengths=jnp.array([T, 8]))
+            query_seq_lengths=jnp.array([T, 9]), key_value_seq_lengths=jnp.array([T, 8]),
+            implementation="xla")
   ones = jnp.ones((1, 1, T, T), bool)
 
   def f(q, k, v, mask):
@@ -335,6 +357,28 @@ def test_dense_fallback_matches_jflash_on_structured_masks():
   np.testing.assert_allclose(jnp.where(jnp.isfinite(l1), l1, 0), jnp.where(jnp.isfinite(l2), l2, 0), **TOL)
   chex.assert_trees_all_close(g2, g1, **TOL)
   assert bool(jnp.all(o1[1, 9:] == 0)) and bool(jnp.all(jnp.isneginf(l1[1, 9:])))
+
+
+def test_merge_attention_exact_with_gradients():
+  """What decode relies on: attention over disjoint key sets, merged by lse (one part empty)."""
+  q, k, v = _x((2, 5, 4, 8), seed=40), _x((2, 9, 2, 8), seed=41), _x((2, 9, 2, 8), seed=42)
+  w = _x((2, 5, 4, 8), seed=43)
+
+  def split(q, k, v):
+    a = flax_adapter.attend(q, k[:, :6], v[:, :6], key_value_seq_lengths=jnp.array([4, 0]),
+                            return_residual=True, implementation="xla")
+    b = flax_adapter.attend(q, k[:, 6:], v[:, 6:], return_residual=True, implementation="xla")
+    return flax_adapter.merge_attention([a, b])
+
+  def whole(q, k, v):
+    kv_ids = jnp.array([[1] * 4 + [0] * 2 + [1] * 3, [0] * 6 + [1] * 3])
+    return flax_adapter.attend(q, k, v, segment_ids=(jnp.ones((2, 5), jnp.int32), kv_ids),
+                               implementation="xla")
+
+  run = lambda fn: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))
+  (l1, g1), (l2, g2) = run(split)(q, k, v), run(whole)(q, k, v)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  chex.assert_trees_all_close(g1, g2, **TOL)
 
 
 def test_triton_interpret_tiny():
