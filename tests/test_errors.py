@@ -109,8 +109,8 @@ BAD = {
     "window_str": Bad(_kw(local_window_size="4"), TypeError, r"local_window_size"),
     "window_array": Bad(_kw(local_window_size=jnp.array(3)), TypeError, r"local_window_size"),
     # ---- logits_soft_cap
-    "softcap_zero": Bad(_kw(logits_soft_cap=0.0), ValueError, r"logits_soft_cap must be positive"),
-    "softcap_negative": Bad(_kw(logits_soft_cap=-30.0), ValueError, r"logits_soft_cap must be positive"),
+    "softcap_zero": Bad(_kw(logits_soft_cap=0.0), ValueError, r"logits_soft_cap must be a positive"),
+    "softcap_negative": Bad(_kw(logits_soft_cap=-30.0), ValueError, r"logits_soft_cap must be a positive"),
     "softcap_nan": Bad(_kw(logits_soft_cap=float("nan")), ValueError, r"logits_soft_cap"),
     # ---- is_causal / scale
     "is_causal_int": Bad(_kw(is_causal=1), TypeError, r"is_causal"),
@@ -193,11 +193,8 @@ def test_traced_window_is_refused_by_name():
     f(q, k, v, 3)
 
 
-# Misuses whose messages do not name the argument yet (see the report in the xfail reason).
+# Static float arguments: traced, unparsable or non-finite values are refused by name.
 
-@pytest.mark.xfail(strict=True, reason="jflash bug: a traced logits_soft_cap raises JAX's "
-                   "ConcretizationTypeError from float(), which does not name logits_soft_cap "
-                   "(scale has a dedicated message)")
 def test_traced_softcap_is_refused_by_name():
   q, k, v = _good()
   f = jax.jit(lambda q, k, v, c: jflash.dot_product_attention(q, k, v, logits_soft_cap=c))
@@ -205,8 +202,6 @@ def test_traced_softcap_is_refused_by_name():
     f(q, k, v, 30.0)
 
 
-@pytest.mark.xfail(strict=True, reason="jflash bug: a traced dropout_rate raises "
-                   "TracerBoolConversionError from `if dropout_rate:`, not naming dropout_rate")
 def test_traced_dropout_rate_is_refused_by_name():
   q, k, v = _good()
   f = jax.jit(lambda q, k, v, r: jflash.dot_product_attention(q, k, v, dropout_rate=r))
@@ -214,8 +209,6 @@ def test_traced_dropout_rate_is_refused_by_name():
     f(q, k, v, 0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="jflash bug: float('abc') raises a bare ValueError "
-                   "('could not convert string to float') that does not name the argument")
 @pytest.mark.parametrize("arg", ["scale", "logits_soft_cap"])
 def test_string_float_argument_is_refused_by_name(arg):
   q, k, v = _good()
@@ -223,17 +216,17 @@ def test_string_float_argument_is_refused_by_name(arg):
     jflash.dot_product_attention(q, k, v, **{arg: "abc"})
 
 
-@pytest.mark.xfail(strict=True, reason="jflash bug: logits_soft_cap=inf passes validation "
-                   "(inf > 0) and yields NaN outputs (inf * tanh(x / inf) = inf * 0)")
-def test_infinite_softcap_is_refused_or_means_no_cap():
+def test_infinite_softcap_is_refused():
   q, k, v, _ = Case(b=1, t=8, s=8, n=2, k=2, h=16).inputs()
-  try:
-    out = jflash.dot_product_attention(q, k, v, logits_soft_cap=math.inf, implementation="xla")
-  except ValueError as e:
-    assert "logits_soft_cap" in str(e)
-    return
-  np.testing.assert_allclose(out, jflash.dot_product_attention(q, k, v, implementation="xla"),
-                             atol=1e-6)
+  with pytest.raises(ValueError, match="logits_soft_cap"):
+    jflash.dot_product_attention(q, k, v, logits_soft_cap=math.inf, implementation="xla")
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_dropout_rate_out_of_range_is_a_value_error(rate):
+  q, k, v = _good()
+  with pytest.raises(ValueError, match="dropout_rate"):
+    jflash.dot_product_attention(q, k, v, dropout_rate=rate)
 
 
 def test_errors_are_not_deferred_to_runtime():

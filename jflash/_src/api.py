@@ -94,6 +94,16 @@ def _segments(segment_ids, batch, t, s):
   return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 
+def _static_float(x, name: str) -> float:
+  """A float known at trace time (it shapes the kernels), or an error naming ``name``."""
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{name} must be a Python float (it is static), not a traced value")
+  try:
+    return float(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be a Python float (it is static); got {x!r}") from e
+
+
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -157,20 +167,20 @@ def dot_product_attention(
   if mask is not None:
     raise NotImplementedError("mask is not supported yet by jflash; use is_causal, "
                               "local_window_size, *_seq_lengths or segment_ids")
+  dropout_rate = _static_float(dropout_rate, "dropout_rate")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate=}")
   if dropout_rate:
     raise NotImplementedError(f"dropout_rate={dropout_rate} is not supported yet by jflash")
   if not isinstance(is_causal, (bool, np.bool_)):
     raise TypeError(f"is_causal must be a Python bool; got {is_causal=}")
-  if scale is None:
-    scale = 1.0 / math.sqrt(h)
-  try:
-    scale = float(scale)
-  except TypeError as e:
-    raise TypeError(f"scale must be a Python float (it is static); got {type(scale).__name__}") from e
+  scale = 1.0 / math.sqrt(h) if scale is None else _static_float(scale, "scale")
+  if not math.isfinite(scale):
+    raise ValueError(f"scale must be finite; got {scale=}")
   if logits_soft_cap is not None:
-    logits_soft_cap = float(logits_soft_cap)
-    if not logits_soft_cap > 0:
-      raise ValueError(f"logits_soft_cap must be positive or None; got {logits_soft_cap=}")
+    logits_soft_cap = _static_float(logits_soft_cap, "logits_soft_cap")
+    if not (logits_soft_cap > 0 and math.isfinite(logits_soft_cap)):
+      raise ValueError(f"logits_soft_cap must be a positive finite float or None; got {logits_soft_cap=}")
   left, right = _window(local_window_size)
   q_ids, kv_ids = _segments(segment_ids, b, t, s)
   arrays = MaskArrays(
@@ -190,6 +200,11 @@ def dot_product_attention(
   return out, lse
 
 
+# Jitted with the static Problem, so eager calls hit the compilation cache instead of
+# re-tracing the kernels' Python loops every time. Under an outer jit this inlines.
+_attention = jax.jit(vjp.attention, static_argnums=0)
+
+
 def _dispatch(implementation, spec, scale, softcap, q, k, v, arrays):
   candidates = _candidates(implementation)
   reasons = []
@@ -206,5 +221,5 @@ def _dispatch(implementation, spec, scale, softcap, q, k, v, arrays):
       continue
     if implementation is None and name != candidates[0]:
       logger.debug("jflash: falling back to %r (%s)", name, "; ".join(reasons))
-    return vjp.attention(p, q, k, v, arrays)
+    return _attention(p, q, k, v, arrays)
   raise NotImplementedError("no jflash implementation supports these arguments: " + "; ".join(reasons))
