@@ -32,6 +32,8 @@ class Case:
   segments: Any = None  # "packed" (self attention) or "pair"
   softcap: float | None = None
   scale: float | None = None
+  bias: Any = None  # None, or the shape of a bias broadcastable to [B, N, T, S]
+  dense: Any = None  # None, or the shape of a random boolean mask (True = attend)
   seed: int = 0
 
   def inputs(self):
@@ -59,9 +61,20 @@ class Case:
     kv_ids = rng.integers(0, 3, size=(self.b, self.s)).astype(np.int32)
     return (jnp.asarray(q_ids), jnp.asarray(kv_ids))
 
+  def bias_array(self):
+    if self.bias is None:
+      return None
+    return jax.random.normal(jax.random.PRNGKey(self.seed + 11), self.bias, jnp.float32).astype(self.dtype)
+
+  def dense_array(self):
+    if self.dense is None:
+      return None
+    return jax.random.bernoulli(jax.random.PRNGKey(self.seed + 13), 0.7, self.dense)
+
   def kwargs(self):
     kw = dict(is_causal=self.is_causal, local_window_size=self.window, scale=self.scale,
-              logits_soft_cap=self.softcap, segment_ids=self.segment_ids())
+              logits_soft_cap=self.softcap, segment_ids=self.segment_ids(),
+              mask=self.dense_array())
     if self.q_lengths is not None:
       kw["query_seq_lengths"] = jnp.asarray(self.q_lengths, jnp.int32)
     if self.kv_lengths is not None:
@@ -69,15 +82,18 @@ class Case:
     return kw
 
   def mask(self):
+    """bool[B, T, S], or [B, N, T, S] when a dense mask is part of the case."""
     return reference.dense_mask(
         self.b, self.t, self.s, is_causal=self.is_causal, window=self.window,
-        q_lengths=self.q_lengths, kv_lengths=self.kv_lengths, segment_ids=self.segment_ids())
+        q_lengths=self.q_lengths, kv_lengths=self.kv_lengths, segment_ids=self.segment_ids(),
+        n=self.n, extra=self.dense_array())
 
   def shares_jax_nn_args(self) -> bool:
     """jax.nn supports everything but soft-cap and segment ids, and differs from jflash on
     rows that see no key (unless query padding, which both zero, emptied them)."""
     no_q_pad = dataclasses.replace(self, q_lengths=None)
-    return self.softcap is None and self.segments is None and bool(no_q_pad.mask().any(-1).all())
+    return (self.softcap is None and self.segments is None and self.dense is None
+            and bool(no_q_pad.mask().any(-1).all()))
 
 
 def rel_err(actual, expected) -> float:

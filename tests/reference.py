@@ -13,8 +13,9 @@ import numpy as np
 
 
 def dense_mask(b, t, s, *, is_causal=False, window=None, q_lengths=None, kv_lengths=None,
-               segment_ids=None):
-  """bool[B, T, S] from the definitions in jax.nn and the jflash docs."""
+               segment_ids=None, n=1, extra=None):
+  """bool[B, T, S] (``[B, N, T, S]`` with ``extra``) from the definitions in jax.nn and
+  the jflash docs. ``extra``: a boolean mask broadcastable to [B, N, T, S], and-ed in."""
   i = np.arange(t)[:, None]
   j = np.arange(s)[None, :]
   m = np.ones((b, t, s), bool)
@@ -30,13 +31,22 @@ def dense_mask(b, t, s, *, is_causal=False, window=None, q_lengths=None, kv_leng
   if segment_ids is not None:
     qs, ks = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
     m &= np.asarray(qs)[:, :, None] == np.asarray(ks)[:, None, :]
+  if extra is not None:
+    m = np.broadcast_to(m[:, None], (b, n, t, s)) & np.broadcast_to(np.asarray(extra), (b, n, t, s))
   return m
 
 
-def attention(q, k, v, mask, *, scale=None, softcap=None, dtype=jnp.float32):
+def _per_head(mask, n, xp=np):
+  """[B, T, S] or [B, N, T, S] -> [B, N, T, S] (numpy or jax.numpy as ``xp``)."""
+  mask = xp.asarray(mask)
+  return xp.broadcast_to(mask[:, None] if mask.ndim == 3 else mask, (mask.shape[0], n) + mask.shape[-2:])
+
+
+def attention(q, k, v, mask, *, scale=None, softcap=None, bias=None, dtype=jnp.float32):
   """Naive attention in ``dtype`` (f32 default), differentiable, NaN-free on empty rows.
 
-  q [B,T,N,H], k/v [B,S,K,H], mask bool[B,T,S]. Returns (out [B,T,N,H], lse [B,T,N]).
+  q [B,T,N,H], k/v [B,S,K,H], mask bool[B,T,S] or [B,N,T,S], bias broadcastable to
+  [B,N,T,S] (added after scale, before the soft-cap). Returns (out, lse [B,T,N]).
   """
   b, t, n, h = q.shape
   kh = k.shape[2]
@@ -46,9 +56,11 @@ def attention(q, k, v, mask, *, scale=None, softcap=None, dtype=jnp.float32):
   v = jnp.repeat(v, n // kh, axis=2)
   prec = jax.lax.Precision.HIGHEST
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision=prec).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
-  mask = jnp.asarray(mask)[:, None]
+  mask = _per_head(mask, n, jnp)
   empty = ~mask.any(-1, keepdims=True)
   # Double where: empty rows see finite logits, so no NaN reaches the gradient.
   safe = jnp.where(mask, logits, jnp.where(empty, 0.0, -jnp.inf))
@@ -61,7 +73,7 @@ def attention(q, k, v, mask, *, scale=None, softcap=None, dtype=jnp.float32):
   return out.astype(dtype), jnp.transpose(lse, (0, 2, 1))
 
 
-def attention_np64(q, k, v, mask, *, scale=None, softcap=None):
+def attention_np64(q, k, v, mask, *, scale=None, softcap=None, bias=None):
   """The same in float64 numpy, forward only: the ground truth for outputs and lse."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, t, n, h = q.shape
@@ -69,17 +81,19 @@ def attention_np64(q, k, v, mask, *, scale=None, softcap=None):
   scale = 1.0 / np.sqrt(h) if scale is None else scale
   k = np.repeat(k, n // kh, axis=2)
   v = np.repeat(v, n // kh, axis=2)
-  logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  logits = np.einsum("btnh,bsnh->bnts", q, k, optimize=True) * scale
+  if bias is not None:
+    logits = logits + np.asarray(jnp.asarray(bias, jnp.float32), np.float64)
   if softcap is not None:
     logits = softcap * np.tanh(logits / softcap)
-  mask = np.asarray(mask)[:, None]
+  mask = _per_head(mask, n)
   logits = np.where(mask, logits, -np.inf)
   mx = logits.max(-1, keepdims=True)
   mx = np.where(np.isfinite(mx), mx, 0.0)
   e = np.exp(logits - mx)
   z = e.sum(-1, keepdims=True)
   probs = e / np.where(z == 0, 1.0, z)
-  out = np.einsum("bnts,bsnh->btnh", probs, v)
+  out = np.einsum("bnts,bsnh->btnh", probs, v, optimize=True)
   with np.errstate(divide="ignore"):
     lse = np.where(z[..., 0] == 0, -np.inf, mx[..., 0] + np.log(z[..., 0]))
   return out, np.transpose(lse, (0, 2, 1))

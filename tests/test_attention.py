@@ -41,29 +41,40 @@ CASES = {
     "bf16": Case(dtype=jnp.bfloat16, is_causal=True),
     "f16": Case(dtype=jnp.float16, window=(6, 0)),
     "bf16_packed_softcap": Case(dtype=jnp.bfloat16, segments="packed", softcap=5.0, n=4, k=1),
+    "bias_full": Case(bias=(2, 2, 40, 40)),
+    "bias_heads_gqa_causal": Case(n=4, k=2, bias=(1, 4, 40, 40), is_causal=True),
+    "bias_keys_cross": Case(t=24, s=56, bias=(2, 1, 1, 56), kv_lengths=[56, 30]),
+    "bias_rows_softcap": Case(bias=(1, 1, 40, 1), softcap=3.0),
+    "mask_dense": Case(dense=(2, 2, 40, 40)),
+    "mask_bcast_causal_window": Case(dense=(2, 1, 40, 40), is_causal=True, window=(9, 0)),
+    "mask_bias_packed_bf16": Case(dtype=jnp.bfloat16, dense=(1, 1, 40, 40), bias=(2, 2, 40, 40),
+                                  segments="packed"),
 }
 
 
 def run_impl(case: Case, impl: str):
-  """out, lse, (dq, dk, dv) from jflash, differentiating sum(out * do)."""
+  """out, lse, (dq, dk, dv[, dbias]) from jflash, differentiating sum(out * do)."""
   q, k, v, do = case.inputs()
   kw = case.kwargs()
+  bias = case.bias_array()
 
   @jax.jit
-  def f(q, k, v):
-    out, lse = jflash.dot_product_attention(q, k, v, implementation=impl, return_residual=True, **kw)
+  def f(q, k, v, bias):
+    out, lse = jflash.dot_product_attention(q, k, v, bias, implementation=impl,
+                                            return_residual=True, **kw)
     return out, lse
 
-  (out, lse), vjp = jax.vjp(f, q, k, v)
+  (out, lse), vjp = jax.vjp(f, q, k, v, bias)
   grads = vjp((do, jnp.zeros_like(lse)))
-  return out, lse, grads
+  return out, lse, grads if bias is not None else grads[:3]
 
 
 def run_reference(case: Case, dtype):
   q, k, v, do = case.inputs()
   f = functools.partial(reference.attention, mask=case.mask(), scale=case.scale,
                         softcap=case.softcap, dtype=dtype)
-  out, vjp = jax.vjp(lambda q, k, v: f(q, k, v)[0], q, k, v)
+  args = (q, k, v) + (() if case.bias is None else (case.bias_array(),))
+  out, vjp = jax.vjp(lambda q, k, v, *bias: f(q, k, v, bias=bias[0] if bias else None)[0], *args)
   return out, vjp(do.astype(out.dtype))
 
 
@@ -73,16 +84,19 @@ def check_case(case: Case, impl: str):
   base_out, base_grads = run_reference(case, case.dtype)
   q, k, v, _ = case.inputs()
   np_out, np_lse = reference.attention_np64(q, k, v, case.mask(), scale=case.scale,
-                                            softcap=case.softcap)
+                                            softcap=case.softcap, bias=case.bias_array())
   assert out.dtype == case.dtype and out.shape == q.shape
   assert lse.dtype == jnp.float32 and lse.shape == q.shape[:-1]
   assert_close("out", out, np_out, base_out, case.dtype)
   assert_lse_close(lse, np_lse, case.dtype)
-  for name, g, r, bse, x in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads, (q, k, v)):
+  inputs = (q, k, v) + (() if case.bias is None else (case.bias_array(),))
+  for name, g, r, bse, x in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, base_grads, inputs):
     assert g.dtype == x.dtype and g.shape == x.shape, name
     assert_close(name, g, r, bse, case.dtype)
   # Rows that see no key: exactly zero output, never NaN.
-  empty = ~case.mask().any(-1)
+  empty = ~case.mask().any(-1)  # [B, T] or [B, N, T]
+  if empty.ndim == 3:
+    empty = np.transpose(empty, (0, 2, 1))  # -> [B, T, N], as out[..., 0]
   if empty.any():
     np.testing.assert_array_equal(np.asarray(out, np.float32)[empty], 0.0)
   return out, lse, grads

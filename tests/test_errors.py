@@ -138,8 +138,11 @@ BAD = {
         _qkv(k=lambda: _arr((B, S + 4, K, H)), v=lambda: _arr((B, S + 4, K, H)), segment_ids=_i32(B, T)),
         ValueError, r"segment_ids.*T == S"),
     # ---- not supported yet
-    "bias": Bad(_kw(bias=jnp.zeros((B, N, T, S))), NotImplementedError, r"\bbias\b"),
-    "mask": Bad(_kw(mask=jnp.ones((B, N, T, S), bool)), NotImplementedError, r"\bmask\b"),
+    "bias_bad_shape": Bad(_kw(bias=jnp.zeros((B, N, T, S + 1))), ValueError, r"bias\.shape"),
+    "bias_rank5": Bad(_kw(bias=jnp.zeros((1, B, N, T, S))), ValueError, r"bias must have rank"),
+    "bias_int": Bad(_kw(bias=jnp.zeros((B, N, T, S), jnp.int32)), TypeError, r"bias must be a float"),
+    "mask_bad_shape": Bad(_kw(mask=jnp.ones((B, 3, T, S), bool)), ValueError, r"mask\.shape"),
+    "mask_float": Bad(_kw(mask=jnp.ones((B, N, T, S))), TypeError, r"mask must be a boolean"),
     "dropout_rate": Bad(_kw(dropout_rate=0.1), NotImplementedError, r"dropout_rate"),
     "dropout_rate_with_rng": Bad(_kw(dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0)),
                                  NotImplementedError, r"dropout_rate"),

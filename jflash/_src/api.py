@@ -104,6 +104,22 @@ def _static_float(x, name: str) -> float:
     raise TypeError(f"{name} must be a Python float (it is static); got {x!r}") from e
 
 
+def _broadcastable(name, x, full, unbatched):
+  """``x`` as a rank-4 array whose dims are 1 or those of ``full`` = (B, N, T, S)."""
+  if x is None:
+    return None
+  if not hasattr(x, "shape"):
+    x = jnp.asarray(x)
+  if unbatched and x.ndim == 4:
+    raise ValueError(f"{name} must have rank <= 3 ([N, T, S]) for unbatched inputs; got {name}.shape={x.shape}")
+  if x.ndim > 4:
+    raise ValueError(f"{name} must have rank <= 4 ([B, N, T, S]); got {name}.shape={x.shape}")
+  x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+  if any(d not in (1, f) for d, f in zip(x.shape, full)):
+    raise ValueError(f"{name}.shape={x.shape} is not broadcastable to [B, N, T, S]={full}")
+  return x
+
+
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -146,6 +162,9 @@ def dot_product_attention(
     a query attends only to keys with an equal id (packed documents).
   * ``dropout_rate``, ``dropout_rng``: not yet supported (rate must be 0).
 
+  ``bias`` (float) and ``mask`` (bool, True = attend) broadcast to ``[B, N, T, S]``; both
+  are read tile by tile, and bias gets its gradient (reduced to its own shape).
+
   ``implementation``: ``"mosaic"`` (Hopper), ``"triton"`` (any sm80+ GPU; interpret
   mode without a GPU), ``"xla"`` (blockwise pure JAX), or None: the fastest one that
   supports the arguments on this device. A query row with no visible key returns 0
@@ -162,11 +181,12 @@ def dot_product_attention(
   b, t, n, h = query.shape
   s = key.shape[1]
 
-  if bias is not None:
-    raise NotImplementedError("bias is not supported yet by jflash")
-  if mask is not None:
-    raise NotImplementedError("mask is not supported yet by jflash; use is_causal, "
-                              "local_window_size, *_seq_lengths or segment_ids")
+  bias = _broadcastable("bias", bias, (b, n, t, s), unbatched)
+  if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
+    raise TypeError(f"bias must be a float array; got bias.dtype={bias.dtype}")
+  mask = _broadcastable("mask", mask, (b, n, t, s), unbatched)
+  if mask is not None and mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be a boolean array (True = attend); got mask.dtype={mask.dtype}")
   dropout_rate = _static_float(dropout_rate, "dropout_rate")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate=}")
@@ -186,11 +206,13 @@ def dot_product_attention(
   arrays = MaskArrays(
       q_valid=_lengths(query_seq_lengths, "query_seq_lengths", b, t),
       kv_valid=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, s),
-      q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+      q_segment_ids=q_ids, kv_segment_ids=kv_ids, dense=mask)
   spec = MaskSpec(q_len=t, kv_len=s, causal=bool(is_causal), window_left=left,
-                  window_right=right, has_segment_ids=q_ids is not None)
+                  window_right=right, has_segment_ids=q_ids is not None,
+                  has_dense_mask=mask is not None)
 
-  out, lse = _dispatch(implementation, spec, scale, logits_soft_cap, query, key, value, arrays)
+  out, lse = _dispatch(implementation, spec, scale, logits_soft_cap, query, key, value, bias,
+                       arrays)
   if unbatched:
     out, lse = out[0], lse[0]
   if not return_residual:
@@ -205,7 +227,7 @@ def dot_product_attention(
 _attention = jax.jit(vjp.attention, static_argnums=0)
 
 
-def _dispatch(implementation, spec, scale, softcap, q, k, v, arrays):
+def _dispatch(implementation, spec, scale, softcap, q, k, v, bias, arrays):
   candidates = _candidates(implementation)
   reasons = []
   for name in candidates:
@@ -221,5 +243,5 @@ def _dispatch(implementation, spec, scale, softcap, q, k, v, arrays):
       continue
     if implementation is None and name != candidates[0]:
       logger.debug("jflash: falling back to %r (%s)", name, "; ".join(reasons))
-    return _attention(p, q, k, v, arrays)
+    return _attention(p, q, k, v, bias, arrays)
   raise NotImplementedError("no jflash implementation supports these arguments: " + "; ".join(reasons))

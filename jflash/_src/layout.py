@@ -21,3 +21,9 @@ def pad_axis(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | 
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, widths, constant_values=value)
+
+
+def reduce_to_shape(full: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """Sums a full ``[B, N, T, S]`` gradient over the dims that ``shape`` broadcasts (size 1)."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(full.shape, shape)) if b == 1 and a != 1)
+  return jnp.sum(full, axis=axes, keepdims=True).astype(dtype)

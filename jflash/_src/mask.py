@@ -12,7 +12,8 @@ The mask is the intersection of:
     ``(left, right)`` is ``band_lo = -left, band_hi = right``; ``None`` means unbounded);
   - per-batch valid lengths ``i < q_valid[b]`` and ``j < kv_valid[b]`` (padding; also the
     static lengths T and S, so tiles that stick out past the end are masked);
-  - optional per-token segment ids: ``q_seg[i] == kv_seg[j]`` (packed documents).
+  - optional per-token segment ids: ``q_seg[i] == kv_seg[j]`` (packed documents);
+  - an optional dense boolean mask broadcastable to ``[B, N, T, S]``, read tile by tile.
 
 A query row that sees no key produces zeros and an lse of +inf inside jflash (so that
 ``exp(s - lse)`` recomputes p = 0 in the backward pass without a mask); the public
@@ -43,6 +44,7 @@ class MaskSpec:
   window_left: int | None = None  # key j visible iff j >= i - left
   window_right: int | None = None  # key j visible iff j <= i + right
   has_segment_ids: bool = False
+  has_dense_mask: bool = False
 
   @property
   def band_lo(self) -> int | None:
@@ -60,7 +62,7 @@ class MaskSpec:
   @property
   def every_tile_masked(self) -> bool:
     """True when no tile can skip the element predicate (data-dependent masks)."""
-    return self.has_segment_ids
+    return self.has_segment_ids or self.has_dense_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +73,20 @@ class MaskArrays:
   are padding. Always present (filled with T and S when the user gives no lengths).
   q_segment_ids ``[B, T]``, kv_segment_ids ``[B, S]``: present iff
   ``MaskSpec.has_segment_ids``.
+  dense: bool ``[Bm, Nm, Tm, Sm]``, each dim 1 (broadcast) or full; present iff
+  ``MaskSpec.has_dense_mask``.
   """
 
   q_valid: jax.Array
   kv_valid: jax.Array
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
+  dense: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
     MaskArrays,
-    data_fields=["q_valid", "kv_valid", "q_segment_ids", "kv_segment_ids"],
+    data_fields=["q_valid", "kv_valid", "q_segment_ids", "kv_segment_ids", "dense"],
     meta_fields=[],
 )
 
@@ -94,6 +99,7 @@ def visible(
     kv_valid: Scalar,
     q_seg: jax.Array | None = None,
     kv_seg: jax.Array | None = None,
+    dense: jax.Array | None = None,
     *,
     transpose: bool = False,
 ) -> jax.Array:
@@ -101,6 +107,7 @@ def visible(
 
   q_pos, k_pos: absolute positions of the tile's rows and columns (1-D).
   q_seg, kv_seg: the tile's segment ids (required iff ``spec.has_segment_ids``).
+  dense: the tile of the dense mask, broadcastable to the result (iff has_dense_mask).
   transpose: return the ``[bk, bq]`` tile instead (for kernels that compute k @ q^T).
   """
   row, col = (lambda x: x[None, :], lambda x: x[:, None]) if transpose else (
@@ -113,6 +120,8 @@ def visible(
     ok = ok & (kj - qi <= spec.band_hi)
   if spec.has_segment_ids:
     ok = ok & (row(q_seg) == col(kv_seg))
+  if spec.has_dense_mask:
+    ok = ok & dense
   return ok
 
 

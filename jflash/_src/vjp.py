@@ -1,16 +1,22 @@
 """The single ``jax.custom_vjp`` of jflash.
 
-Residuals are (q, k, v, mask arrays, out, lse); the backward pass recomputes the
+Residuals are (q, k, v, bias, mask arrays, out, lse); the backward pass recomputes the
 probabilities tile by tile from the f32 natural-log lse. Every backend plugs in here
 through ``backends.registry``; none defines a custom_vjp of its own.
+
+``symbolic_zeros`` tells the forward rule which inputs are differentiated, so the
+backward pass computes dbias (a T x S array per head) only when the bias needs it, and
+skips the lse cotangent when nothing uses the lse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jflash._src.backends import registry
 from jflash._src.mask import MaskArrays
@@ -18,30 +24,48 @@ from jflash._src.problem import Problem
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(p: Problem, q, k, v, arrays: MaskArrays):
-  """``q [B,T,N,H]``, ``k, v [B,S,K,H]`` -> ``(out [B,T,N,H], lse [B,N,T] f32)``.
-
-  Rows with no visible key have ``out = 0`` and ``lse = +inf``.
+def attention(p: Problem, q, k, v, bias, arrays: MaskArrays):
+  """``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``bias [Bb,Nb,Tb,Sb]`` or None ->
+  ``(out [B,T,N,H], lse [B,N,T] f32)``. Rows with no visible key: out 0, lse +inf.
   """
-  return registry.get(p.implementation).forward(p, q, k, v, arrays)
+  return registry.get(p.implementation).forward(p, q, k, v, bias, arrays)
 
 
-def _fwd(p, q, k, v, arrays):
-  out, lse = registry.get(p.implementation).forward(p, q, k, v, arrays)
-  return (out, lse), (q, k, v, arrays, out, lse)
+@dataclasses.dataclass(frozen=True)
+class _WantBiasGrad:
+  """A static flag carried through the residuals (a pytree with no leaves)."""
+  value: bool
+
+
+jax.tree_util.register_static(_WantBiasGrad)
+
+
+def _fwd(p, q, k, v, bias, arrays):
+  q, k, v = (x.value for x in (q, k, v))
+  arrays = jax.tree.map(lambda x: x.value, arrays)
+  want_dbias = bias is not None and bias.perturbed
+  bias = None if bias is None else bias.value
+  out, lse = registry.get(p.implementation).forward(p, q, k, v, bias, arrays)
+  return (out, lse), (q, k, v, bias, arrays, out, lse, _WantBiasGrad(want_dbias))
 
 
 def _bwd(p, res, cotangents):
-  q, k, v, arrays, out, lse = res
+  q, k, v, bias, arrays, out, lse, want_dbias = res
   dout, dlse = cotangents
-  # An lse cotangent on an empty row (lse = +inf) has nothing to flow into.
-  dlse = jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  if isinstance(dout, SymbolicZero):
+    dout = jnp.zeros(out.shape, out.dtype)
   # delta_i = do_i . o_i (= sum_j p_ij dp_ij); a cotangent on lse_i adds p_ij * dlse_i to
   # ds_ij, which is the same as lowering delta_i by dlse_i.
   delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  dq, dk, dv = registry.get(p.implementation).backward(
-      p, q, k, v, arrays, lse, dout.astype(q.dtype), delta - dlse)
-  return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, arrays)
+  if not isinstance(dlse, SymbolicZero):
+    # An lse cotangent on an empty row (lse = +inf) has nothing to flow into.
+    delta = delta - jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  dq, dk, dv, dbias = registry.get(p.implementation).backward(
+      p, q, k, v, bias, arrays, lse, dout.astype(q.dtype), delta, want_dbias.value)
+  if bias is not None and dbias is None:
+    dbias = jnp.zeros(bias.shape, bias.dtype)
+  return dq, dk, dv, dbias, jax.tree.map(lambda _: None, arrays)
 
 
-attention.defvjp(_fwd, _bwd)
+attention.defvjp(_fwd, _bwd, symbolic_zeros=True)
+

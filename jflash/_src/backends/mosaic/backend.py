@@ -13,9 +13,9 @@ def supports(p, q, k, v) -> None:
       "use implementation='triton' or None")
 
 
-def forward(p, q, k, v, arrays):
+def forward(p, q, k, v, bias, arrays):
   supports(p, q, k, v)
 
 
-def backward(p, q, k, v, arrays, lse, dout, delta):
+def backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias):
   supports(p, q, k, v)

@@ -15,7 +15,7 @@ from jflash._src import mask as mask_lib
 from jflash._src.backends.triton import bwd as bwd_lib
 from jflash._src.backends.triton import fwd as fwd_lib
 from jflash._src.backends.triton.config import TritonConfig
-from jflash._src.layout import next_pow2, pad_axis, round_up
+from jflash._src.layout import next_pow2, pad_axis, reduce_to_shape, round_up
 from jflash._src.problem import Problem
 
 MAX_HEAD_DIM = 256
@@ -60,10 +60,19 @@ class _Padded:
     self.tp = round_up(p.q_len, self.cfg.q_multiple)
     self.sp = round_up(p.kv_len, self.cfg.k_multiple)
     self.t = p.q_len
+    dense = None if arrays.dense is None else self.bcast(arrays.dense.astype(jnp.int8))
     self.arrays = mask_lib.MaskArrays(
         q_valid=arrays.q_valid, kv_valid=arrays.kv_valid,
         q_segment_ids=pad_axis(arrays.q_segment_ids, 1, self.tp, -1),
-        kv_segment_ids=pad_axis(arrays.kv_segment_ids, 1, self.sp, -2))
+        kv_segment_ids=pad_axis(arrays.kv_segment_ids, 1, self.sp, -2),
+        dense=dense)
+
+  def bcast(self, x):
+    """Pads the full T and S dims of a broadcastable [B', N', T', S'] bias or mask."""
+    if x is None:
+      return None
+    x = pad_axis(x, 2, self.tp) if x.shape[2] > 1 else x
+    return pad_axis(x, 3, self.sp) if x.shape[3] > 1 else x
 
   def q(self, x):
     return pad_axis(pad_axis(x, 1, self.tp), 3, self.d)
@@ -75,16 +84,19 @@ class _Padded:
     return pad_axis(x, 2, self.tp, fill)
 
 
-def forward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays):
+def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
   pad = _Padded(p, q, k, v, arrays)
-  out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.arrays)
+  out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias),
+                             pad.arrays)
   return out[:, :pad.t, :, :pad.h], lse[:, :, :pad.t]
 
 
-def backward(p: Problem, q, k, v, arrays, lse, dout, delta):
+def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
   pad = _Padded(p, q, k, v, arrays)
-  dq, dk, dv = bwd_lib.backward(
-      p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.arrays, pad.q(dout),
-      pad.rows(lse, jnp.inf), pad.rows(delta, 0.0))
+  want_dbias = want_dbias and bias is not None
+  dq, dk, dv, ds = bwd_lib.backward(
+      p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias), pad.arrays, pad.q(dout),
+      pad.rows(lse, jnp.inf), pad.rows(delta, 0.0), want_dbias)
   s = p.kv_len
-  return dq[:, :pad.t, :, :pad.h], dk[:, :s, :, :pad.h], dv[:, :s, :, :pad.h]
+  dbias = reduce_to_shape(ds[:, :, :pad.t, :s], bias.shape, bias.dtype) if want_dbias else None
+  return dq[:, :pad.t, :, :pad.h], dk[:, :s, :, :pad.h], dv[:, :s, :, :pad.h], dbias

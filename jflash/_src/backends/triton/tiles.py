@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
@@ -23,19 +24,27 @@ def dot(a, b, *, trans_b: bool = False):
 
 
 def masked_scores(p: Problem, qk, q0, k0, q_valid, kv_valid, q_seg, kv_seg, *,
-                  masked: bool, transpose: bool = False):
+                  bias=None, dense=None, masked: bool, transpose: bool = False):
   """Base-2 logits of a tile, with invisible entries at -inf when ``masked``.
 
-  ``qk`` is ``[bq, bk]`` (``[bk, bq]`` when ``transpose``). Returns ``(s, tanh, vis)``;
+  ``qk`` is ``[bq, bk]`` (``[bk, bq]`` when ``transpose``), and so are the optional
+  ``bias`` and ``dense`` mask tiles (or broadcastable to it). Returns ``(s, tanh, vis)``;
   vis is None for an unmasked tile.
   """
-  s, t = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
+  s, t = logits_lib.scores(qk, p.scale, p.softcap, bias, base2=True)
   if not masked:
     return s, t, None
   bq, bk = (qk.shape[1], qk.shape[0]) if transpose else qk.shape
   vis = mask_lib.visible(p.mask, q0 + jnp.arange(bq), k0 + jnp.arange(bk), q_valid, kv_valid,
-                         q_seg, kv_seg, transpose=transpose)
+                         q_seg, kv_seg, None if dense is None else dense != 0,
+                         transpose=transpose)
   return jnp.where(vis, s, -jnp.inf), t, vis
+
+
+def named_refs(names, refs):
+  """Kernel refs by name; the pallas_call wrappers pass optional inputs only when used."""
+  assert len(names) == len(refs), (names, len(refs))
+  return dict(zip(names, refs))
 
 
 def three_phase_loop(ranges, step, carry):
@@ -51,3 +60,38 @@ def reversed_index(n: int):
   """Grid index -> tile index, last tile first. Under a causal mask the last query tiles
   have the most keys; launching them first keeps the tail of the grid short."""
   return lambda i: n - 1 - i
+
+
+def bcast_dims(x):
+  """Which of the (B, N, T, S) dims of a broadcastable bias/mask array are full."""
+  return tuple(d > 1 for d in x.shape)
+
+
+def row_tile_spec(x, bq: int, q_tile, sp: int):
+  """BlockSpec over a broadcastable [B', N', T', S'] array for a (q tile, batch, head) grid:
+  the kernel sees ``[bq|1, Sp|1]``."""
+  fb, fn, ft, fs = bcast_dims(x)
+  return pl.BlockSpec(
+      (None, None, bq if ft else 1, sp if fs else 1),
+      lambda i, b, h: (b if fb else 0, h if fn else 0, q_tile(i) if ft else 0, 0))
+
+
+def col_tile_spec(x, bk: int, groups: int, tp: int):
+  """BlockSpec over a broadcastable [B', N', T', S'] array for a (k tile, batch, kv head)
+  grid: the kernel sees ``[G|1, Tp|1, bk|1]`` (the query heads of one kv head)."""
+  fb, fn, ft, fs = bcast_dims(x)
+  return pl.BlockSpec(
+      (None, groups if fn else 1, tp if ft else 1, bk if fs else 1),
+      lambda j, b, h: (b if fb else 0, h if fn else 0, 0, j if fs else 0))
+
+
+def load_row_tile(ref, k0, bk: int):
+  """``[bq|1, bk|1]`` from a row_tile_spec ref."""
+  return ref[:, pl.ds(k0, bk)] if ref.shape[1] > 1 else ref[...]
+
+
+def load_col_tile(ref, g, q0, bq: int):
+  """``[bk|1, bq|1]`` (transposed) from a col_tile_spec ref, for query head ``g``."""
+  head = g if ref.shape[0] > 1 else 0
+  tile = ref[head, pl.ds(q0, bq), :] if ref.shape[1] > 1 else ref[head, :, :]
+  return tile.T
