@@ -47,6 +47,7 @@ CASES = {
     "bias_rows_softcap": Case(bias=(1, 1, 40, 1), softcap=3.0),
     "mask_dense": Case(dense=(2, 2, 40, 40)),
     "mask_bcast_causal_window": Case(dense=(2, 1, 40, 40), is_causal=True, window=(9, 0)),
+    "mask_blockdiag_tiles": Case(b=1, t=192, s=192, n=2, k=1, h=16, dense="blockdiag"),
     "mask_bias_packed_bf16": Case(dtype=jnp.bfloat16, dense=(1, 1, 40, 40), bias=(2, 2, 40, 40),
                                   segments="packed"),
 }

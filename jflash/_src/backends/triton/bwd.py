@@ -55,7 +55,11 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
       dk = dk + tiles.dot(dst.astype(q.dtype), q)
       return dk, dv
 
-    return tiles.three_phase_loop(ranges, step, carry)
+    live = None
+    if "flags" in r:
+      f = r["flags"]
+      live = lambda i: f[g if f.shape[0] > 1 else 0, i if f.shape[1] > 1 else 0, 0] != 0
+    return tiles.three_phase_loop(ranges, step, carry, live)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -90,7 +94,10 @@ def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
       r["dbias"][:, cols] = ds
     return dq + tiles.dot(ds.astype(k.dtype), k)
 
-  dq = tiles.three_phase_loop(ranges, step, jnp.zeros(q.shape, jnp.float32))
+  live = None
+  if "flags" in r:
+    live = lambda j: r["flags"][0, j if r["flags"].shape[1] > 1 else 0] != 0
+  dq = tiles.three_phase_loop(ranges, step, jnp.zeros(q.shape, jnp.float32), live)
   r["dq"][...] = (dq * p.scale).astype(r["dq"].dtype)
 
 
@@ -130,6 +137,11 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
     names.append(name)
     in_specs.append(tiles.col_tile_spec(x, bk, groups, tp))
     args.append(x)
+  if arrays.dense is not None:
+    flags = tiles.tile_flags(arrays.dense, bq, bk)
+    names.append("flags")
+    in_specs.append(tiles.col_flag_spec(flags, groups))
+    args.append(flags)
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, i, h: (i, j, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, names=tuple(names + ["dk", "dv"]), p=p, bq=bq, bk=bk,
@@ -166,6 +178,11 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
     names.append(name)
     in_specs.append(tiles.row_tile_spec(x, bq, qt, sp))
     args.append(x)
+  if arrays.dense is not None:
+    flags = tiles.tile_flags(arrays.dense, bq, bk)
+    names.append("flags")
+    in_specs.append(tiles.row_flag_spec(flags, qt))
+    args.append(flags)
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   aliases = {}

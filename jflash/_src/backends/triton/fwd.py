@@ -47,7 +47,10 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   d = q.shape[-1]
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = tiles.three_phase_loop(ranges, step, init)
+  live = None
+  if "flags" in r:
+    live = lambda j: r["flags"][0, j if r["flags"].shape[1] > 1 else 0] != 0
+  acc, m, l = tiles.three_phase_loop(ranges, step, init, live)
   live = (l > 0.0) & (q0 + jnp.arange(bq) < q_valid)
   l_safe = jnp.where(live, l, 1.0)
   r["o"][...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(r["o"].dtype)
@@ -84,6 +87,11 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskA
       names.append(name)
       in_specs.append(tiles.row_tile_spec(x, bq, qt, sp))
       args.append(x)
+  if arrays.dense is not None:
+    flags = tiles.tile_flags(arrays.dense, bq, bk)
+    names.append("flags")
+    in_specs.append(tiles.row_flag_spec(flags, qt))
+    args.append(flags)
   names += ["o", "lse"]
   kernel = functools.partial(_kernel, names=tuple(names), p=p, bq=bq, bk=bk, nq=nq, nk=nk)
   return pl.pallas_call(

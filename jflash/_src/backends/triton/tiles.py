@@ -47,13 +47,32 @@ def named_refs(names, refs):
   return dict(zip(names, refs))
 
 
-def three_phase_loop(ranges, step, carry):
+def three_phase_loop(ranges, step, carry, tile_live=None):
   """Runs ``step(j, carry, masked)`` over ``[lo, full_lo)`` and ``[full_hi, hi)`` with the
-  predicate and over ``[full_lo, full_hi)`` without it (the ranges of ``mask``)."""
+  predicate and over ``[full_lo, full_hi)`` without it (the ranges of ``mask``).
+
+  ``tile_live(j)``, when given (a dense mask), says whether tile j holds any visible
+  element; masked tiles without one are skipped.
+  """
   lo, full_lo, full_hi, hi = ranges
-  carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+
+  def masked(j, c):
+    if tile_live is None:
+      return step(j, c, True)
+    return lax.cond(tile_live(j), lambda c: step(j, c, True), lambda c: c, c)
+
+  carry = lax.fori_loop(lo, full_lo, masked, carry)
   carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
-  return lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+  return lax.fori_loop(full_hi, hi, masked, carry)
+
+
+def tile_flags(dense, bq: int, bk: int):
+  """int32 ``[B', N', nq|1, nk|1]``: 1 where a ``bq x bk`` tile of the (padded, int8,
+  broadcastable) dense mask holds a True. Computed once in XLA, read per tile."""
+  b, n, t, s = dense.shape
+  x = dense.reshape(b, n, t // bq if t > 1 else 1, bq if t > 1 else 1,
+                    s // bk if s > 1 else 1, bk if s > 1 else 1)
+  return jnp.any(x != 0, axis=(3, 5)).astype(jnp.int32)
 
 
 def reversed_index(n: int):
@@ -83,6 +102,20 @@ def col_tile_spec(x, bk: int, groups: int, tp: int):
   return pl.BlockSpec(
       (None, groups if fn else 1, tp if ft else 1, bk if fs else 1),
       lambda j, b, h: (b if fb else 0, h if fn else 0, 0, j if fs else 0))
+
+
+def row_flag_spec(flags, q_tile):
+  """BlockSpec over tile_flags for a (q tile, batch, head) grid: the kernel sees ``[1, nk|1]``."""
+  fb, fn, ft, _ = bcast_dims(flags)
+  return pl.BlockSpec((None, None, 1, flags.shape[3]),
+                      lambda i, b, h: (b if fb else 0, h if fn else 0, q_tile(i) if ft else 0, 0))
+
+
+def col_flag_spec(flags, groups: int):
+  """BlockSpec over tile_flags for a (k tile, batch, kv head) grid: ``[G|1, nq|1, 1]``."""
+  fb, fn, _, fs = bcast_dims(flags)
+  return pl.BlockSpec((None, groups if fn else 1, flags.shape[2], 1),
+                      lambda j, b, h: (b if fb else 0, h if fn else 0, 0, j if fs else 0))
 
 
 def load_row_tile(ref, k0, bk: int):
