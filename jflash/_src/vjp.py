@@ -18,9 +18,38 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jflash._src import sharding
 from jflash._src.backends import registry
 from jflash._src.mask import MaskArrays
 from jflash._src.problem import Problem
+
+_MASK_LAYOUTS = ["b", "b", "bt", "bs", "BNTS"]
+
+
+def _mask_args(arrays: MaskArrays):
+  return [arrays.q_valid, arrays.kv_valid, arrays.q_segment_ids, arrays.kv_segment_ids,
+          arrays.dense]
+
+
+def _forward(p: Problem, q, k, v, bias, arrays: MaskArrays):
+  """The backend's forward, partitioned over batch and heads (see sharding.py)."""
+  backend = registry.get(p.implementation)
+  fn = lambda q, k, v, bias, *m: backend.forward(p, q, k, v, bias, MaskArrays(*m))
+  return sharding.run_partitioned(
+      fn, [q, k, v, bias] + _mask_args(arrays), ["btnh", "bskh", "bskh", "BNTS"] + _MASK_LAYOUTS,
+      ["btnh", "bnt"], groups=q.shape[2] // k.shape[2])
+
+
+def _backward(p: Problem, q, k, v, bias, arrays: MaskArrays, lse, dout, delta, want_dbias):
+  backend = registry.get(p.implementation)
+
+  def fn(q, k, v, bias, lse, dout, delta, *m):
+    return backend.backward(p, q, k, v, bias, MaskArrays(*m), lse, dout, delta, want_dbias)
+
+  return sharding.run_partitioned(
+      fn, [q, k, v, bias, lse, dout, delta] + _mask_args(arrays),
+      ["btnh", "bskh", "bskh", "BNTS", "bnt", "btnh", "bnt"] + _MASK_LAYOUTS,
+      ["btnh", "bskh", "bskh", "BNTS"], groups=q.shape[2] // k.shape[2])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -28,7 +57,7 @@ def attention(p: Problem, q, k, v, bias, arrays: MaskArrays):
   """``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``bias [Bb,Nb,Tb,Sb]`` or None ->
   ``(out [B,T,N,H], lse [B,N,T] f32)``. Rows with no visible key: out 0, lse +inf.
   """
-  return registry.get(p.implementation).forward(p, q, k, v, bias, arrays)
+  return _forward(p, q, k, v, bias, arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +74,7 @@ def _fwd(p, q, k, v, bias, arrays):
   arrays = jax.tree.map(lambda x: x.value, arrays)
   want_dbias = bias is not None and bias.perturbed
   bias = None if bias is None else bias.value
-  out, lse = registry.get(p.implementation).forward(p, q, k, v, bias, arrays)
+  out, lse = _forward(p, q, k, v, bias, arrays)
   return (out, lse), (q, k, v, bias, arrays, out, lse, _WantBiasGrad(want_dbias))
 
 
@@ -56,12 +85,14 @@ def _bwd(p, res, cotangents):
     dout = jnp.zeros(out.shape, out.dtype)
   # delta_i = do_i . o_i (= sum_j p_ij dp_ij); a cotangent on lse_i adds p_ij * dlse_i to
   # ds_ij, which is the same as lowering delta_i by dlse_i.
-  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+  # A plain row reduction (not a dot): its result does not depend on the batch or head
+  # extent, so sharded and unsharded runs agree bit for bit.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   if not isinstance(dlse, SymbolicZero):
     # An lse cotangent on an empty row (lse = +inf) has nothing to flow into.
     delta = delta - jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
-  dq, dk, dv, dbias = registry.get(p.implementation).backward(
-      p, q, k, v, bias, arrays, lse, dout.astype(q.dtype), delta, want_dbias.value)
+  dq, dk, dv, dbias = _backward(p, q, k, v, bias, arrays, lse, dout.astype(q.dtype), delta,
+                                want_dbias.value)
   if bias is not None and dbias is None:
     dbias = jnp.zeros(bias.shape, bias.dtype)
   return dq, dk, dv, dbias, jax.tree.map(lambda _: None, arrays)
