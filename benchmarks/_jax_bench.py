@@ -53,6 +53,47 @@ def make_fn(impl, mode, causal):
   return jax.jit(fwdbwd)
 
 
+def make_feature_fn(call, mode):
+  """A jitted ``fn(q, k, v, do, *extras)`` for one feature row's ``call`` (see _features.py).
+
+  ``extras`` are the row's segment ids and/or dense mask, passed as arguments so
+  that they are not baked into the program as constants.
+  """
+  kw = {"is_causal": call["is_causal"], "implementation": call["implementation"]}
+  if call.get("local_window_size") is not None:
+    kw["local_window_size"] = tuple(call["local_window_size"])
+  if call.get("logits_soft_cap") is not None:
+    kw["logits_soft_cap"] = call["logits_soft_cap"]
+  names = [name for name in ("segment_ids", "mask") if call.get(name)]
+  f = jflash.dot_product_attention if call["api"] == "jflash" else jax.nn.dot_product_attention
+
+  def attn(q, k, v, extras):
+    return f(q, k, v, **kw, **dict(zip(names, extras)))
+
+  if mode == FWD:
+    return jax.jit(lambda q, k, v, do, *extras: attn(q, k, v, extras))
+
+  def fwdbwd(q, k, v, do, *extras):
+    out, pullback = jax.vjp(lambda q, k, v: attn(q, k, v, extras), q, k, v)
+    return out, pullback(do)
+  return jax.jit(fwdbwd)
+
+
+def feature_extras(call, b, lengths):
+  """The segment ids ``[b, s]`` and/or dense block-diagonal mask ``[1, 1, s, s]`` of a call."""
+  extras = []
+  if not (call.get("segment_ids") or call.get("mask")):
+    return extras
+  ids = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
+  if call.get("segment_ids"):
+    extras.append(jnp.asarray(np.broadcast_to(ids, (b, ids.size))))
+  if call.get("mask"):
+    dev_ids = jnp.asarray(ids)
+    extras.append((dev_ids[:, None] == dev_ids[None, :])[None, None])
+  jax.block_until_ready(extras)
+  return extras
+
+
 def make_inputs(b, s, n, d, dtype, sets=2, seed=0):
   """``sets`` independent (q, k, v, do) tuples, [b, s, n, d], standard normal."""
   keys = jax.random.split(jax.random.key(seed), 4 * sets)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from _features import PAIRS_DEF
+
 LABELS = {"jflash-mosaic": "mosaic", "jflash-triton": "triton", "jflash-xla": "jflash-xla",
           "cudnn": "cudnn", "xla": "xla", "torch-flash": "torch"}
 MODES = {"fwd": "fwd", "fwdbwd": "f+b"}
@@ -62,16 +64,55 @@ def memory_table(mem):
   return "\n".join(lines)
 
 
+def features_table(feat):
+  """The "Feature cases" table: useful TFLOP/s per (case, impl) and each row's ratio."""
+  head = ["case", "impl", "b x s", "fwd TFLOP/s", "f+b TFLOP/s", "useful fwd GFLOP",
+          "visible pairs per head", "ratio fwd", "ratio f+b", "ratio ="]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in feat["rows"]:
+    impl = LABELS.get(r["impl"], r["impl"]) + (f" ({r['note']})" if r["note"] else "")
+    tf = lambda mode: r["results"].get(mode, {}).get("tflops")
+    ratio = r.get("ratio") or {}
+    useful = 4 * r["d"] * r["n"] * r["b"] * r["pairs"] / 1e9
+    lines.append("| " + " | ".join([
+        r["title"], impl, f"{r['b']} x {r['s']}", _fmt(tf("fwd")), _fmt(tf("fwdbwd")),
+        _fmt(useful), PAIRS_DEF.get(r["pairs_kind"], r["pairs_kind"]),
+        _fmt(ratio.get("fwd"), 2) if r["ratio_to"] else "-",
+        _fmt(ratio.get("fwdbwd"), 2) if r["ratio_to"] else "-",
+        r["ratio_label"] or "-"]) + " |")
+  return "\n".join(lines)
+
+
+def _features_intro(feat):
+  c = feat["config"]
+  lengths = next((r["lengths"] for r in feat["rows"] if r["s"] == c["s"] and r["lengths"]), None)
+  return [f"d={c['d']}, N={c['n']}, dtype {c['dtype']}; every row runs b={c['b']}, s={c['s']} "
+          f"except the dense-mask `xla` baseline (b={c['dense_b']}, s={c['dense_s']}: it "
+          f"materialises the logits). Window W={c['window']}; "
+          f"{c['docs']} documents of lengths {lengths} (seed {c['seed']}, same proportions "
+          "at the smaller s).",
+          "TFLOP/s of *useful* work: fwd = 4 d N b x (visible (query, key) pairs per head, "
+          "counted exactly), fwd+bwd = 3.5 x fwd; masked-out pairs are not credited. "
+          "`ratio` = this row's useful TFLOP/s / that of the row named in `ratio =` "
+          "(same impl, or cuDNN on the same case); cuDNN gets the packed documents as a "
+          "dense mask (jax.nn turns it into a bias) since jax.nn passes it no segment ids."]
+
+
 def markdown(results):
   m = results["meta"]
-  parts = [f"# Attention benchmark: {m['device']}",
-           "",
-           f"jax {m['jax']}, {m['date']}, dtype {m['dtype']}, {m['tokens']} tokens per step "
-           f"(b = tokens / s), hidden {m['hidden']} (N = hidden / d).",
-           "TFLOP/s with the FlashAttention count: fwd = 4 b N s^2 d (halved when causal), "
-           "fwd+bwd = 3.5 x fwd. Ratios compare TFLOP/s; > 1 means the first is faster.",
-           "",
-           speed_table(results)]
+  parts = [f"# Attention benchmark: {m['device']}", ""]
+  if results["cells"]:
+    parts += [f"jax {m['jax']}, {m['date']}, dtype {m['dtype']}, {m['tokens']} tokens per step "
+              f"(b = tokens / s), hidden {m['hidden']} (N = hidden / d).",
+              "TFLOP/s with the FlashAttention count: fwd = 4 b N s^2 d (halved when causal), "
+              "fwd+bwd = 3.5 x fwd. Ratios compare TFLOP/s; > 1 means the first is faster.",
+              "",
+              speed_table(results)]
+  else:
+    parts += [f"jax {m['jax']}, {m['date']}."]
+  feat = results.get("features")
+  if feat:
+    parts += ["", "## Feature cases", ""] + _features_intro(feat) + ["", features_table(feat)]
   if results.get("memory"):
     parts += ["", "## Peak GPU memory, one jitted fwd+bwd (causal=False)", "",
               "ideal = q, k, v + out + dq, dk, dv; the peak also holds the cotangent `do` "
@@ -85,6 +126,8 @@ def plot(results, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  if not results["cells"]:
+    return _plot_features(results, path, plt)
   cells = results["cells"]
   ds = sorted({c["d"] for c in cells})
   causals = sorted({c["causal"] for c in cells})
@@ -119,5 +162,30 @@ def plot(results, path):
   fig.suptitle(f"{results['meta']['device']}, jax {results['meta']['jax']}, "
                f"{results['meta']['dtype']}", fontsize=11)
   fig.tight_layout(rect=(0, 0.04, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_features(results, path, plt):
+  """--features-only: horizontal bars of useful TFLOP/s per feature row, fwd and f+b."""
+  rows = results["features"]["rows"]
+  names = [f"{r['title']} | {LABELS.get(r['impl'], r['impl'])}" + (f" ({r['note']})" if r["note"] else "")
+           for r in rows]
+  fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) + 1.6), sharey=True, squeeze=False)
+  for ax, mode in zip(axes[0], ("fwd", "fwdbwd")):
+    vals = [r["results"].get(mode, {}).get("tflops") or 0.0 for r in rows]
+    ax.barh(range(len(rows)), vals, color=[f"C{sorted(set(r['impl'] for r in rows)).index(r['impl'])}"
+                                           for r in rows])
+    for y, (v, r) in enumerate(zip(vals, rows)):
+      if not r["results"].get(mode, {}).get("tflops"):
+        ax.text(0, y, " n/a", va="center", fontsize=7)
+    ax.set_title(f"{MODES[mode]}, useful TFLOP/s", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+  axes[0][0].set_yticks(range(len(rows)), names, fontsize=7)
+  axes[0][0].invert_yaxis()
+  m, c = results["meta"], results["features"]["config"]
+  fig.suptitle(f"Feature cases: {m['device']}, jax {m['jax']}, {c['dtype']}, d={c['d']} "
+               f"N={c['n']} s={c['s']}", fontsize=11)
+  fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

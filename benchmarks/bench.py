@@ -3,6 +3,7 @@
   python benchmarks/bench.py                       # full grid, see README.md
   python benchmarks/bench.py --quick --s 4096 --d 128 --causal no
   python benchmarks/bench.py --memory              # also peak memory of fwd+bwd
+  python benchmarks/bench.py --features-only       # only the feature cases (window, docs, ...)
   python benchmarks/bench.py --cpu-smoke           # tiny CPU run of every code path
 
 Order matters: the torch worker and the memory workers run in subprocesses
@@ -49,11 +50,18 @@ def parse_args(argv=None):
                  help="also measure peak memory of one fwd+bwd (fresh process each)")
   p.add_argument("--mem-s", type=int, nargs="+", default=[8192, 32768])
   p.add_argument("--mem-impls", nargs="+", default=["jflash-triton", "cudnn"], choices=ALL_IMPLS)
+  p.add_argument("--features", action="store_true",
+                 help="also time the feature cases (sliding window, packed documents, soft-cap, "
+                      "dense mask) at s=tokens, b=1, d=128")
+  p.add_argument("--features-only", action="store_true",
+                 help="only the feature cases: no grid, no torch, no --memory")
   p.add_argument("--cpu-smoke", action="store_true", help="one tiny f32 cell on CPU")
   # Internal: subprocess entry points.
   p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--mem-worker", metavar="IMPL", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.features_only:
+    args.features, args.memory = True, False
   if args.cpu_smoke:
     os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX is imported; children inherit it
     args.d, args.s, args.tokens, args.hidden = [64], [256], 256, 128
@@ -68,7 +76,16 @@ def timing(args):
   return {"target_s": 0.1, "loops": 5, "min_reps": 3, "max_reps": 30}
 
 
+def feature_timing(args):
+  # Fewer, shorter loops than the grid: ~20 cells of long calls, most of the time is compile.
+  if args.quick:
+    return {"target_s": 0.02, "loops": 2, "min_reps": 1, "max_reps": 5}
+  return {"target_s": 0.05, "loops": 3, "min_reps": 2, "max_reps": 20}
+
+
 def grid(args):
+  if args.features_only:
+    return []
   causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
   cells = []
   for d in args.d:
@@ -195,6 +212,52 @@ def run_jax(args, cells):
         _finish(c, impl, mode, r, tag)
 
 
+def run_features(args):
+  """Times the feature rows of _features.py; returns {"config", "timing", "rows"}."""
+  import _features
+  import _jax_bench
+  import jax.numpy as jnp
+  cfg = _features.config(args)
+  rows = _features.rows(cfg, args.impls)
+  tm = feature_timing(args)
+  log(f"== feature cases: {len(rows)} rows, d={cfg['d']} N={cfg['n']} s={cfg['s']} b={cfg['b']}, "
+      f"window {cfg['window']}, {cfg['docs']} docs {_features.doc_lengths(cfg['s'], cfg['docs'], cfg['seed'])}")
+  dtype = jnp.dtype(cfg["dtype"])
+  for shape in dict.fromkeys((r["b"], r["s"]) for r in rows):  # one input set per shape
+    inputs = None
+    inputs = _jax_bench.make_inputs(shape[0], shape[1], cfg["n"], cfg["d"], dtype)
+    for idx, row in enumerate(rows, 1):
+      if (row["b"], row["s"]) != shape:
+        continue
+      note = f" ({row['note']})" if row["note"] else ""
+      tag = f"[feature {idx}/{len(rows)}] {row['title']} b={row['b']} s={row['s']} {row['impl']}{note}"
+      try:
+        extras = _jax_bench.feature_extras(row["call"], row["b"], row["lengths"])
+        sets = [tuple(inp) + tuple(extras) for inp in inputs]
+      except Exception as e:
+        sets, err = None, {"error": _torch_bench.short_error(e)}
+      for mode in (_jax_bench.FWD, _jax_bench.FWDBWD):
+        if sets is None:
+          r = dict(err)
+        else:
+          try:
+            fn = _jax_bench.make_feature_fn(row["call"], mode)
+            sec, reps, compile_s = _jax_bench.time_fn(fn, sets, **tm)
+            r = {"sec": sec, "reps": reps, "compile_s": round(compile_s, 2)}
+            r["tflops"] = _features.useful_flops(row, mode) / sec / 1e12
+            log(f"{tag} {mode}: {sec * 1e3:.3f} ms, {r['tflops']:.4g} useful TFLOP/s "
+                f"({reps} reps, compile {r['compile_s']} s)")
+          except Exception as e:
+            r = {"error": _torch_bench.short_error(e)}
+        if "error" in r:
+          log(f"{tag} {mode}: n/a ({r['error']})")
+        row["results"][mode] = r
+      sets = extras = None
+    inputs = None
+  _features.add_ratios(rows)
+  return {"config": cfg, "timing": tm, "rows": rows}
+
+
 def _finish(c, impl, mode, r, tag):
   if "sec" in r:
     flops = fwd_flops(c) * (3.5 if mode == "fwdbwd" else 1.0)
@@ -221,7 +284,7 @@ def main(argv=None):
     c["results"] = {}
   os.makedirs(args.out, exist_ok=True)
   t_start = time.perf_counter()
-  torch_res = run_torch(args, cells) if "torch-flash" in args.impls else None
+  torch_res = run_torch(args, cells) if "torch-flash" in args.impls and cells else None
   memory = run_memory(args) if args.memory else []
 
   import _jax_bench  # JAX initialises its backend only from here on
@@ -232,6 +295,7 @@ def main(argv=None):
               torch=(torch_res or {}).get("torch"), timing=timing(args))
   log(f"== {meta['device']} | jax {meta['jax']} | {meta['date']}")
   run_jax(args, cells)
+  features = run_features(args) if args.features else None
 
   if torch_res is not None:
     for c in cells:
@@ -242,6 +306,8 @@ def main(argv=None):
   modes = {i: ["fwd"] if i == "xla" else ["fwd", "fwdbwd"] for i in args.impls}
   results = {"meta": meta, "impls": args.impls, "modes": modes, "cells": cells, "memory": memory,
              "torch_error": (torch_res or {}).get("error")}
+  if features is not None:
+    results["features"] = features
   md = _report.markdown(results)
   log("\n" + md)
   with open(os.path.join(args.out, "results.json"), "w") as f:

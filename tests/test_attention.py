@@ -180,3 +180,58 @@ def test_default_implementation_on_cpu_is_xla():
   a = jflash.dot_product_attention(q, k, v, is_causal=True)
   b = jflash.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   np.testing.assert_array_equal(a, b)
+
+
+def _dropout_reference(case: Case, rate: float, rng):
+  """Naive attention with the dropout mask written out densely from its definition:
+  entry (b, h, i, j) is kept iff jflash._src.dropout.keep says so (the documented hash)."""
+  from jflash._src import dropout as dropout_def
+  q, k, v, do = case.inputs()
+  seed = dropout_def.seed_from_rng(rng)
+  b = jnp.arange(case.b)[:, None, None, None]
+  h = jnp.arange(case.n)[None, :, None, None]
+  kept = dropout_def.keep(seed, b, h, jnp.arange(case.t)[:, None], jnp.arange(case.s)[None, :], rate)
+  scale = jnp.where(kept, 1.0 / (1.0 - rate), 0.0)  # [B, N, T, S]
+  mask = np.broadcast_to(case.mask()[:, None], (case.b, case.n, case.t, case.s))
+
+  def f(q, k, v):
+    kk = jnp.repeat(k, case.n // case.k, axis=2)
+    vv = jnp.repeat(v, case.n // case.k, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk, precision="highest") / np.sqrt(case.h)
+    empty = ~mask.any(-1, keepdims=True)
+    logits = jnp.where(mask, logits, jnp.where(empty, 0.0, -jnp.inf))
+    p = jnp.where(mask, jax.nn.softmax(logits, -1), 0.0) * scale
+    return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
+
+  out, vjp = jax.vjp(f, q, k, v)
+  return out, vjp(do), float(kept.mean())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_against_reference(impl):
+  case = Case(b=2, t=40, s=33, n=4, k=2, is_causal=True, kv_lengths=[33, 20])
+  rate, rng = 0.25, jax.random.PRNGKey(5)
+  q, k, v, do = case.inputs()
+  kw = case.kwargs()
+  f = jax.jit(lambda q, k, v: jflash.dot_product_attention(
+      q, k, v, implementation=impl, dropout_rate=rate, dropout_rng=rng, **kw))
+  out, vjp = jax.vjp(f, q, k, v)
+  grads = vjp(do)
+  ref_out, ref_grads, kept = _dropout_reference(case, rate, rng)
+  assert abs(kept - (1 - rate)) < 0.03, kept  # the hash keeps about 1 - rate of entries
+  np.testing.assert_allclose(out, ref_out, atol=3e-5, rtol=3e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5)
+  # Same rng: same bits. Another rng: another mask.
+  np.testing.assert_array_equal(np.asarray(f(q, k, v)), np.asarray(out))
+  other = jflash.dot_product_attention(q, k, v, implementation=impl, dropout_rate=rate,
+                                       dropout_rng=jax.random.PRNGKey(6), **kw)
+  assert not np.allclose(np.asarray(other), np.asarray(out))
+
+
+def test_dropout_is_the_same_in_every_implementation():
+  case = Case(b=1, t=24, s=24, n=2, k=1, seed=4)
+  q, k, v, _ = case.inputs()
+  run = lambda impl: jflash.dot_product_attention(q, k, v, implementation=impl, dropout_rate=0.5,
+                                                  dropout_rng=jax.random.PRNGKey(1))
+  np.testing.assert_allclose(run("xla"), run("triton"), atol=2e-6, rtol=2e-6)

@@ -143,9 +143,8 @@ BAD = {
     "bias_int": Bad(_kw(bias=jnp.zeros((B, N, T, S), jnp.int32)), TypeError, r"bias must be a float"),
     "mask_bad_shape": Bad(_kw(mask=jnp.ones((B, 3, T, S), bool)), ValueError, r"mask\.shape"),
     "mask_float": Bad(_kw(mask=jnp.ones((B, N, T, S))), TypeError, r"mask must be a boolean"),
-    "dropout_rate": Bad(_kw(dropout_rate=0.1), NotImplementedError, r"dropout_rate"),
-    "dropout_rate_with_rng": Bad(_kw(dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0)),
-                                 NotImplementedError, r"dropout_rate"),
+    "dropout_without_rng": Bad(_kw(dropout_rate=0.1), ValueError, r"dropout_rng"),
+    "dropout_rng_not_a_key": Bad(_kw(dropout_rate=0.5, dropout_rng="seed"), TypeError, r"dropout_rng"),
 }
 
 

@@ -129,3 +129,17 @@ def test_vmap_of_grad_with_broadcast_bias():
     dq_i, dbias_i = jax.grad(loss, argnums=(0, 3))(q[i], k[i], v[i], bias, do[i])
     np.testing.assert_allclose(np.asarray(dq[i]), np.asarray(dq_i), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(dbias[i]), np.asarray(dbias_i), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_dropout_mask_does_not_depend_on_sharding(impl):
+  """Each shard offsets the dropout hash by its first global batch row and head."""
+  case = Case(b=4, t=16, s=16, n=4, k=2, h=16, is_causal=True)
+  q, k, v, _ = case.inputs()
+  mesh = _mesh()
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", None, "model", None)))
+  f = jax.jit(lambda q, k, v: jflash.dot_product_attention(
+      q, k, v, is_causal=True, implementation=impl, dropout_rate=0.4,
+      dropout_rng=jax.random.PRNGKey(3)))
+  np.testing.assert_allclose(np.asarray(f(shard(q), shard(k), shard(v))), np.asarray(f(q, k, v)),
+                             rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jflash._src import dropout as dropout_lib
 from jflash._src import vjp
 from jflash._src.backends import registry
 from jflash._src.mask import MaskArrays, MaskSpec
@@ -160,7 +161,9 @@ def dot_product_attention(
   * ``logits_soft_cap``: logits become ``cap * tanh(logits / cap)`` (after scale).
   * ``segment_ids``: ``[B, T]`` ints (self attention) or a pair ``([B, T], [B, S])``;
     a query attends only to keys with an equal id (packed documents).
-  * ``dropout_rate``, ``dropout_rng``: not yet supported (rate must be 0).
+  * ``dropout_rate``, ``dropout_rng``: inverted dropout on the probabilities. The mask is
+    a hash of the rng and the (batch, head, query, key) position, regenerated in the
+    backward pass, never stored: the same rng gives the same result.
 
   ``bias`` (float) and ``mask`` (bool, True = attend) broadcast to ``[B, N, T, S]``; both
   are read tile by tile, and bias gets its gradient (reduced to its own shape).
@@ -190,8 +193,14 @@ def dot_product_attention(
   dropout_rate = _static_float(dropout_rate, "dropout_rate")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate=}")
+  dropout_seed = None
   if dropout_rate:
-    raise NotImplementedError(f"dropout_rate={dropout_rate} is not supported yet by jflash")
+    if dropout_rng is None:
+      raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng (a PRNG key)")
+    try:
+      dropout_seed = dropout_lib.seed_from_rng(dropout_rng)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"dropout_rng must be a PRNG key; got {dropout_rng!r}") from e
   if not isinstance(is_causal, (bool, np.bool_)):
     raise TypeError(f"is_causal must be a Python bool; got {is_causal=}")
   scale = 1.0 / math.sqrt(h) if scale is None else _static_float(scale, "scale")
@@ -206,13 +215,13 @@ def dot_product_attention(
   arrays = MaskArrays(
       q_valid=_lengths(query_seq_lengths, "query_seq_lengths", b, t),
       kv_valid=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, s),
-      q_segment_ids=q_ids, kv_segment_ids=kv_ids, dense=mask)
+      q_segment_ids=q_ids, kv_segment_ids=kv_ids, dense=mask, dropout_seed=dropout_seed)
   spec = MaskSpec(q_len=t, kv_len=s, causal=bool(is_causal), window_left=left,
                   window_right=right, has_segment_ids=q_ids is not None,
                   has_dense_mask=mask is not None)
 
-  out, lse = _dispatch(implementation, spec, scale, logits_soft_cap, query, key, value, bias,
-                       arrays)
+  out, lse = _dispatch(implementation, spec, scale, logits_soft_cap, dropout_rate, query, key,
+                       value, bias, arrays)
   if unbatched:
     out, lse = out[0], lse[0]
   if not return_residual:
@@ -227,11 +236,12 @@ def dot_product_attention(
 _attention = jax.jit(vjp.attention, static_argnums=0)
 
 
-def _dispatch(implementation, spec, scale, softcap, q, k, v, bias, arrays):
+def _dispatch(implementation, spec, scale, softcap, dropout_rate, q, k, v, bias, arrays):
   candidates = _candidates(implementation)
   reasons = []
   for name in candidates:
-    p = Problem(mask=spec, scale=scale, softcap=softcap, implementation=name,
+    p = Problem(mask=spec, scale=scale, softcap=softcap, dropout_rate=dropout_rate,
+                implementation=name,
                 interpret=(name == "triton" and not _on_gpu()))
     try:
       registry.get(name).supports(p, q, k, v)

@@ -9,27 +9,20 @@ Nothing here imports Flax: Flax hands plain arrays and keyword arguments to an
 * ``flax_attention_fn``: the hook for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``; it translates their keyword arguments to ``attend``.
 
-Masks and biases: jflash's kernels do not take dense ``mask``/``bias`` arrays yet. Until
-they do, ``attend`` offers them to jflash and, if jflash raises NotImplementedError,
-computes the call with ``_dense_fallback`` (materialised ``[B, N, T, S]`` logits, the
-jflash contract: a query row with no visible key returns zeros). That fallback is the
-only place that knows about the gap: delete it, and the ``except`` in ``attend``, once
-``jflash.dot_product_attention`` supports ``mask`` and ``bias``.
+Masks and biases go to the kernels as they are (read tile by tile): nothing here
+builds attention weights.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jflash._src import api
 
-logger = logging.getLogger("jflash")
 
 __all__ = ["attend", "flax_attention_fn", "merge_attention"]
 
@@ -143,85 +136,16 @@ def attend(query, key, value, *, bias=None, mask=None, scale=None, is_causal=Fal
   kwargs = dict(scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
                 key_value_seq_lengths=kv_len, segment_ids=seg, local_window_size=window,
                 logits_soft_cap=logits_soft_cap)
-  try:
-    res = _jflash(
-        q, k, v, bias, bool_mask, implementation=implementation,
-        return_residual=return_residual, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        **kwargs)
-  except NotImplementedError as e:
-    if dropout_rate:
-      raise NotImplementedError(
-          f"attention dropout (dropout_rate={dropout_rate}) is not supported by this version "
-          f"of jflash.dot_product_attention ({e}). Set dropout_rate=0.0 or run with "
-          "deterministic=True; jflash never drops dropout silently.") from e
-    if bool_mask is None and bias is None:
-      raise
-    # ---- Fallback for dense mask/bias; delete once jflash takes them (see module doc).
-    logger.debug("jflash: %s; computing this call with the dense mask/bias fallback", e)
-    res = _dense_fallback(q, k, v, bias, bool_mask, return_residual=return_residual, **kwargs)
+  res = _jflash(
+      q, k, v, bias, bool_mask, implementation=implementation,
+      return_residual=return_residual, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+      **kwargs)
 
   out, lse = res if return_residual else (res, None)
   out = out.reshape(query.shape[:-1] + (value.shape[-1],))
   if not return_residual:
     return out
   return out, lse.reshape(query.shape[:-1])
-
-
-def _dense_fallback(q, k, v, bias, mask, *, scale, is_causal, query_seq_lengths,
-                    key_value_seq_lengths, segment_ids, local_window_size, logits_soft_cap,
-                    return_residual):
-  """Materialised attention with jflash's semantics (empty rows -> 0, lse -inf).
-
-  ``q [B, T, N, H]``, ``k, v [B, S, K, H]``; ``mask`` bool and ``bias`` broadcastable to
-  ``[B, N, T, S]``. Logits are ``scale * q.k``, then the soft cap, then ``+ bias``.
-  The only user of this function is ``attend``, until jflash supports ``mask``/``bias``.
-  """
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  g = n // kh
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  qg = q.reshape(b, t, kh, g, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
-                      precision=precision).reshape(b, n, t, s) * scale
-  if logits_soft_cap is not None:
-    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-
-  i = jnp.arange(t)[:, None]
-  j = jnp.arange(s)[None, :]
-  vis = jnp.ones((t, s), jnp.bool_)
-  if is_causal:
-    vis = vis & (j <= i)
-  if local_window_size is not None:
-    left, right = local_window_size
-    vis = vis & (j >= i - left) & (j <= i + right)
-  vis = vis[None, None]
-  if query_seq_lengths is not None:
-    vis = vis & (i < query_seq_lengths.astype(jnp.int32)[:, None, None, None])
-  if key_value_seq_lengths is not None:
-    vis = vis & (j < key_value_seq_lengths.astype(jnp.int32)[:, None, None, None])
-  if segment_ids is not None:
-    q_ids, kv_ids = segment_ids
-    vis = vis & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
-  if mask is not None:
-    vis = vis & mask
-
-  logits = jnp.where(vis, logits, -jnp.inf)
-  m = logits.max(-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(logits - m)
-  l = p.sum(-1, keepdims=True)
-  empty = l == 0.0
-  p = p / jnp.where(empty, 1.0, l)
-  out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(b, kh, g, t, s).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32, precision=precision)
-  out = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
-  if not return_residual:
-    return out
-  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))[..., 0]
-  return out, jnp.swapaxes(lse, 1, 2)  # [B, T, N]
 
 
 def merge_attention(parts):
@@ -283,11 +207,13 @@ def flax_attention_fn(
   * A query row whose mask hides every key returns zeros (Flax's default attention
     returns the mean of the values there).
   * Dropout (``deterministic=False`` and ``dropout_rate > 0``) is passed to jflash, which
-    raises NotImplementedError while it lacks dropout; it is never dropped silently.
+    applies it inside the kernels (a counter-based mask, regenerated in the backward).
   * ``dtype``: q/k/v are cast to it when given (else promoted to a common dtype).
   * ``precision`` and ``force_fp32_for_softmax`` are accepted and ignored: the kernels
     pick matmul precision from the dtype and always run the softmax in float32.
-  * ``broadcast_dropout`` only matters once jflash has dropout; it is ignored now.
+  * ``broadcast_dropout``: jflash always draws an independent mask per batch row and head
+    (Flax's ``broadcast_dropout=True`` shares one across them). The expected output is
+    the same; only the correlation between heads differs.
   * ``module`` (Flax's ``sow_weights=True``) and custom ``qk_attn_weights_einsum`` /
     ``attn_weights_value_einsum`` raise NotImplementedError: flash attention never
     materialises the weights.

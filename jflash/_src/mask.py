@@ -75,6 +75,7 @@ class MaskArrays:
   ``MaskSpec.has_segment_ids``.
   dense: bool ``[Bm, Nm, Tm, Sm]``, each dim 1 (broadcast) or full; present iff
   ``MaskSpec.has_dense_mask``.
+  dropout_seed: int32[4] (see dropout.py), present iff the Problem's dropout_rate > 0.
   """
 
   q_valid: jax.Array
@@ -82,11 +83,13 @@ class MaskArrays:
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
   dense: jax.Array | None = None
+  dropout_seed: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
     MaskArrays,
-    data_fields=["q_valid", "kv_valid", "q_segment_ids", "kv_segment_ids", "dense"],
+    data_fields=["q_valid", "kv_valid", "q_segment_ids", "kv_segment_ids", "dense",
+                 "dropout_seed"],
     meta_fields=[],
 )
 

@@ -18,6 +18,7 @@ class Problem:
   mask: MaskSpec
   scale: float
   softcap: float | None = None
+  dropout_rate: float = 0.0  # > 0 needs MaskArrays.dropout_seed
   implementation: str = "xla"
   interpret: bool = False  # run Pallas kernels in interpret mode (no GPU)
 

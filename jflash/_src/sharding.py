@@ -12,7 +12,9 @@ onto every device. ``run_partitioned`` wraps a backend's forward or backward in
 
 Every argument is described by a layout string of one letter per dimension:
 ``b t n h`` for q, ``b s k h`` for k and v, ``b n t`` for lse, ``b`` for lengths, and
-``B N T S`` (capitals) for a bias or mask that may broadcast (size-1 dims).
+``B N T S`` (capitals) for a bias or mask that may broadcast (size-1 dims), and ``r``
+for the dropout seed (replicated; each shard adds its batch and head offsets to it, so
+that dropout masks do not depend on the sharding).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _rule(shapes, layouts, groups: int, fresh) -> str:
     dims = []
     for size, d in zip(shape, layout):
       # A broadcast (size-1) dim of a bias or mask is its own unsharded factor.
-      dims.append(next(fresh) if d.isupper() and size == 1 else factor[d])
+      fresh_dim = d == "r" or (d.isupper() and size == 1)
+      dims.append(next(fresh) if fresh_dim else factor[d])
     parts.append(" ".join(dims))
   return ", ".join(parts)
 
@@ -65,9 +68,16 @@ def _fold_vmap(call, layouts, out_layouts, batch: int):
 
   @call.def_vmap
   def rule(axis_size, in_batched, *xs):
+    if any(b for b, l in zip(in_batched, layouts) if l == "r"):
+      # A different dropout rng per vmapped row cannot fold into one call: loop instead.
+      xs = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, b in zip(xs, in_batched)]
+      return jax.lax.map(lambda args: call(*args), tuple(xs)), (True,) * len(out_layouts)
     orig_batch = [x.shape[1] if b else x.shape[0] for x, b in zip(xs, in_batched)]
     folded = []
-    for x, batched in zip(xs, in_batched):
+    for x, batched, layout in zip(xs, in_batched, layouts):
+      if layout == "r":
+        folded.append(x)
+        continue
       x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
       # A broadcast (size-1) batch dim becomes real, so that each row of the folded batch
       # gets its own slice of the bias gradient.
@@ -128,7 +138,18 @@ def run_partitioned(fn, args, layouts, out_layouts, groups: int):
 
   def partition(mesh, arg_shapes, result_shape):
     arg_shardings, out_shardings = shardings(mesh, arg_shapes)
-    return mesh, flat, tuple(out_shardings), tuple(arg_shardings)
+    batch, heads = (_axes(arg_shardings[0], d) for d in (0, 2))
+
+    def local(*xs):
+      xs = list(xs)
+      for i, layout in enumerate(in_layouts):
+        if layout == "r":  # the dropout seed: this shard's first global batch row and head
+          b_off = 0 if batch is None else jax.lax.axis_index(batch) * xs[0].shape[0]
+          h_off = 0 if heads is None else jax.lax.axis_index(heads) * xs[0].shape[2]
+          xs[i] = xs[i] + jnp.stack([0, 0, b_off, h_off]).astype(xs[i].dtype)
+      return flat(*xs)
+
+    return mesh, local, tuple(out_shardings), tuple(arg_shardings)
 
   def infer(mesh, arg_shapes, result_shape):
     return tuple(shardings(mesh, arg_shapes)[1])

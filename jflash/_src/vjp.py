@@ -23,12 +23,12 @@ from jflash._src.backends import registry
 from jflash._src.mask import MaskArrays
 from jflash._src.problem import Problem
 
-_MASK_LAYOUTS = ["b", "b", "bt", "bs", "BNTS"]
+_MASK_LAYOUTS = ["b", "b", "bt", "bs", "BNTS", "r"]
 
 
 def _mask_args(arrays: MaskArrays):
   return [arrays.q_valid, arrays.kv_valid, arrays.q_segment_ids, arrays.kv_segment_ids,
-          arrays.dense]
+          arrays.dense, arrays.dropout_seed]
 
 
 def _forward(p: Problem, q, k, v, bias, arrays: MaskArrays):

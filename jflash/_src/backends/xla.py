@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jflash._src import dropout as dropout_lib
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.layout import pad_axis, reduce_to_shape, round_up
@@ -107,6 +108,16 @@ class _Blocks:
     vis = jax.vmap(one)(self.arrays.q_valid, self.arrays.kv_valid, qs, ks, dense)
     return vis if vis.ndim == 5 else vis[:, None, None]
 
+  def dropout(self, q0, k0):
+    """The inverted-dropout multiplier of the tile: keep / (1 - rate), or 0. [B,K,G,bq,bk]."""
+    rate = self.p.dropout_rate
+    b = jnp.arange(self.b)[:, None, None, None, None]
+    h = (jnp.arange(self.kh)[:, None] * self.groups + jnp.arange(self.groups))[None, :, :, None, None]
+    qpos = (q0 + jnp.arange(self.cfg.block_q))[:, None]
+    kpos = (k0 + jnp.arange(self.cfg.block_k))[None, :]
+    kept = dropout_lib.keep(self.arrays.dropout_seed, b, h, qpos, kpos, rate)
+    return jnp.where(kept, 1.0 / (1.0 - rate), 0.0)
+
   def scores(self, qblk, kblk, q0, k0):
     qk = _einsum("btkgh,bskh->bkgts", qblk, kblk)
     bias = None if self.bias is None else self.tile(self.bias, q0, k0)
@@ -139,6 +150,8 @@ def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays,
       pr = jnp.exp(s - m_use[..., None])
       alpha = jnp.exp(m - m_use)
       l = l * alpha + pr.sum(-1)
+      if p.dropout_rate:
+        pr = pr * blk.dropout(q0, k0)
       acc = acc * alpha[..., None] + _einsum("bkgts,bskh->bkgth", pr.astype(v.dtype), vblk)
       return acc, m_new, l
 
@@ -198,8 +211,9 @@ def backward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays, lse, dout, 
       delta_b = lax.dynamic_slice_in_dim(delta_g, q0, bq, axis=3)
       s, tanh = blk.scores(qblk, kblk, q0, k0)
       pr = jnp.where(blk.visible(q0, k0), jnp.exp(s - lse_b[..., None]), 0.0)
-      dv_b = dv_b + _einsum("bkgts,btkgh->bskh", pr.astype(q.dtype), doblk)
-      dp = _einsum("btkgh,bskh->bkgts", doblk, vblk)
+      z = blk.dropout(q0, k0) if p.dropout_rate else 1.0
+      dv_b = dv_b + _einsum("bkgts,btkgh->bskh", (pr * z).astype(q.dtype), doblk)
+      dp = _einsum("btkgh,bskh->bkgts", doblk, vblk) * z
       ds32 = logits_lib.dscores(pr * (dp - delta_b[..., None]), tanh)
       if want_dbias:
         dbias = add_dbias(dbias, ds32, q0, k0)

@@ -65,7 +65,7 @@ class _Padded:
         q_valid=arrays.q_valid, kv_valid=arrays.kv_valid,
         q_segment_ids=pad_axis(arrays.q_segment_ids, 1, self.tp, -1),
         kv_segment_ids=pad_axis(arrays.kv_segment_ids, 1, self.sp, -2),
-        dense=dense)
+        dense=dense, dropout_seed=arrays.dropout_seed)
 
   def bcast(self, x):
     """Pads the full T and S dims of a broadcastable [B', N', T', S'] bias or mask."""

@@ -26,7 +26,7 @@ from jflash._src.problem import Problem
 
 def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int):
   r = tiles.named_refs(names, refs)
-  kj, b = pl.program_id(0), pl.program_id(1)
+  kj, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k0 = kj * bk
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   k, v = r["k"][...], r["v"][...]
@@ -49,8 +49,12 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
                                     kv_valid, q_seg, kv_seg, bias=bias, dense=dense,
                                     masked=masked, transpose=True)
       pt = jnp.exp2(s - lse2[None, :])  # [bk, bq]; 0 where masked (s = -inf) or empty row
-      dv = dv + tiles.dot(pt.astype(do.dtype), do)
-      dpt = tiles.dot(v, do, trans_b=True)
+      z = 1.0
+      if p.dropout_rate:
+        z = tiles.dropout_scale(p, r["seed"], b, kh * groups + g, q0, k0, bq, bk,
+                                transpose=True)
+      dv = dv + tiles.dot((pt * z).astype(do.dtype), do)
+      dpt = tiles.dot(v, do, trans_b=True) * z
       dst = logits_lib.dscores(pt * (dpt - delta[None, :]), t)
       dk = dk + tiles.dot(dst.astype(q.dtype), q)
       return dk, dv
@@ -69,7 +73,7 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
 
 def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   r = tiles.named_refs(names, refs)
-  qi, b = nq - 1 - pl.program_id(0), pl.program_id(1)  # see tiles.reversed_index
+  qi, b, h = nq - 1 - pl.program_id(0), pl.program_id(1), pl.program_id(2)  # reversed_index
   q0 = qi * bq
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   q, do = r["q"][...], r["do"][...]
@@ -89,6 +93,8 @@ def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
                                   q_seg, kv_seg, bias=bias, dense=dense, masked=masked)
     pr = jnp.exp2(s - lse2[:, None])
     dp = tiles.dot(do, v, trans_b=True)
+    if p.dropout_rate:
+      dp = dp * tiles.dropout_scale(p, r["seed"], b, h, q0, k0, bq, bk)
     ds = logits_lib.dscores(pr * (dp - delta[:, None]), t)
     if "dbias" in r:
       r["dbias"][:, cols] = ds
@@ -142,6 +148,10 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
     names.append("flags")
     in_specs.append(tiles.col_flag_spec(flags, groups))
     args.append(flags)
+  if p.dropout_rate:
+    names.append("seed")
+    in_specs.append(pl.BlockSpec((4,), lambda *_: (0,)))
+    args.append(arrays.dropout_seed)
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, i, h: (i, j, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, names=tuple(names + ["dk", "dv"]), p=p, bq=bq, bk=bk,
@@ -183,6 +193,10 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
     names.append("flags")
     in_specs.append(tiles.row_flag_spec(flags, qt))
     args.append(flags)
+  if p.dropout_rate:
+    names.append("seed")
+    in_specs.append(pl.BlockSpec((4,), lambda *_: (0,)))
+    args.append(arrays.dropout_seed)
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   aliases = {}

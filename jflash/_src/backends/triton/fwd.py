@@ -18,7 +18,7 @@ from jflash._src.problem import Problem
 
 def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   r = tiles.named_refs(names, refs)
-  qi, b = nq - 1 - pl.program_id(0), pl.program_id(1)  # see tiles.reversed_index
+  qi, b, h = nq - 1 - pl.program_id(0), pl.program_id(1), pl.program_id(2)  # see reversed_index
   q0 = qi * bq
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   q = r["q"][...]
@@ -40,6 +40,8 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
     pr = jnp.exp2(s - m_use[:, None])
     alpha = jnp.exp2(m - m_use)
     l = l * alpha + jnp.sum(pr, axis=1)
+    if p.dropout_rate:
+      pr = pr * tiles.dropout_scale(p, r["seed"], b, h, q0, k0, bq, bk)
     v = r["v"][pl.ds(k0, bk), :]
     acc = acc * alpha[:, None] + tiles.dot(pr.astype(v.dtype), v)
     return acc, m_new, l
@@ -92,6 +94,10 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskA
     names.append("flags")
     in_specs.append(tiles.row_flag_spec(flags, qt))
     args.append(flags)
+  if p.dropout_rate:
+    names.append("seed")
+    in_specs.append(pl.BlockSpec((4,), lambda i, j, h: (0,)))
+    args.append(arrays.dropout_seed)
   names += ["o", "lse"]
   kernel = functools.partial(_kernel, names=tuple(names), p=p, bq=bq, bk=bk, nq=nq, nk=nk)
   return pl.pallas_call(

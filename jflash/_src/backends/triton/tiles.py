@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jflash._src import dropout as dropout_lib
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.problem import Problem
@@ -128,3 +129,13 @@ def load_col_tile(ref, g, q0, bq: int):
   head = g if ref.shape[0] > 1 else 0
   tile = ref[head, pl.ds(q0, bq), :] if ref.shape[1] > 1 else ref[head, :, :]
   return tile.T
+
+
+def dropout_scale(p: Problem, seed_ref, b, h, q0, k0, bq: int, bk: int, transpose: bool = False):
+  """The tile's inverted-dropout multiplier (keep / (1 - rate), else 0), ``[bq, bk]``
+  (``[bk, bq]`` when ``transpose``), regenerated from the seed: see dropout.py."""
+  seed = [seed_ref[i] for i in range(4)]
+  qpos, kpos = q0 + jnp.arange(bq), k0 + jnp.arange(bk)
+  qpos, kpos = (qpos[None, :], kpos[:, None]) if transpose else (qpos[:, None], kpos[None, :])
+  kept = dropout_lib.keep(seed, b, h, qpos, kpos, p.dropout_rate)
+  return jnp.where(kept, 1.0 / (1.0 - p.dropout_rate), 0.0)
