@@ -33,6 +33,13 @@ GPU_CASES = {
                         is_causal=True),
     "bf16_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=128, dtype=jnp.bfloat16, softcap=20.0),
     "f16_decode": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
+    "bf16_bias_heads": Case(b=2, t=512, s=640, n=4, k=2, h=128, dtype=jnp.bfloat16,
+                            bias=(1, 4, 512, 640), is_causal=True),
+    "bf16_bias_keys": Case(b=2, t=300, s=400, n=2, k=2, h=64, dtype=jnp.bfloat16, bias=(2, 1, 1, 400)),
+    "bf16_dense_mask": Case(b=1, t=512, s=512, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                            dense=(1, 2, 512, 512)),
+    "bf16_blockdiag_mask": Case(b=1, t=700, s=700, n=2, k=2, h=64, dtype=jnp.bfloat16,
+                                dense="blockdiag", softcap=30.0),
 }
 
 
@@ -44,6 +51,23 @@ def test_triton_against_reference(name):
 @pytest.mark.parametrize("name", ["bf16_d128", "bf16_lengths", "bf16_packed"])
 def test_xla_against_reference(name):
   check_case(GPU_CASES[name], "xla")
+
+
+def test_triton_dropout_matches_xla():
+  case = Case(b=2, t=512, s=512, n=4, k=2, h=128, dtype=jnp.bfloat16, is_causal=True)
+  q, k, v, do = case.inputs()
+
+  def run(impl):
+    f = lambda q, k, v: jflash.dot_product_attention(
+        q, k, v, is_causal=True, implementation=impl, dropout_rate=0.2,
+        dropout_rng=jax.random.PRNGKey(7))
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    return (out,) + vjp(do)
+
+  for a, b in zip(run("triton"), run("xla")):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all()
+    assert np.abs(a - b).max() <= 2e-2 * max(1.0, np.abs(b).max())
 
 
 def test_triton_rerun_is_bitwise_identical():
