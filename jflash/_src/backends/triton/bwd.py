@@ -117,9 +117,7 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
   groups = n // kh
-  has_seg = p.mask.has_segment_ids
   full_len = lambda: pl.BlockSpec((b,), lambda *_: (0,))
-  extras = [(name, x) for name, x in (("bias", bias), ("dense", arrays.dense)) if x is not None]
 
   # dK, dV: grid over (key tiles, batch, key heads).
   bq, bk = cfg.dkv_block_q, cfg.dkv_block_k
@@ -134,24 +132,9 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
       full_len(), full_len(),
   ]
   args = [q, k, v, dout, lse, delta, arrays.q_valid, arrays.kv_valid]
-  if has_seg:
-    names += ["q_seg", "kv_seg"]
-    in_specs += [pl.BlockSpec((None, tp), lambda j, i, h: (i, 0)),
-                 pl.BlockSpec((None, bk), lambda j, i, h: (i, j))]
-    args += [arrays.q_segment_ids, arrays.kv_segment_ids]
-  for name, x in extras:
-    names.append(name)
-    in_specs.append(tiles.col_tile_spec(x, bk, groups, tp))
-    args.append(x)
-  if arrays.dense is not None:
-    flags = tiles.tile_flags(arrays.dense, bq, bk)
-    names.append("flags")
-    in_specs.append(tiles.col_flag_spec(flags, groups))
-    args.append(flags)
-  if p.dropout_rate:
-    names.append("seed")
-    in_specs.append(pl.BlockSpec((4,), lambda *_: (0,)))
-    args.append(arrays.dropout_seed)
+  extra = tiles.optional_inputs(p, arrays, bias, by_rows=False, bq=bq, bk=bk, tp=tp, sp=sp,
+                                groups=groups)
+  names, in_specs, args = names + extra[0], in_specs + extra[1], args + extra[2]
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, i, h: (i, j, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, names=tuple(names + ["dk", "dv"]), p=p, bq=bq, bk=bk,
@@ -179,24 +162,9 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
       full_len(), full_len(),
   ]
   args = [q, k, v, dout, lse, delta, arrays.q_valid, arrays.kv_valid]
-  if has_seg:
-    names += ["q_seg", "kv_seg"]
-    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, qt(i))),
-                 pl.BlockSpec((None, sp), lambda i, j, h: (j, 0))]
-    args += [arrays.q_segment_ids, arrays.kv_segment_ids]
-  for name, x in extras:
-    names.append(name)
-    in_specs.append(tiles.row_tile_spec(x, bq, qt, sp))
-    args.append(x)
-  if arrays.dense is not None:
-    flags = tiles.tile_flags(arrays.dense, bq, bk)
-    names.append("flags")
-    in_specs.append(tiles.row_flag_spec(flags, qt))
-    args.append(flags)
-  if p.dropout_rate:
-    names.append("seed")
-    in_specs.append(pl.BlockSpec((4,), lambda *_: (0,)))
-    args.append(arrays.dropout_seed)
+  extra = tiles.optional_inputs(p, arrays, bias, by_rows=True, bq=bq, bk=bk, tp=tp, sp=sp,
+                                q_tile=qt)
+  names, in_specs, args = names + extra[0], in_specs + extra[1], args + extra[2]
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, qt(i), h, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   aliases = {}

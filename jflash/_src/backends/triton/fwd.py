@@ -79,25 +79,9 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskA
       pl.BlockSpec((b,), lambda i, j, h: (0,)),
   ]
   args = [q, k, v, arrays.q_valid, arrays.kv_valid]
-  if p.mask.has_segment_ids:
-    names += ["q_seg", "kv_seg"]
-    in_specs += [pl.BlockSpec((None, bq), lambda i, j, h: (j, qt(i))),
-                 pl.BlockSpec((None, sp), lambda i, j, h: (j, 0))]
-    args += [arrays.q_segment_ids, arrays.kv_segment_ids]
-  for name, x in (("bias", bias), ("dense", arrays.dense)):
-    if x is not None:
-      names.append(name)
-      in_specs.append(tiles.row_tile_spec(x, bq, qt, sp))
-      args.append(x)
-  if arrays.dense is not None:
-    flags = tiles.tile_flags(arrays.dense, bq, bk)
-    names.append("flags")
-    in_specs.append(tiles.row_flag_spec(flags, qt))
-    args.append(flags)
-  if p.dropout_rate:
-    names.append("seed")
-    in_specs.append(pl.BlockSpec((4,), lambda i, j, h: (0,)))
-    args.append(arrays.dropout_seed)
+  extra = tiles.optional_inputs(p, arrays, bias, by_rows=True, bq=bq, bk=bk, tp=tp, sp=sp,
+                                q_tile=qt)
+  names, in_specs, args = names + extra[0], in_specs + extra[1], args + extra[2]
   names += ["o", "lse"]
   kernel = functools.partial(_kernel, names=tuple(names), p=p, bq=bq, bk=bk, nq=nq, nk=nk)
   return pl.pallas_call(

@@ -139,3 +139,36 @@ def dropout_scale(p: Problem, seed_ref, b, h, q0, k0, bq: int, bk: int, transpos
   qpos, kpos = (qpos[None, :], kpos[:, None]) if transpose else (qpos[:, None], kpos[None, :])
   kept = dropout_lib.keep(seed, b, h, qpos, kpos, p.dropout_rate)
   return jnp.where(kept, 1.0 / (1.0 - p.dropout_rate), 0.0)
+
+
+def optional_inputs(p: Problem, arrays, bias, *, by_rows: bool, bq: int, bk: int, tp: int,
+                    sp: int, groups: int = 1, q_tile=None):
+  """(names, BlockSpecs, arrays) of the inputs a call has only sometimes: segment ids,
+  bias, dense mask and its tile flags, dropout seed.
+
+  ``by_rows``: a (query tile, batch, head) grid (forward, dQ) whose kernel loops over key
+  tiles; otherwise a (key tile, batch, kv head) grid (dK/dV) looping over query tiles.
+  """
+  names, specs, args = [], [], []
+
+  def add(name, spec, x):
+    names.append(name)
+    specs.append(spec)
+    args.append(x)
+
+  if p.mask.has_segment_ids:
+    if by_rows:
+      add("q_seg", pl.BlockSpec((None, bq), lambda i, b, h: (b, q_tile(i))), arrays.q_segment_ids)
+      add("kv_seg", pl.BlockSpec((None, sp), lambda i, b, h: (b, 0)), arrays.kv_segment_ids)
+    else:
+      add("q_seg", pl.BlockSpec((None, tp), lambda j, b, h: (b, 0)), arrays.q_segment_ids)
+      add("kv_seg", pl.BlockSpec((None, bk), lambda j, b, h: (b, j)), arrays.kv_segment_ids)
+  for name, x in (("bias", bias), ("dense", arrays.dense)):
+    if x is not None:
+      add(name, row_tile_spec(x, bq, q_tile, sp) if by_rows else col_tile_spec(x, bk, groups, tp), x)
+  if arrays.dense is not None:
+    flags = tile_flags(arrays.dense, bq, bk)
+    add("flags", row_flag_spec(flags, q_tile) if by_rows else col_flag_spec(flags, groups), flags)
+  if p.dropout_rate:
+    add("seed", pl.BlockSpec((4,), lambda *_: (0,)), arrays.dropout_seed)
+  return names, specs, args
