@@ -72,11 +72,17 @@ def run_impl(case: Case, impl: str):
 
 def run_reference(case: Case, dtype):
   q, k, v, do = case.inputs()
-  f = functools.partial(reference.attention, mask=case.mask(), scale=case.scale,
-                        softcap=case.softcap, dtype=dtype)
   args = (q, k, v) + (() if case.bias is None else (case.bias_array(),))
-  out, vjp = jax.vjp(lambda q, k, v, *bias: f(q, k, v, bias=bias[0] if bias else None)[0], *args)
-  return out, vjp(do.astype(out.dtype))
+
+  @jax.jit  # one compiled program instead of op-by-op dispatch (fast on the GPU machine)
+  def outputs_and_grads(mask, do, *args):
+    f = lambda q, k, v, *bias: reference.attention(
+        q, k, v, mask, scale=case.scale, softcap=case.softcap,
+        bias=bias[0] if bias else None, dtype=dtype)[0]
+    out, vjp = jax.vjp(f, *args)
+    return out, vjp(do.astype(out.dtype))
+
+  return outputs_and_grads(jnp.asarray(case.mask()), do, *args)
 
 
 def check_case(case: Case, impl: str):
