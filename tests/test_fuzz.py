@@ -1,38 +1,48 @@
 """Property-based fuzzing: random attention problems against the independent reference.
 
-hypothesis draws a `Case` (shapes, dtype and a random mix of every masking feature) and
-`check_case` compares out, lse and dq/dk/dv with the reference, as in test_attention.py.
-On CPU the examples are tiny (Pallas interpret mode is slow), so the CPU tests also draw
-small tile sizes: without them T, S <= 40 fit in one tile of either implementation and
-the multi-tile paths (block skipping, partial tiles, the backward's tile loops) would go
-unexercised.
+hypothesis draws a `Case` (shapes, GQA, dtype, and a random mix of causal, local window,
+soft-cap, scale, sequence lengths including 0, segment ids, bias and dense mask) and
+`check_case` compares out, lse and the gradients with the reference, as in
+test_attention.py (with FA_GRAD_SLACK below on half-precision dq/dk/dbias). On CPU the
+examples are tiny, so the CPU tests also draw small tile sizes: without them T, S <= 40
+fit in one tile of either implementation and the multi-tile paths (tile skipping, partial
+tiles, the backward's tile loops) would go unexercised.
+
+Each CPU example costs ~5 s ("xla") or ~7 s ("triton", Pallas interpret mode), nearly all
+of it compilation for the example's new shapes.
 
 Profiles, picked by the environment variable JFLASH_HYPOTHESIS_PROFILE (default "ci"):
 
-* ``ci``: derandomized (the same examples on every run, so CI is reproducible), about
-  25 "xla" and 8 "triton" examples, no example database.
+* ``ci``: derandomized (the same examples on every run, so CI is reproducible), 16 "xla"
+  and 8 "triton" examples (~3 minutes on 2 cores), no example database, no shrinking.
 * ``gpu``: more examples; the ``gpu``-marked test always uses it, fuzzing "triton"
-  compiled on the GPU at T, S up to 600 and head dims up to 128.
-* ``explore``: random (not derandomized) and many examples, for hunting bugs locally:
-  ``JFLASH_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py``.
+  compiled on the GPU at T, S up to 600 and head dims up to 128 (default tiles).
+* ``explore``: random (not derandomized), many examples, shrinks failures: for hunting
+  bugs locally, ``JFLASH_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py -k "xla"``.
 
-Every failure found becomes an explicit case in ``REGRESSIONS`` below.
+``JFLASH_HYPOTHESIS_EXAMPLES=N`` sets the number of examples of every fuzz test.
+
+A failing example prints ``repro: fuzz_check(Case(...), impl, tiles)``; every failure
+found becomes an explicit case in ``REGRESSIONS`` below.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+import helpers
+import test_attention
 from helpers import Case
 from test_attention import check_case
 
@@ -40,22 +50,29 @@ from test_attention import check_case
 
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
-settings.register_profile("gpu", max_examples=60, derandomize=True, database=None, **_COMMON)
+# ci/gpu do not shrink: a failure's exact Case is printed (the "repro:" note), and slow
+# interpret-mode examples could keep CI shrinking for 5 minutes; explore shrinks.
+_NO_SHRINK = (Phase.explicit, Phase.generate)
+settings.register_profile("ci", max_examples=25, derandomize=True, database=None,
+                          phases=_NO_SHRINK, **_COMMON)
+settings.register_profile("gpu", max_examples=30, derandomize=True, database=None,
+                          phases=_NO_SHRINK, **_COMMON)
 settings.register_profile("explore", max_examples=200, derandomize=False, **_COMMON)
 
 PROFILE = os.environ.get("JFLASH_HYPOTHESIS_PROFILE", "ci")
-# Examples per implementation and profile (interpret-mode "triton" costs ~3x "xla" on CPU).
+# Examples per implementation and profile.
 EXAMPLES = {
-    "ci": {"xla": 25, "triton": 8},
-    "gpu": {"xla": 60, "triton": 60},
+    "ci": {"xla": 16, "triton": 8},
+    "gpu": {"xla": 30, "triton": 30},
     "explore": {"xla": 200, "triton": 60},
 }
 
 
 def _settings(profile: str, impl: str):
   base = settings.get_profile(profile)
-  return settings(base, max_examples=EXAMPLES.get(profile, {}).get(impl, base.max_examples))
+  n = EXAMPLES.get(profile, {}).get(impl, base.max_examples)
+  # JFLASH_HYPOTHESIS_EXAMPLES=N: N examples per fuzz test, whatever the profile.
+  return settings(base, max_examples=int(os.environ.get("JFLASH_HYPOTHESIS_EXAMPLES", n)))
 
 
 # --------------------------------------------------------------------------- strategies
@@ -67,7 +84,7 @@ GPU_HEAD_DIMS = (8, 16, 24, 32, 40, 64, 80, 96, 128)
 
 @st.composite
 def cases(draw, max_len: int = 40, head_dims=CPU_HEAD_DIMS) -> Case:
-  """A random `Case`: shapes, dtype, and any combination of the masking features."""
+  """A random `Case`: shapes, dtype, and any combination of the features."""
   b = draw(st.integers(1, 2))
   segments = draw(st.sampled_from([None, "packed", "pair"]))
   t = draw(st.integers(1, max_len))
@@ -85,11 +102,18 @@ def cases(draw, max_len: int = 40, head_dims=CPU_HEAD_DIMS) -> Case:
   scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
   q_lengths = draw(st.one_of(st.none(), st.lists(st.integers(0, t), min_size=b, max_size=b)))
   kv_lengths = draw(st.one_of(st.none(), st.lists(st.integers(0, s), min_size=b, max_size=b)))
+  # Additive bias and boolean mask: None, or a shape that broadcasts to [B, N, T, S].
+  bias = draw(st.one_of(st.none(), _broadcast_shape(b, n, t, s)))
+  dense = draw(st.one_of(st.none(), _broadcast_shape(b, n, t, s)))
   seed = draw(st.integers(0, 2**16 - 1))
   return dataclasses.replace(
       Case(), b=b, t=t, s=s, n=n, k=k, h=h, dtype=dtype, is_causal=is_causal, window=window,
       q_lengths=q_lengths, kv_lengths=kv_lengths, segments=segments, softcap=softcap,
-      scale=scale, seed=seed)
+      scale=scale, bias=bias, dense=dense, seed=seed)
+
+
+def _broadcast_shape(*full):
+  return st.tuples(*(st.sampled_from([d, 1]) if d > 1 else st.just(1) for d in full))
 
 
 # Small tiles (None: the implementation's default) so that tiny problems span several.
@@ -141,10 +165,41 @@ def _tiles(impl: str, case: Case, blocks: dict | None):
     jax.clear_caches()
 
 
+# FlashAttention's own half-precision error on dq, dk and dbias: its backward takes
+# delta = rowsum(dO * O) from the O stored in the input dtype (and rounds dS to it), so
+# where dP - delta cancels (rows with few visible keys) a few ulps show that the naive
+# baseline, which differentiates the softmax directly, does not have. jflash's gradients
+# equal a float64 emulation of exactly that algorithm, and the emulation itself fails
+# helpers' bound on such problems by up to ~2.3 ulps (REGRESSIONS below): 4 ulps of slack
+# (at 1.0) there keeps the fuzzing meaningful. Each row's dbias (summed over keys) is off
+# by do . (O - rounded O), exactly 0 in exact arithmetic; a bias broadcast over B, N or T
+# sums that over its rows, so its slack grows with the square root of their number.
+# out, lse and dv keep helpers' strict bound.
+FA_GRAD_SLACK = {jnp.dtype(jnp.float16): 4 * 2.0**-10, jnp.dtype(jnp.bfloat16): 4 * 2.0**-7}
+
+
+def _fa_assert_close(case: Case):
+  """helpers.assert_close, with FA_GRAD_SLACK on ``case``'s half-precision gradients."""
+  rows_per_dbias = 1
+  if case.bias is not None:
+    rows_per_dbias = case.b * case.n * case.t // math.prod(case.bias[:3])
+
+  def assert_close(name, actual, expected, baseline, dtype):
+    dtype = jnp.dtype(dtype)
+    slack = {"dq": 1.0, "dk": 1.0, "dbias": math.sqrt(rows_per_dbias)}.get(name, 0.0)
+    atol = {dtype: helpers.ATOL[dtype] + slack * FA_GRAD_SLACK.get(dtype, 0.0)}
+    with mock.patch.dict(helpers.ATOL, atol):
+      helpers.assert_close(name, actual, expected, baseline, dtype)
+
+  return assert_close
+
+
 def fuzz_check(case: Case, impl: str, blocks: dict | None = None):
+  """`check_case`, on ``blocks`` tiles, with FA_GRAD_SLACK on half-precision gradients."""
   with contextlib.suppress(InvalidArgument):  # outside @given (the regressions): no notes
     note(f"repro: fuzz_check({case_repr(case)}, {impl!r}, {blocks!r})")
-  with _tiles(impl, case, blocks):
+  with (_tiles(impl, case, blocks),
+        mock.patch.object(test_attention, "assert_close", _fa_assert_close(case))):
     check_case(case, impl)
 
 
@@ -173,6 +228,24 @@ def test_fuzz_triton_gpu(case):
 
 # Failures hypothesis found, minimised, kept as fixed cases: (impl, case, tiles).
 REGRESSIONS = [
+    # dk off by 3 f16 ulps (error 1.95e-3 > helpers' bound 1.8e-3), the "ci" profile's first
+    # find: FlashAttention's inherent f16 error (see FA_GRAD_SLACK), a test-tolerance bug
+    # rather than a jflash one. Fails plain check_case; passes with the slack.
+    pytest.param("xla", Case(t=15, s=15, n=1, k=1, h=8, dtype=jnp.float16, is_causal=True,
+                             kv_lengths=[0, 8], segments="pair", scale=0.8243942287846755,
+                             seed=207), None, id="f16_few_keys_dk_tolerance_xla"),
+    pytest.param("triton", Case(t=15, s=15, n=1, k=1, h=8, dtype=jnp.float16, is_causal=True,
+                                kv_lengths=[0, 8], segments="pair", scale=0.8243942287846755,
+                                seed=207), None, id="f16_few_keys_dk_tolerance_triton"),
+    # dbias of a per-row bias (broadcast over keys): exactly 0, but jflash gives 1.4e-3 =
+    # do . (O - O rounded to f16), beyond helpers' 5e-4 (FA_GRAD_SLACK; tolerance bug).
+    pytest.param("triton", Case(t=24, s=24, k=1, h=8, dtype=jnp.float16, segments="packed",
+                                bias=(2, 2, 24, 1)), None, id="f16_row_bias_dbias_tolerance"),
+    # dbias of a scalar bias: that error summed over 15 rows, 0.038 > 4 bf16 ulps.
+    pytest.param("xla", Case(b=1, n=1, k=1, h=32, dtype=jnp.bfloat16, is_causal=True,
+                             q_lengths=[15], segments="packed", scale=1.67219042752948,
+                             bias=(1, 1, 1, 1), seed=2214), None,
+                 id="bf16_scalar_bias_dbias_tolerance"),
 ]
 
 
