@@ -53,7 +53,7 @@ _COMMON = dict(deadline=None, print_blob=True,
 # ci/gpu do not shrink: a failure's exact Case is printed (the "repro:" note), and slow
 # interpret-mode examples could keep CI shrinking for 5 minutes; explore shrinks.
 _NO_SHRINK = (Phase.explicit, Phase.generate)
-settings.register_profile("ci", max_examples=25, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=16, derandomize=True, database=None,
                           phases=_NO_SHRINK, **_COMMON)
 settings.register_profile("gpu", max_examples=30, derandomize=True, database=None,
                           phases=_NO_SHRINK, **_COMMON)
