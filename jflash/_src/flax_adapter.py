@@ -15,10 +15,8 @@ builds attention weights.
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
 import jax.numpy as jnp
 
 from jflash._src import api
@@ -59,22 +57,6 @@ def _flatten_pairwise(x, batch, name):
   if all(d == 1 for d in lead):  # keep a broadcast batch dim broadcast (no copy)
     return x.reshape((1,) + rest)
   return jnp.broadcast_to(x, tuple(batch) + rest).reshape((math.prod(batch),) + rest)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "scale", "is_causal", "local_window_size", "logits_soft_cap", "implementation",
-    "return_residual", "dropout_rate"))
-def _jflash(q, k, v, bias, mask, *, scale, is_causal, query_seq_lengths,
-            key_value_seq_lengths, segment_ids, local_window_size, logits_soft_cap,
-            implementation, return_residual, dropout_rate, dropout_rng):
-  # Under jit so that eager (un-jitted) layer calls compile once per shape: an eager
-  # jflash.dot_product_attention call re-traces and re-compiles its loops every time.
-  return api.dot_product_attention(
-      q, k, v, bias, mask, scale=scale, is_causal=is_causal,
-      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-      segment_ids=segment_ids, local_window_size=local_window_size,
-      logits_soft_cap=logits_soft_cap, implementation=implementation,
-      return_residual=return_residual, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def _canonical_window(local_window_size):
@@ -136,7 +118,7 @@ def attend(query, key, value, *, bias=None, mask=None, scale=None, is_causal=Fal
   kwargs = dict(scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
                 key_value_seq_lengths=kv_len, segment_ids=seg, local_window_size=window,
                 logits_soft_cap=logits_soft_cap)
-  res = _jflash(
+  res = api.dot_product_attention(
       q, k, v, bias, bool_mask, implementation=implementation,
       return_residual=return_residual, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
       **kwargs)
