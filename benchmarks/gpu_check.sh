@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script run on the GPU machine: GPU tests, then the benchmark.
 #   bash benchmarks/gpu_check.sh [bench.py args...]    e.g. --quick --s 4096
-#   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part. Output goes to $OUT (default ./bench_out):
+#   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; JOBS=4 test shards; TESTS=<pytest -k expr>. Output goes to $OUT (default ./bench_out):
 #   gpu_tests.log, bench.log, results.json, results.md, tflops.png.
 # Exits with the pytest status, so a benchmark hiccup cannot hide a failing kernel.
 set -uo pipefail
@@ -27,9 +27,29 @@ PY
 
 test_status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== pytest -m gpu"
-  python3 -m pytest -m gpu -q -x tests 2>&1 | tee "$OUT/gpu_tests.log"
-  test_status=${PIPESTATUS[0]}
+  # GPU tests spend most of their time compiling (CPU-bound), so they run as JOBS pytest
+  # processes side by side on the one GPU, each owning a slice of its memory.
+  # TESTS narrows the selection (a pytest -k expression).
+  jobs="${JOBS:-4}"
+  echo "== pytest -m gpu in $jobs shards${TESTS:+ (-k $TESTS)}"
+  python3 -m pytest -m gpu -q --collect-only ${TESTS:+-k "$TESTS"} tests 2>/dev/null \
+    | grep '::' > "$OUT/gpu_tests.ids"
+  echo "$(wc -l < "$OUT/gpu_tests.ids") tests"
+  pids=()
+  for ((i = 0; i < jobs; i++)); do
+    awk -v n="$jobs" -v i="$i" 'NR % n == i' "$OUT/gpu_tests.ids" > "$OUT/gpu_tests.$i.ids"
+    [ -s "$OUT/gpu_tests.$i.ids" ] || continue
+    XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.9 / $jobs, 3))")" \
+      python3 -m pytest -m gpu -q -p no:cacheprovider $(cat "$OUT/gpu_tests.$i.ids") \
+      > "$OUT/gpu_tests.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || test_status=1
+  done
+  for ((i = 0; i < jobs; i++)); do
+    [ -f "$OUT/gpu_tests.$i.log" ] && { echo "-- shard $i"; cat "$OUT/gpu_tests.$i.log"; }
+  done 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|skipped|error|FAILED|ERROR" || true
   echo "== pytest exit status: $test_status"
 fi
 

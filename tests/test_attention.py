@@ -48,6 +48,10 @@ CASES = {
     "mask_dense": Case(dense=(2, 2, 40, 40)),
     "mask_bcast_causal_window": Case(dense=(2, 1, 40, 40), is_causal=True, window=(9, 0)),
     "mask_blockdiag_tiles": Case(b=1, t=192, s=192, n=2, k=1, h=16, dense="blockdiag"),
+    # Several 64-wide tiles per axis: tiles of other documents are skipped, tiles inside
+    # one document run without the predicate (mask.segment_tile_ranges).
+    "packed_tiles_causal": Case(b=2, t=192, s=192, n=2, k=1, h=16, segments="packed",
+                                is_causal=True),
     "mask_bias_packed_bf16": Case(dtype=jnp.bfloat16, dense=(1, 1, 40, 40), bias=(2, 2, 40, 40),
                                   segments="packed"),
 }

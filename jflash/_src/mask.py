@@ -59,10 +59,10 @@ class MaskSpec:
       hi = 0 if hi is None else min(hi, 0)
     return hi
 
-  @property
-  def every_tile_masked(self) -> bool:
-    """True when no tile can skip the element predicate (data-dependent masks)."""
-    return self.has_segment_ids or self.has_dense_mask
+  def every_tile_masked(self, segment_ranges_known: bool = False) -> bool:
+    """True when no tile can skip the element predicate: a dense mask, or segment ids
+    whose per-tile ranges (``segment_tile_ranges``) the caller does not have."""
+    return self.has_dense_mask or (self.has_segment_ids and not segment_ranges_known)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,41 +168,98 @@ def _band_range(start, size, other_block, n_other, lo_off, hi_off, other_valid, 
 
 
 def kv_block_range(spec: MaskSpec, q_start, block_q: int, block_k: int, num_k_blocks: int,
-                   q_valid, kv_valid):
+                   q_valid, kv_valid, segment_range=None):
   """For the query tile at ``q_start``: ``(lo, full_lo, full_hi, hi)`` over key blocks.
 
   Forward and dQ kernels loop masked over ``[lo, full_lo)`` and ``[full_hi, hi)``,
   unmasked over ``[full_lo, full_hi)``. A tile of only padding rows visits nothing.
+  ``segment_range``: this tile's row of ``segment_tile_ranges(..., by_rows=True)``
+  (4 scalars), narrowing the range to the key tiles its documents can meet.
   """
   lo, full_lo, full_hi, hi = _band_range(
       q_start, block_q, block_k, num_k_blocks, spec.band_lo, spec.band_hi, kv_valid,
-      spec.every_tile_masked)
+      spec.every_tile_masked(segment_range is not None))
   empty = q_start >= q_valid
   if isinstance(empty, bool):
-    return (lo, lo, lo, lo) if empty else (lo, full_lo, full_hi, hi)
-  hi = jnp.where(empty, lo, hi)
-  return lo, jnp.minimum(full_lo, hi), jnp.minimum(full_hi, hi), hi
+    ranges = (lo, lo, lo, lo) if empty else (lo, full_lo, full_hi, hi)
+  else:
+    hi = jnp.where(empty, lo, hi)
+    ranges = (lo, jnp.minimum(full_lo, hi), jnp.minimum(full_hi, hi), hi)
+  return ranges if segment_range is None else intersect_ranges(ranges, segment_range)
 
 
 def q_block_range(spec: MaskSpec, k_start, block_k: int, block_q: int, num_q_blocks: int,
-                  q_valid, kv_valid):
+                  q_valid, kv_valid, segment_range=None):
   """For the key tile at ``k_start``: ``(lo, full_lo, full_hi, hi)`` over query blocks.
 
   The same band seen from the key side (``-band_hi <= i - j <= -band_lo``). A key tile
   that sticks out past ``kv_valid`` needs the predicate in every query block.
+  ``segment_range``: this tile's row of ``segment_tile_ranges(..., by_rows=False)``.
   """
   lo_off = None if spec.band_hi is None else -spec.band_hi
   hi_off = None if spec.band_lo is None else -spec.band_lo
   lo, full_lo, full_hi, hi = _band_range(
       k_start, block_k, block_q, num_q_blocks, lo_off, hi_off, q_valid,
-      spec.every_tile_masked)
+      spec.every_tile_masked(segment_range is not None))
   empty = k_start >= kv_valid
   partial = k_start + block_k > kv_valid
   if isinstance(empty, bool):
     if empty:
-      return lo, lo, lo, lo
-    return (lo, lo, lo, hi) if partial else (lo, full_lo, full_hi, hi)
-  hi = jnp.where(empty, lo, hi)
-  full_lo = jnp.where(partial, lo, jnp.minimum(full_lo, hi))
-  full_hi = jnp.where(partial, lo, jnp.minimum(full_hi, hi))
+      ranges = (lo, lo, lo, lo)
+    else:
+      ranges = (lo, lo, lo, hi) if partial else (lo, full_lo, full_hi, hi)
+  else:
+    hi = jnp.where(empty, lo, hi)
+    full_lo = jnp.where(partial, lo, jnp.minimum(full_lo, hi))
+    full_hi = jnp.where(partial, lo, jnp.minimum(full_hi, hi))
+    ranges = (lo, full_lo, full_hi, hi)
+  return ranges if segment_range is None else intersect_ranges(ranges, segment_range)
+
+
+def intersect_ranges(a, b):
+  """The ``(lo, full_lo, full_hi, hi)`` ranges of two masks ANDed together: blocks that
+  both may see, of which those that both see in full skip the predicate."""
+  lo = _max(a[0], b[0])
+  hi = _max(_min(a[3], b[3]), lo)
+  full_lo = _min(_max(_max(a[1], b[1]), lo), hi)
+  full_hi = _min(_max(_min(a[2], b[2]), full_lo), hi)
   return lo, full_lo, full_hi, hi
+
+
+def _tile_min_max(ids, block: int):
+  tiles = ids.reshape(ids.shape[0], -1, block)
+  return tiles.min(-1), tiles.max(-1)
+
+
+def segment_tile_ranges(q_seg, kv_seg, block_q: int, block_k: int, *, by_rows: bool):
+  """Which tiles of the other axis each tile's documents can meet, computed once in XLA.
+
+  ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (padded to tile multiples). Returns int32
+  ``[B, n, 4]``: for each query tile (``by_rows``) over key tiles, or for each key tile
+  over query tiles, ``(lo, full_lo, full_hi, hi)`` as in ``kv_block_range``. A pair of
+  tiles may hold a visible pair only if their ``[min, max]`` id intervals overlap, so
+  ``[lo, hi)`` spans the first to the last such tile (exact for packed documents, whose
+  ids ascend; merely conservative for ids in any other order). It is fully visible when
+  both tiles hold one and the same id; the full run is used only if it is contiguous.
+  """
+  qmin, qmax = _tile_min_max(q_seg, block_q)  # [B, nq]
+  kmin, kmax = _tile_min_max(kv_seg, block_k)  # [B, nk]
+  if not by_rows:
+    qmin, qmax, kmin, kmax = kmin, kmax, qmin, qmax
+  meet = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+  full = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
+          & (qmin[:, :, None] == kmin[:, None, :]))
+  n_other = meet.shape[-1]
+
+  def first_last(x):
+    any_ = x.any(-1)
+    first = jnp.argmax(x, axis=-1)
+    last = n_other - jnp.argmax(x[..., ::-1], axis=-1)
+    return jnp.where(any_, first, 0), jnp.where(any_, last, 0)
+
+  lo, hi = first_last(meet)
+  full_lo, full_hi = first_last(full)
+  contiguous = (full_hi - full_lo) == full.sum(-1)
+  full_lo = jnp.where(contiguous, full_lo, lo)
+  full_hi = jnp.where(contiguous, full_hi, lo)
+  return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)

@@ -53,6 +53,15 @@ def _pad_tq(x, tp, sp):
   return pad_axis(x, 3, sp) if x.shape[3] > 1 else x
 
 
+def _batch_union(ranges):
+  """[B, n, 4] segment tile ranges -> [n, 2] (lo, hi) covering every batch entry."""
+  lo, hi = ranges[..., 0], ranges[..., 3]
+  empty = hi <= lo
+  lo = jnp.min(jnp.where(empty, jnp.iinfo(jnp.int32).max, lo), axis=0)
+  hi = jnp.max(jnp.where(empty, 0, hi), axis=0)
+  return jnp.stack([jnp.minimum(lo, hi), hi], axis=-1)
+
+
 class _Blocks:
   """Padded, head-grouped views of one call's tensors, and per-tile mask helpers."""
 
@@ -75,6 +84,19 @@ class _Blocks:
     # Conservative scalar bounds for the block loops; the predicate is exact per batch.
     self.q_valid_max = jnp.max(arrays.q_valid)
     self.kv_valid_max = jnp.max(arrays.kv_valid)
+    self.seg_ranges = None
+    if p.mask.has_segment_ids:  # per tile, the union over the batch of the tiles to visit
+      self.seg_ranges = [
+          _batch_union(mask_lib.segment_tile_ranges(self.q_seg, self.kv_seg, cfg.block_q,
+                                                    cfg.block_k, by_rows=by_rows))
+          for by_rows in (False, True)]
+
+  def segment_range(self, i, *, by_rows: bool):
+    """Tile i's ``(lo, lo, lo, hi)`` over the other axis's tiles, or None."""
+    if self.seg_ranges is None:
+      return None
+    lo, hi = self.seg_ranges[by_rows][i]
+    return lo, lo, lo, hi
 
   def tile(self, x, q0, k0):
     """The [B', K', G', bq|1, bk|1] tile at (q0, k0) of a broadcastable [B', N', T', S']."""
@@ -136,7 +158,8 @@ def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays,
     q0 = qi * bq
     qblk = lax.dynamic_slice_in_dim(blk.q, q0, bq, axis=1)
     lo, _, _, hi = mask_lib.kv_block_range(
-        p.mask, q0, bq, bk, blk.nk, blk.q_valid_max, blk.kv_valid_max)
+        p.mask, q0, bq, bk, blk.nk, blk.q_valid_max, blk.kv_valid_max,
+        blk.segment_range(qi, by_rows=True))
 
     def body(j, carry):
       acc, m, l = carry
@@ -200,7 +223,8 @@ def backward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays, lse, dout, 
     kblk = lax.dynamic_slice_in_dim(blk.k, k0, bk, axis=1)
     vblk = lax.dynamic_slice_in_dim(blk.v, k0, bk, axis=1)
     lo, _, _, hi = mask_lib.q_block_range(
-        p.mask, k0, bk, bq, blk.nq, blk.q_valid_max, blk.kv_valid_max)
+        p.mask, k0, bk, bq, blk.nq, blk.q_valid_max, blk.kv_valid_max,
+        blk.segment_range(j, by_rows=False))
 
     def body(i, inner):
       dq_acc, dk_b, dv_b, dbias = inner

@@ -31,7 +31,8 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   k, v = r["k"][...], r["v"][...]
   kv_seg = r["kv_seg"][...] if "kv_seg" in r else None
-  ranges = mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid)
+  ranges = mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
+                                 tiles.segment_range(r))
 
   def head(g, carry):
     def step(i, carry, masked):
@@ -80,7 +81,8 @@ def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   lse2 = r["lse"][...] * logits_lib.LOG2E
   delta = r["delta"][...]
   q_seg = r["q_seg"][...] if "q_seg" in r else None
-  ranges = mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid)
+  ranges = mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                  tiles.segment_range(r))
 
   def step(j, dq, masked):
     k0 = pl.multiple_of(j * bk, bk)

@@ -23,7 +23,8 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   q = r["q"][...]
   q_seg = r["q_seg"][...] if "q_seg" in r else None
-  ranges = mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid)
+  ranges = mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                  tiles.segment_range(r))
 
   def step(j, carry, masked):
     acc, m, l = carry

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -40,6 +39,14 @@ def masked_scores(p: Problem, qk, q0, k0, q_valid, kv_valid, q_seg, kv_seg, *,
                          q_seg, kv_seg, None if dense is None else dense != 0,
                          transpose=transpose)
   return jnp.where(vis, s, -jnp.inf), t, vis
+
+
+def segment_range(r):
+  """This tile's ``(lo, full_lo, full_hi, hi)`` from segment_tile_ranges, or None."""
+  if "seg_range" not in r:
+    return None
+  ref = r["seg_range"]
+  return tuple(ref[i] for i in range(4))
 
 
 def named_refs(names, refs):
@@ -157,12 +164,17 @@ def optional_inputs(p: Problem, arrays, bias, *, by_rows: bool, bq: int, bk: int
     args.append(x)
 
   if p.mask.has_segment_ids:
+    seg_ranges = mask_lib.segment_tile_ranges(arrays.q_segment_ids, arrays.kv_segment_ids,
+                                              bq, bk, by_rows=by_rows)
     if by_rows:
       add("q_seg", pl.BlockSpec((None, bq), lambda i, b, h: (b, q_tile(i))), arrays.q_segment_ids)
       add("kv_seg", pl.BlockSpec((None, sp), lambda i, b, h: (b, 0)), arrays.kv_segment_ids)
+      add("seg_range", pl.BlockSpec((None, None, 4), lambda i, b, h: (b, q_tile(i), 0)),
+          seg_ranges)
     else:
       add("q_seg", pl.BlockSpec((None, tp), lambda j, b, h: (b, 0)), arrays.q_segment_ids)
       add("kv_seg", pl.BlockSpec((None, bk), lambda j, b, h: (b, j)), arrays.kv_segment_ids)
+      add("seg_range", pl.BlockSpec((None, None, 4), lambda j, b, h: (b, j, 0)), seg_ranges)
   for name, x in (("bias", bias), ("dense", arrays.dense)):
     if x is not None:
       add(name, row_tile_spec(x, bq, q_tile, sp) if by_rows else col_tile_spec(x, bk, groups, tp), x)
