@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jflash._src import mask as mask_lib
 from jflash._src.backends.triton import bwd as bwd_lib
+from jflash._src.backends.triton import decode as decode_lib
 from jflash._src.backends.triton import fwd as fwd_lib
 from jflash._src.backends.triton.config import TritonConfig
 from jflash._src.layout import next_pow2, pad_axis, reduce_to_shape, round_up
@@ -85,6 +86,8 @@ class _Padded:
 
 
 def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
+  if decode_lib.applies(p, q, k, bias, arrays):  # a few query tokens: split the keys instead
+    return decode_lib.forward(p, q, k, v, arrays)
   pad = _Padded(p, q, k, v, arrays)
   out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias),
                              pad.arrays)

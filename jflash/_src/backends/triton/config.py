@@ -60,3 +60,44 @@ class TritonConfig:
   @property
   def k_multiple(self) -> int:
     return max(self.block_k, self.dkv_block_k, self.dq_block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Tuning of the split-K decode forward (decode.py): one program per (batch, kv head,
+  split), all query rows of the kv head's group at once, ``block_k`` keys per step."""
+
+  block_k: int = 64
+  num_splits: int = 1  # programs sharing one (batch, kv head)'s keys
+  num_warps: int = 4
+  num_stages: int = 3
+
+  # The decode path serves at most this many query tokens, and this many rows (query
+  # heads of a GQA group x tokens) per program; longer queries fill 128-row tiles well.
+  MAX_Q_LEN = 16
+  MAX_ROWS = 64
+  # Waves of programs to aim for, and the fewest key tiles per split worth a partial
+  # result (each split writes [rows, head_dim] f32 that the merge reads back).
+  WAVES = 4
+  MIN_TILES_PER_SPLIT = 4
+
+  @classmethod
+  def takes(cls, q_len: int, groups: int) -> bool:
+    """Whether a query of ``q_len`` tokens with ``groups`` query heads per kv head is short
+    enough for the decode path."""
+    return q_len <= cls.MAX_Q_LEN and q_len * groups <= cls.MAX_ROWS
+
+  @classmethod
+  def for_problem(cls, batch: int, kv_heads: int, kv_len: int, rows: int, head_dim: int,
+                  num_sms: int = 132) -> "DecodeConfig":
+    """A heuristic default: enough splits that ``batch * kv_heads * splits`` programs fill
+    ``num_sms`` a few times over, but never splits of fewer than a few key tiles."""
+    # Not yet swept on the GPU (benchmarks/decode_bench.py --sweep): 64-key tiles keep a
+    # [rows, head_dim] accumulator plus two [64, head_dim] tiles in registers up to d=128.
+    block_k = 128 if head_dim <= 64 else (64 if head_dim <= 128 else 32)
+    block_k = min(block_k, max(16, next_pow2(kv_len)))
+    tiles = -(-kv_len // block_k)
+    want = -(-cls.WAVES * num_sms // (batch * kv_heads))
+    splits = max(1, min(want, tiles // cls.MIN_TILES_PER_SPLIT))
+    warps = 4 if rows * head_dim <= 64 * 128 else 8
+    return cls(block_k=block_k, num_splits=splits, num_warps=warps, num_stages=3)
