@@ -2,9 +2,12 @@
 
 from jflash._src.api import dot_product_attention
 from jflash._src.flax_adapter import flax_attention_fn
+from jflash._src.ring import from_zigzag, to_zigzag
+from jflash._src.ring_api import ring_attention
 
 __all__ = ["dot_product_attention"]
 __all__ += ["flax_attention_fn", "linen", "nnx"]
+__all__ += ["ring_attention", "to_zigzag", "from_zigzag"]
 __version__ = "0.1.0"
 
 

@@ -7,6 +7,10 @@ through ``backends.registry``; none defines a custom_vjp of its own.
 ``symbolic_zeros`` tells the forward rule which inputs are differentiated, so the
 backward pass computes dbias (a T x S array per head) only when the bias needs it, and
 skips the lse cotangent when nothing uses the lse.
+
+``ring_attention`` (at the end) is the same attention spread over a ring of devices:
+its custom_vjp's forward and backward are rings of the per-chunk ``_forward`` and
+``_backward`` below, so no backend knows about rings either.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jflash._src import ring
 from jflash._src import sharding
 from jflash._src.backends import registry
 from jflash._src.mask import MaskArrays
@@ -100,3 +105,37 @@ def _bwd(p, res, cotangents):
 
 attention.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
+
+# Ring attention (context parallelism, inside shard_map): the ring's own custom_vjp,
+# whose forward and backward are rings of the per-chunk _forward / _backward above
+# (ring.py). Residuals are (q, k, v, segment ids, out, global lse) of this device.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ring_attention(r: ring.Ring, q, k, v, segment_ids):
+  """This device's chunks ``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``segment_ids [B,T]`` or
+  None -> ``(out [B,T,N,H], lse [B,N,T] f32)`` of attention over the whole ring's keys."""
+  return ring.forward(r, _forward, q, k, v, segment_ids)
+
+
+def _ring_fwd(r, q, k, v, segment_ids):
+  q, k, v = (x.value for x in (q, k, v))
+  segment_ids = None if segment_ids is None else segment_ids.value
+  out, lse = ring.forward(r, _forward, q, k, v, segment_ids)
+  return (out, lse), (q, k, v, segment_ids, out, lse)
+
+
+def _ring_bwd(r, res, cotangents):
+  q, k, v, segment_ids, out, lse = res
+  dout, dlse = cotangents
+  if isinstance(dout, SymbolicZero):
+    dout = jnp.zeros(out.shape, out.dtype)
+  # delta as in _bwd: rowsum(dout * out), lowered by the lse cotangent on non-empty rows.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+  if not isinstance(dlse, SymbolicZero):
+    delta = delta - jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  dq, dk, dv = ring.backward(r, _backward, q, k, v, segment_ids, lse, dout.astype(q.dtype), delta)
+  return dq, dk, dv, None
+
+
+ring_attention.defvjp(_ring_fwd, _ring_bwd, symbolic_zeros=True)

@@ -1,0 +1,210 @@
+"""Ring attention inside jax.shard_map, on 8 fake CPU devices (XLA_FLAGS in conftest.py).
+
+Outputs, lse and gradients of the sequence-sharded ring must match the independent
+reference on the whole sequence, for every layout; the compiled program moves K/V with
+collective-permutes only (no all-gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+import jflash
+import reference
+from helpers import Case, assert_close, assert_lse_close
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
+
+AXIS = "ring"
+
+
+@dataclasses.dataclass(frozen=True)
+class RingCase:
+  case: Case  # the global problem (t == s: the whole sequence)
+  devices: int = 4
+  layout: str = "contiguous"
+  impl: str = "xla"
+  with_lse: bool = True  # also return the lse and differentiate through it
+
+
+def _mesh(n: int):
+  return jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_program(rc: RingCase):
+  """A jitted ``(q, k, v, seg, do, dl) -> (out, lse, (dq, dk, dv))`` on the global arrays."""
+  c, n = rc.case, rc.devices
+  seq = P(None, AXIS)
+  zig = rc.layout == "zigzag"
+  to = (lambda x: jflash.to_zigzag(x, n)) if zig else (lambda x: x)
+  back = (lambda x: jflash.from_zigzag(x, n)) if zig else (lambda x: x)
+
+  def body(q, k, v, seg):
+    return jflash.ring_attention(
+        q, k, v, axis_name=AXIS, is_causal=c.is_causal, scale=c.scale, segment_ids=seg,
+        logits_soft_cap=c.softcap, layout=rc.layout, implementation=rc.impl,
+        return_residual=True)
+
+  ring = jax.shard_map(body, mesh=_mesh(n), in_specs=(seq,) * 4, out_specs=(seq, seq),
+                       check_vma=False)
+
+  def program(q, k, v, seg, do, dl):
+    def f(q, k, v):
+      out, lse = ring(to(q), to(k), to(v), None if seg is None else to(seg))
+      return back(out), back(lse)
+
+    if rc.with_lse:
+      (out, lse), pullback = jax.vjp(f, q, k, v)
+      return out, lse, pullback((do, dl))
+    # The lse as an auxiliary output: its cotangent is a symbolic zero.
+    out, pullback, lse = jax.vjp(f, q, k, v, has_aux=True)
+    return out, lse, pullback(do)
+
+  return jax.jit(program)
+
+
+def _lse_cotangent(case: Case):
+  return jax.random.normal(jax.random.PRNGKey(case.seed + 5), (case.b, case.t, case.n))
+
+
+def _reference(case: Case, dtype, with_lse: bool):
+  q, k, v, do = case.inputs()
+  dl = _lse_cotangent(case) if with_lse else jnp.zeros((case.b, case.t, case.n))
+
+  @jax.jit
+  def run(mask, q, k, v, do, dl):
+    f = lambda q, k, v: reference.attention(q, k, v, mask, scale=case.scale,
+                                            softcap=case.softcap, dtype=dtype)
+    (out, lse), pullback = jax.vjp(f, q, k, v)
+    return out, pullback((do.astype(out.dtype), dl))
+
+  return run(jnp.asarray(case.mask()), q, k, v, do, dl)
+
+
+def check_ring(rc: RingCase):
+  c = rc.case
+  q, k, v, do = c.inputs()
+  dl = _lse_cotangent(c) if rc.with_lse else None
+  program = _ring_program(rc)
+  out, lse, grads = program(q, k, v, c.segment_ids(), do, dl)
+  ref_out, ref_grads = _reference(c, jnp.float32, rc.with_lse)
+  base_out, base_grads = _reference(c, c.dtype, rc.with_lse)
+  np_out, np_lse = reference.attention_np64(q, k, v, c.mask(), scale=c.scale, softcap=c.softcap)
+  assert out.shape == q.shape and out.dtype == c.dtype
+  assert lse.shape == q.shape[:-1] and lse.dtype == jnp.float32
+  assert_close("out", out, np_out, base_out, c.dtype)
+  assert_lse_close(lse, np_lse, c.dtype)
+  for name, g, r, b, x in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    assert_close(name, g, r, b, c.dtype)
+  # A rerun gives identical bits.
+  again = program(q, k, v, c.segment_ids(), do, dl)
+  for a, b in zip(jax.tree.leaves((out, lse, grads)), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return out
+
+
+SEQ = dict(b=1, t=64, s=64, h=16)
+CASES = {
+    # Every chunk pair visible; no lse cotangent (the symbolic-zero path).
+    "full_gqa": RingCase(Case(n=4, k=2, **SEQ), with_lse=False),
+    "causal_contiguous": RingCase(Case(n=2, k=2, is_causal=True, **SEQ)),
+    "causal_zigzag_gqa": RingCase(Case(n=4, k=2, is_causal=True, **SEQ), layout="zigzag"),
+    "packed_softcap_contiguous": RingCase(
+        Case(n=2, k=1, is_causal=True, segments="packed", softcap=3.0, scale=0.5, seed=1, **SEQ)),
+    # 8 devices: half-chunks of 4 tokens, every step of the loop body runs.
+    "packed_zigzag_8_bf16": RingCase(
+        Case(n=4, k=2, is_causal=True, segments="packed", dtype=jnp.bfloat16, seed=2, **SEQ),
+        devices=8, layout="zigzag"),
+    "triton_causal_2": RingCase(Case(n=2, k=1, is_causal=True, b=1, t=32, s=32, h=16),
+                                devices=2, impl="triton"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ring_matches_reference(name):
+  check_ring(CASES[name])
+
+
+def test_ring_matches_jax_nn():
+  rc = CASES["full_gqa"]
+  q, k, v, do = rc.case.inputs()
+  out, _, _ = _ring_program(rc)(q, k, v, None, do, None)
+  expected = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-6, rtol=2e-6)
+
+
+def test_hlo_moves_kv_by_collective_permute_only():
+  rc = CASES["full_gqa"]
+  q, k, v, do = rc.case.inputs()
+  text = _ring_program(rc).lower(q, k, v, None, do, None).compile().as_text()
+  assert "collective-permute" in text
+  for collective in ("all-gather", "all-to-all", "all-reduce", "reduce-scatter"):
+    assert collective not in text, collective
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_zigzag_order_round_trip(n):
+  x = jnp.arange(2 * 4 * n * 3).reshape(2, 4 * n, 3)
+  z = jflash.to_zigzag(x, n)
+  halves = z[0, :, 0].reshape(2 * n, 2) // (2 * 3)  # the half-chunk of every token
+  expected = [c for d in range(n) for c in (d, 2 * n - 1 - d)]
+  np.testing.assert_array_equal(halves[:, 0], expected)
+  np.testing.assert_array_equal(jflash.from_zigzag(z, n), x)
+  np.testing.assert_array_equal(jflash.from_zigzag(jflash.to_zigzag(x[0], n, axis=0), n, axis=0), x[0])
+
+
+def _trace(body, n=4, t=16, k_heads=2, seg=False, check_vma=False):
+  """Traces ``body(q, k, v, seg)`` under shard_map: errors raise, nothing compiles."""
+  seq = P(None, AXIS)
+  f = jax.shard_map(body, mesh=_mesh(n), in_specs=(seq,) * 4, out_specs=seq,
+                    check_vma=check_vma)
+  q = jnp.zeros((1, n * t, 2, 16))
+  kv = jnp.zeros((1, n * t, k_heads, 16))
+  ids = jnp.zeros((1, n * t), jnp.int32) if seg else None
+  return jax.eval_shape(f, q, kv, kv, ids)
+
+
+def _ring(**kw):
+  return lambda q, k, v, seg: jflash.ring_attention(q, k, v, segment_ids=seg, **kw)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(axis_name=None), ValueError, "axis_name"),
+    (dict(axis_name="nope"), ValueError, "axis_name"),
+    (dict(axis_name=AXIS, layout="striped"), ValueError, "layout"),
+    (dict(axis_name=AXIS, local_window_size=4), NotImplementedError, "local_window_size"),
+    (dict(axis_name=AXIS, implementation="cuda"), ValueError, "implementation"),
+    (dict(axis_name=AXIS, is_causal=1), TypeError, "is_causal"),
+    (dict(axis_name=AXIS, logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
+])
+def test_errors_name_the_argument(kw, error, match):
+  with pytest.raises(error, match=match):
+    _trace(_ring(**kw))
+
+
+def test_errors_on_shapes():
+  with pytest.raises(ValueError, match="multiple of key/value heads"):
+    _trace(_ring(axis_name=AXIS), k_heads=3)
+  with pytest.raises(ValueError, match="zigzag"):
+    _trace(_ring(axis_name=AXIS, is_causal=True, layout="zigzag"), t=5)
+  with pytest.raises(ValueError, match="segment_ids"):
+    _trace(lambda q, k, v, seg: jflash.ring_attention(q, k, v, axis_name=AXIS,
+                                                      segment_ids=(seg, seg)), seg=True)
+  with pytest.raises(ValueError, match="is_causal"):
+    _trace(lambda q, k, v, seg: jflash.ring_attention(q, k[:, :8], v[:, :8], axis_name=AXIS,
+                                                      is_causal=True))
+  with pytest.raises(NotImplementedError, match="check_vma"):
+    _trace(_ring(axis_name=AXIS), check_vma=True)
+  with pytest.raises(ValueError, match="multiple of 2 \\* num_devices"):
+    jflash.to_zigzag(jnp.zeros((1, 12)), 4)
+  with pytest.raises(ValueError, match="num_devices"):
+    jflash.from_zigzag(jnp.zeros((1, 16)), 0)
