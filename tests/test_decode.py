@@ -26,6 +26,17 @@ from jflash._src.mask import MaskArrays, MaskSpec
 from jflash._src.problem import Problem
 from test_attention import check_case
 
+class DocsCase(Case):
+  """Packed documents in the cache (ids 0, 1, 2 in runs of 10, 20, S - 30); the query
+  tokens of batch row b belong to document b + 1. Sorted ids: whole key tiles of other
+  documents are skipped, tiles of the query's own document run without the predicate."""
+
+  def segment_ids(self):
+    kv = np.repeat(np.arange(3, dtype=np.int32), [10, 20, self.s - 30])
+    q = np.repeat(np.arange(1, self.b + 1, dtype=np.int32)[:, None], self.t, axis=1)
+    return jnp.asarray(q), jnp.asarray(np.broadcast_to(kv, (self.b, self.s)))
+
+
 # Run under one small config (16-key tiles, 3 splits): at S=37 each split gets one tile,
 # at S=200 four or five, and short caches leave splits empty.
 SMALL = DecodeConfig(block_k=16, num_splits=3)
@@ -39,6 +50,7 @@ CASES = {
     "t4_s37_mqa_causal_bf16": Case(t=4, s=37, n=4, k=1, dtype=jnp.bfloat16, is_causal=True,
                                    kv_lengths=[2, 37]),
     "t2_s37_segments_h24": Case(t=2, s=37, n=4, k=2, h=24, segments="pair"),
+    "t2_s37_sorted_docs": DocsCase(t=2, s=37, n=4, k=2, segments="docs", is_causal=False),
     "t1_s200_all_empty": Case(t=1, s=200, n=4, k=4, softcap=2.0, kv_lengths=[0, 0]),
 }
 

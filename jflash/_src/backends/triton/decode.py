@@ -39,7 +39,7 @@ from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.triton import tiles
 from jflash._src.backends.triton.config import DecodeConfig
-from jflash._src.layout import next_pow2, pad_axis
+from jflash._src.layout import next_pow2, pad_axis, round_up
 from jflash._src.problem import Problem
 
 _enabled = True
@@ -110,7 +110,8 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   # Padding rows get position T, which no query length reaches: never visible.
   q_pos = jnp.where(row < rows, row % t, t)
   q_seg = r["q_seg"][...] if "q_seg" in r else None
-  ranges = mask_lib.kv_block_range(p.mask, 0, t, bk, nk, q_valid, kv_valid)
+  ranges = mask_lib.kv_block_range(p.mask, 0, t, bk, nk, q_valid, kv_valid,
+                                   tiles.segment_range(r))
   ranges = _split_ranges(ranges, split, num_splits)
 
   def step(j, carry, masked):
@@ -119,10 +120,7 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
     k = _load_rows(r["k"], k0, bk, d, s, masked)
     s_, _ = logits_lib.scores(tiles.dot(q, k, trans_b=True), p.scale, p.softcap, base2=True)
     if masked:
-      kv_seg = None
-      if "kv_seg" in r:
-        kv_seg = plgpu.load(r["kv_seg"].at[pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < s,
-                            other=-1)
+      kv_seg = r["kv_seg"][pl.ds(k0, bk)] if "kv_seg" in r else None
       vis = mask_lib.visible(p.mask, q_pos, k0 + jnp.arange(bk), q_valid, kv_valid, q_seg,
                              kv_seg)
       s_ = jnp.where(vis, s_, -jnp.inf)
@@ -146,7 +144,18 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   r["lse"][...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, -jnp.inf)
 
 
-def _partials(p: Problem, cfg: DecodeConfig, q_rows, k, v, arrays, q_seg_rows, rows: int):
+def _segments(p: Problem, arrays, rows: int, rp: int, bk: int):
+  """``(q_seg [B, Rp], kv_seg [B, nk * bk], seg_range [B, 1, 4])`` for the kernel: the
+  query ids of each row, the key ids padded to whole tiles, and the key tiles the
+  query's documents can meet (``mask.segment_tile_ranges``, all rows as one tile)."""
+  q_seg, kv_seg = arrays.q_segment_ids, arrays.kv_segment_ids
+  kv_seg = pad_axis(kv_seg, 1, round_up(p.kv_len, bk), -2)
+  seg_range = mask_lib.segment_tile_ranges(q_seg, kv_seg, p.q_len, bk, by_rows=True)
+  q_rows = pad_axis(jnp.tile(q_seg, (1, rows // p.q_len)), 1, rp, -1)
+  return q_rows, kv_seg, seg_range
+
+
+def _partials(p: Problem, cfg: DecodeConfig, q_rows, k, v, arrays, rows: int):
   """``q_rows [B, K, Rp, D]``, ``k, v [B, S, K, H]`` -> per split ``o [B, K, P, Rp, D]``,
   ``lse [B, K, P, Rp]`` (f32, -inf where a split saw no key)."""
   b, kh, rp, d = q_rows.shape
@@ -163,10 +172,12 @@ def _partials(p: Problem, cfg: DecodeConfig, q_rows, k, v, arrays, q_seg_rows, r
   ]
   args = [q_rows, k, v, arrays.q_valid, arrays.kv_valid]
   if p.mask.has_segment_ids:
-    names += ["q_seg", "kv_seg"]
+    q_seg, kv_seg, seg_range = _segments(p, arrays, rows, rp, bk)
+    names += ["q_seg", "kv_seg", "seg_range"]
     in_specs += [pl.BlockSpec((None, rp), lambda i, j, c: (i, 0)),
-                 pl.BlockSpec((None, s), lambda i, j, c: (i, 0))]
-    args += [q_seg_rows, arrays.kv_segment_ids]
+                 pl.BlockSpec((None, nk * bk), lambda i, j, c: (i, 0)),
+                 pl.BlockSpec((None, None, 4), lambda i, j, c: (i, 0, 0))]
+    args += [q_seg, kv_seg, seg_range]
   names += ["o", "lse"]
   kernel = functools.partial(_kernel, names=tuple(names), p=p, rows=rows, bk=bk, nk=nk,
                              num_splits=splits)
@@ -213,10 +224,7 @@ def forward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays, cfg: DecodeConfig 
   # Row g * T + t of kv head j is query head j * G + g at position t.
   q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, rows, h)
   q_rows = pad_axis(pad_axis(q_rows, 2, rp), 3, d)
-  q_seg_rows = None
-  if p.mask.has_segment_ids:
-    q_seg_rows = pad_axis(jnp.tile(arrays.q_segment_ids, (1, g)), 1, rp, -1)
-  o, lse = _partials(p, cfg, q_rows, k, v, arrays, q_seg_rows, rows)
+  o, lse = _partials(p, cfg, q_rows, k, v, arrays, rows)
   o, lse = merge_splits(o, lse, axis=2)  # [B, K, Rp, D], [B, K, Rp]
   out = o[:, :, :rows, :h].reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   return out.astype(q.dtype), lse[:, :, :rows].reshape(b, n, t)
