@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_check.sh [bench.py args...]    e.g. --quick --s 4096
 #   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; JOBS=4 test shards; TESTS=<pytest -k expr>. Output goes to $OUT (default ./bench_out):
 #   gpu_tests.log, bench.log, results.json, results.md, tflops.png.
+#   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
+#   train_step.log, train_step.md, train_step.json.
 # Exits with the pytest status, so a benchmark hiccup cannot hide a failing kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,23 +34,24 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # TESTS narrows the selection (a pytest -k expression).
   jobs="${JOBS:-4}"
   echo "== pytest -m gpu in $jobs shards${TESTS:+ (-k $TESTS)}"
+  shards="$(mktemp -d)"  # per-shard files stay out of $OUT (few files come back)
   python3 -m pytest -m gpu -q --collect-only ${TESTS:+-k "$TESTS"} tests 2>/dev/null \
-    | grep '::' > "$OUT/gpu_tests.ids"
-  echo "$(wc -l < "$OUT/gpu_tests.ids") tests"
+    | grep '::' > "$shards/ids"
+  echo "$(wc -l < "$shards/ids") tests"
   pids=()
   for ((i = 0; i < jobs; i++)); do
-    awk -v n="$jobs" -v i="$i" 'NR % n == i' "$OUT/gpu_tests.ids" > "$OUT/gpu_tests.$i.ids"
-    [ -s "$OUT/gpu_tests.$i.ids" ] || continue
+    awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/ids" > "$shards/$i.ids"
+    [ -s "$shards/$i.ids" ] || continue
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.9 / $jobs, 3))")" \
-      python3 -m pytest -m gpu -q -p no:cacheprovider $(cat "$OUT/gpu_tests.$i.ids") \
-      > "$OUT/gpu_tests.$i.log" 2>&1 &
+      python3 -m pytest -m gpu -q -p no:cacheprovider $(cat "$shards/$i.ids") \
+      > "$shards/$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do
     wait "$pid" || test_status=1
   done
   for ((i = 0; i < jobs; i++)); do
-    [ -f "$OUT/gpu_tests.$i.log" ] && { echo "-- shard $i"; cat "$OUT/gpu_tests.$i.log"; }
+    [ -f "$shards/$i.log" ] && { echo "-- shard $i: $(tr '\n' ' ' < "$shards/$i.ids")"; cat "$shards/$i.log"; }
   done 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|skipped|error|FAILED|ERROR" || true
   echo "== pytest exit status: $test_status"
 fi
@@ -57,5 +60,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # --memory first so that a later --no-memory in "$@" wins.
   python3 benchmarks/bench.py --out "$OUT" --memory "$@" 2>&1 | tee "$OUT/bench.log"
   echo "== bench exit status: ${PIPESTATUS[0]}"
+fi
+
+if [ "${RUN_TRAIN:-0}" = 1 ]; then
+  # TRAIN_ARGS is split into words on purpose, e.g. TRAIN_ARGS="--s 1024 4096".
+  python3 benchmarks/train_step.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log"
+  echo "== train_step exit status: ${PIPESTATUS[0]}"
 fi
 exit "$test_status"

@@ -23,6 +23,10 @@ GPU_CASES = {
     "bf16_d128_causal_tail": Case(b=1, t=1000, s=1000, n=4, k=2, h=128, dtype=jnp.bfloat16, is_causal=True),
     "f16_cross": Case(b=2, t=300, s=777, n=4, k=1, h=64, dtype=jnp.float16),
     "f32_d32": Case(b=1, t=257, s=300, n=2, k=2, h=32, is_causal=True),
+    # f32 tiles with a bias and a mask at d=128: the shared-memory fit (config.py) must
+    # shrink the pipeline, or Triton refuses to launch (a GPU fuzz find).
+    "f32_d128_bias_mask": Case(b=1, t=300, s=300, n=2, k=2, h=128, bias=(1, 2, 300, 300),
+                               dense=(1, 1, 300, 300), is_causal=True),
     "bf16_d80": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16, is_causal=True),
     "bf16_d96_window": Case(b=1, t=600, s=600, n=2, k=2, h=96, dtype=jnp.bfloat16, window=(100, 20)),
     "bf16_d256": Case(b=1, t=512, s=512, n=2, k=2, h=256, dtype=jnp.bfloat16, is_causal=True),

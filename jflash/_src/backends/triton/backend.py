@@ -47,17 +47,19 @@ def override_config(cfg: TritonConfig):
     _override = prev
 
 
-def _config(p: Problem, head_dim: int) -> TritonConfig:
-  return _override or TritonConfig.for_problem(p.q_len, p.kv_len, head_dim)
+def _config(p: Problem, head_dim: int, dtype, bias) -> TritonConfig:
+  tile_bytes = (0 if bias is None else jnp.dtype(bias.dtype).itemsize) + p.mask.has_dense_mask
+  return _override or TritonConfig.for_problem(
+      p.q_len, p.kv_len, head_dim, itemsize=jnp.dtype(dtype).itemsize, tile_bytes=tile_bytes)
 
 
 class _Padded:
   """Pads T, S to tile multiples and H to a power of two (>= 16), and undoes it."""
 
-  def __init__(self, p: Problem, q, k, v, arrays: mask_lib.MaskArrays):
+  def __init__(self, p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
     self.h = q.shape[-1]
     self.d = max(16, next_pow2(self.h))
-    self.cfg = _config(p, self.d)
+    self.cfg = _config(p, self.d, q.dtype, bias)
     self.tp = round_up(p.q_len, self.cfg.q_multiple)
     self.sp = round_up(p.kv_len, self.cfg.k_multiple)
     self.t = p.q_len
@@ -88,14 +90,14 @@ class _Padded:
 def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
   if decode_lib.applies(p, q, k, bias, arrays):  # a few query tokens: split the keys instead
     return decode_lib.forward(p, q, k, v, arrays)
-  pad = _Padded(p, q, k, v, arrays)
+  pad = _Padded(p, q, k, v, bias, arrays)
   out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias),
                              pad.arrays)
   return out[:, :pad.t, :, :pad.h], lse[:, :, :pad.t]
 
 
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
-  pad = _Padded(p, q, k, v, arrays)
+  pad = _Padded(p, q, k, v, bias, arrays)
   want_dbias = want_dbias and bias is not None
   dq, dk, dv, ds = bwd_lib.backward(
       p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias), pad.arrays, pad.q(dout),

@@ -7,6 +7,19 @@ import dataclasses
 from jflash._src.layout import next_pow2
 
 
+# Hopper and Ampere offer 227 KiB of shared memory per block; Triton adds its own scratch
+# (layout conversions, reductions) on top of the pipelined tiles estimated below.
+SHARED_MEMORY_BUDGET = 176 * 1024
+
+# Per kernel (field prefix): the rows of the tiles a program keeps, and of those its loop
+# streams each stage ("q": block_q rows of head_dim, "k": block_k rows).
+_KERNEL_TILES = {
+    "": ("q", "kk"),  # forward: q kept; k, v streamed
+    "dkv_": ("kk", "qq"),  # dK/dV: k, v kept; q, dO streamed
+    "dq_": ("qq", "kk"),  # dQ: q, dO kept; k, v streamed
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
   # Forward: a query tile per program, looping over key tiles.
@@ -26,8 +39,13 @@ class TritonConfig:
   dq_stages: int = 3
 
   @classmethod
-  def for_problem(cls, q_len: int, kv_len: int, head_dim: int) -> "TritonConfig":
-    """A heuristic default; shrinks the tiles for short sequences (and CPU tests)."""
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, *, itemsize: int = 2,
+                  tile_bytes: int = 0) -> "TritonConfig":
+    """A heuristic default; shrinks the tiles for short sequences (and CPU tests).
+
+    ``itemsize``: bytes per q/k/v element; ``tile_bytes``: bytes per (query, key) pair of
+    the per-tile inputs (a bias, a dense int8 mask). Both enter the shared-memory fit.
+    """
     # Measured on an H200 (2026-11-21, s=4096, bf16; benchmarks/tune_triton.py):
     # d=64: fwd 64x64/4 warps, dK/dV 64x64/4 warps (128-key tiles with 4 warps spill
     # and run at a third of the speed); d=128: fwd 128x64/4 warps, dK/dV 64x128/8 warps,
@@ -47,11 +65,43 @@ class TritonConfig:
     # Tiles no longer than the (power-of-two-rounded) sequence, at least 16 for the MMA.
     tq = max(16, next_pow2(q_len))
     tk = max(16, next_pow2(kv_len))
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg,
         block_q=min(cfg.block_q, tq), block_k=min(cfg.block_k, tk),
         dkv_block_q=min(cfg.dkv_block_q, tq), dkv_block_k=min(cfg.dkv_block_k, tk),
         dq_block_q=min(cfg.dq_block_q, tq), dq_block_k=min(cfg.dq_block_k, tk))
+    return cfg.fit_shared_memory(head_dim, itemsize, tile_bytes)
+
+  def fit_shared_memory(self, head_dim: int, itemsize: int, tile_bytes: int,
+                        budget: int = SHARED_MEMORY_BUDGET) -> "TritonConfig":
+    """Fewer pipeline stages, then smaller tiles, until each kernel's estimate fits.
+
+    The estimate: the tiles a program keeps (its own q or k/v tile) plus, per stage, the
+    tiles its loop streams (k, v or q, dO, and the bias/mask tiles). The tuned bf16
+    defaults fit as they are; f32 inputs, head dims above 128 or a bias shrink them.
+    """
+    cfg = self
+    for kernel, (own, streamed) in _KERNEL_TILES.items():
+      bq, bk = f"{kernel}block_q", f"{kernel}block_k"
+      stages = f"{kernel}stages" if kernel else "num_stages"
+
+      def estimate(c):
+        q, k, n = getattr(c, bq), getattr(c, bk), getattr(c, stages)
+        rows = {"q": q, "k": k}  # "kk" is k and v, "qq" is q and dO
+        kept = sum(rows[x] for x in own) * head_dim * itemsize
+        per_stage = sum(rows[x] for x in streamed) * head_dim * itemsize + q * k * tile_bytes
+        return kept + n * per_stage
+
+      while estimate(cfg) > budget:
+        if getattr(cfg, stages) > 1:
+          cfg = dataclasses.replace(cfg, **{stages: getattr(cfg, stages) - 1})
+        elif getattr(cfg, bk) > 16:
+          cfg = dataclasses.replace(cfg, **{bk: getattr(cfg, bk) // 2})
+        elif getattr(cfg, bq) > 16:
+          cfg = dataclasses.replace(cfg, **{bq: getattr(cfg, bq) // 2})
+        else:
+          break
+    return cfg
 
   @property
   def q_multiple(self) -> int:
