@@ -89,11 +89,14 @@ def _cudnn_attention_fn(query, key, value, bias=None, mask=None, *, is_causal=Fa
                                       implementation="cudnn")
 
 
-def make_attention(kind: str, d_model: int, heads: int, dtype, rngs: nnx.Rngs):
-  """The attention layer of one block. All three have the same parameters."""
+def make_attention(kind: str, d_model: int, heads: int, dtype, rngs: nnx.Rngs,
+                   implementation: str | None = None):
+  """The attention layer of one block. All three have the same parameters.
+  ``implementation`` is jflash's backend (None: the best one); other kinds ignore it."""
   if kind == "jflash":
     return jflash.nnx.MultiHeadAttention(heads, d_model, is_causal=True, dtype=dtype,
-                                         use_bias=False, rngs=rngs)
+                                         use_bias=False, implementation=implementation,
+                                         rngs=rngs)
   attention_fn = _cudnn_attention_fn if kind == "cudnn" else nnx.dot_product_attention
   return nnx.MultiHeadAttention(heads, d_model, dtype=dtype, use_bias=False, decode=False,
                                 attention_fn=attention_fn, rngs=rngs)
@@ -101,9 +104,9 @@ def make_attention(kind: str, d_model: int, heads: int, dtype, rngs: nnx.Rngs):
 
 class Block(nnx.Module):
 
-  def __init__(self, kind, d_model, heads, dtype, rngs):
+  def __init__(self, kind, d_model, heads, dtype, rngs, implementation=None):
     self.ln1 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
-    self.attn = make_attention(kind, d_model, heads, dtype, rngs)
+    self.attn = make_attention(kind, d_model, heads, dtype, rngs, implementation)
     self.ln2 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
     self.fc = nnx.Linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(4 * d_model, d_model, dtype=dtype, rngs=rngs)
@@ -118,11 +121,12 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
 
   def __init__(self, *, vocab_size, max_len, d_model, layers, heads, attention="jflash",
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, implementation: str | None = None, rngs: nnx.Rngs):
     self.max_len = max_len
     self.tok = nnx.Embed(vocab_size, d_model, rngs=rngs)
     self.pos = nnx.Embed(max_len, d_model, rngs=rngs)
-    self.blocks = nnx.List([Block(attention, d_model, heads, dtype, rngs) for _ in range(layers)])
+    self.blocks = nnx.List([Block(attention, d_model, heads, dtype, rngs, implementation)
+                            for _ in range(layers)])
     self.ln = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(d_model, vocab_size, dtype=dtype, rngs=rngs)
     self.dtype = dtype
