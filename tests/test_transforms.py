@@ -8,6 +8,11 @@ Pallas kernels in interpret mode on CPU.
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import chex
 import jax
@@ -349,3 +354,24 @@ def test_scan_over_layers_matches_reference(impl):
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     assert grads[1][0].shape == (layers, 32, 96)
     _assert_trees_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+
+
+def test_jitted_step_compiles_once_in_a_fresh_process():
+  """The first interpret-mode kernel must not change the enclosing jit's cache key (it did
+  when Pallas registered a config option on first use): two calls, one compilation. In a
+  subprocess, so that no earlier test has already paid that first use."""
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      import jflash
+      f = jax.jit(lambda q: jflash.dot_product_attention(q, q, q, implementation="triton").sum())
+      q = jnp.ones((1, 16, 1, 16))
+      f(q); f(q)
+      print("compiled", f._cache_size())
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parents[1]),
+                                                    env.get("PYTHONPATH")]))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "compiled 1" in out.stdout, out.stdout

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import importlib
 
+# The first interpret-mode Pallas call imports Pallas's fuser, which registers a config
+# option; that changes the cache key of every enclosing jit, so a user's jitted step would
+# compile twice. Importing it with jflash keeps the key stable from the start.
+try:
+  import jax._src.pallas.fuser.jaxpr_fusion  # noqa: F401
+except ImportError:  # a JAX without it has nothing to register
+  pass
+
 IMPLEMENTATIONS = ("mosaic", "triton", "xla")
 
 _MODULES = {
