@@ -2,8 +2,8 @@
 
 from jflash._src.api import dot_product_attention
 from jflash._src.flax_adapter import flax_attention_fn
-from jflash._src.ring import from_zigzag, to_zigzag
 from jflash._src.ring_api import ring_attention
+from jflash._src.zigzag import from_zigzag, to_zigzag
 
 __all__ = ["dot_product_attention"]
 __all__ += ["flax_attention_fn", "linen", "nnx"]

@@ -18,6 +18,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import jflash
 import reference
+from jflash._src import ring
+from jflash._src.mask import MaskSpec
 from helpers import Case, assert_close, assert_lse_close
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
@@ -50,8 +52,8 @@ def _ring_program(rc: RingCase):
   def body(q, k, v, seg):
     return jflash.ring_attention(
         q, k, v, axis_name=AXIS, is_causal=c.is_causal, scale=c.scale, segment_ids=seg,
-        logits_soft_cap=c.softcap, layout=rc.layout, implementation=rc.impl,
-        return_residual=True)
+        logits_soft_cap=c.softcap, local_window_size=c.window, layout=rc.layout,
+        implementation=rc.impl, return_residual=True)
 
   ring = jax.shard_map(body, mesh=_mesh(n), in_specs=(seq,) * 4, out_specs=(seq, seq),
                        check_vma=False)
@@ -118,8 +120,12 @@ CASES = {
     "full_gqa": RingCase(Case(n=4, k=2, **SEQ), with_lse=False),
     "causal_contiguous": RingCase(Case(n=2, k=2, is_causal=True, **SEQ)),
     "causal_zigzag_gqa": RingCase(Case(n=4, k=2, is_causal=True, **SEQ), layout="zigzag"),
-    "packed_softcap_contiguous": RingCase(
-        Case(n=2, k=1, is_causal=True, segments="packed", softcap=3.0, scale=0.5, seed=1, **SEQ)),
+    # Chunks of 16: the window reaches 2 chunks back, so the ring stops after 2 of 3 steps.
+    "packed_softcap_window_contiguous": RingCase(
+        Case(n=2, k=1, is_causal=True, window=(20, 0), segments="packed", softcap=3.0,
+             scale=0.5, seed=1, **SEQ)),
+    # Chunks of 8: distances -2..1 each have their own band, the others are skipped.
+    "window_two_sided_8": RingCase(Case(n=2, k=2, window=(5, 11), seed=3, **SEQ), devices=8),
     # 8 devices: half-chunks of 4 tokens, every step of the loop body runs.
     "packed_zigzag_8_bf16": RingCase(
         Case(n=4, k=2, is_causal=True, segments="packed", dtype=jnp.bfloat16, seed=2, **SEQ),
@@ -149,6 +155,29 @@ def test_hlo_moves_kv_by_collective_permute_only():
   assert "collective-permute" in text
   for collective in ("all-gather", "all-to-all", "all-reduce", "reduce-scatter"):
     assert collective not in text, collective
+
+
+def _plan(n, chunk, **kw):
+  r = ring.Ring(axis_name=AXIS, layout="contiguous", causal=kw.get("causal", False),
+                window_left=kw.get("left"), window_right=kw.get("right"), scale=1.0, softcap=None,
+                has_segment_ids=False, implementation="xla", interpret=False)
+  return ring._Plan.make(r, n, chunk, chunk)
+
+
+def test_plan_skips_pairs_and_ends_early():
+  # Causal: earlier chunks unmasked, later ones skipped, every step has work somewhere.
+  plan = _plan(4, 16, causal=True)
+  assert plan.specs == (MaskSpec(q_len=16, kv_len=16),) and plan.last == 3
+  assert plan.table == (0, 0, 0, 0, 1, 1, 1)  # distances -3 .. 3 (0 unused)
+  # A window 20 back over chunks of 16: distance 1 keeps j - i >= -4 locally, distance 2
+  # keeps j - i >= 12; nothing later or further back: two steps instead of three.
+  plan = _plan(4, 16, causal=True, left=20, right=0)
+  assert plan.specs == (MaskSpec(q_len=16, kv_len=16, window_left=4),
+                        MaskSpec(q_len=16, kv_len=16, window_left=-12))
+  assert plan.table == (0, 0, 0, 0, 1, 2, 0) and plan.last == 2
+  # Non-causal, no mask: one case, no skips.
+  plan = _plan(4, 16)
+  assert set(plan.table) - {0} == {1} and plan.last == 3
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -181,7 +210,9 @@ def _ring(**kw):
     (dict(axis_name=None), ValueError, "axis_name"),
     (dict(axis_name="nope"), ValueError, "axis_name"),
     (dict(axis_name=AXIS, layout="striped"), ValueError, "layout"),
-    (dict(axis_name=AXIS, local_window_size=4), NotImplementedError, "local_window_size"),
+    (dict(axis_name=AXIS, local_window_size=4, layout="zigzag"), NotImplementedError,
+     "local_window_size"),
+    (dict(axis_name=AXIS, local_window_size=-1), ValueError, "local_window_size"),
     (dict(axis_name=AXIS, implementation="cuda"), ValueError, "implementation"),
     (dict(axis_name=AXIS, is_causal=1), TypeError, "is_causal"),
     (dict(axis_name=AXIS, logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
@@ -199,9 +230,11 @@ def test_errors_on_shapes():
   with pytest.raises(ValueError, match="segment_ids"):
     _trace(lambda q, k, v, seg: jflash.ring_attention(q, k, v, axis_name=AXIS,
                                                       segment_ids=(seg, seg)), seg=True)
-  with pytest.raises(ValueError, match="is_causal"):
-    _trace(lambda q, k, v, seg: jflash.ring_attention(q, k[:, :8], v[:, :8], axis_name=AXIS,
-                                                      is_causal=True))
+  for kw, name in ((dict(is_causal=True), "is_causal"),
+                   (dict(local_window_size=(3, 0)), "local_window_size")):
+    with pytest.raises(ValueError, match=name):
+      _trace(lambda q, k, v, seg: jflash.ring_attention(q, k[:, :8], v[:, :8], axis_name=AXIS,
+                                                        **kw))
   with pytest.raises(NotImplementedError, match="check_vma"):
     _trace(_ring(axis_name=AXIS), check_vma=True)
   with pytest.raises(ValueError, match="multiple of 2 \\* num_devices"):

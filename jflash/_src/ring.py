@@ -5,29 +5,34 @@ ids). K/V chunks travel around the ring with ``lax.ppermute``; at every step a d
 runs jflash's ordinary per-chunk attention (any backend) on its queries and the K/V
 chunk it holds, and merges the partial result into its running output through the
 lse (exact, f32). The send of the next K/V chunk is issued before the current chunk's
-compute, so XLA can overlap the two.
+compute and does not depend on it, so XLA can overlap the two.
 
 The backward pass is a second ring: K/V travel again, now with their dK/dV
-accumulators, which arrive back home after P hops; dQ accumulates locally. Every step
+accumulators, which arrive back home at the end; dQ accumulates locally. Every step
 calls the backend's backward with the *global* lse and delta, so the per-chunk
 gradients are exact parts of the full one.
 
-Causal masks, chunk by chunk (chunks on one device have equal lengths):
+Which (query, key) pairs a chunk pair holds depends on how far apart the chunks are:
 
-* ``"contiguous"`` layout: device d holds chunk d. The K/V chunk from device j is fully
-  visible (j < d), the diagonal (j == d, step 0: causal inside the chunk), or entirely in
-  the future (j > d: skipped, only passed along). Device d computes d + 1 chunk pairs,
-  so the last device works P times as long as the first.
-* ``"zigzag"`` layout (load balanced): the sequence is cut into 2P half-chunks and device
-  d holds half-chunks d and 2P-1-d (``to_zigzag`` / ``from_zigzag`` convert). Against
-  K/V from device j != d, exactly half of the four half-chunk pairs is visible and the
-  rest lies in the future: for j < d both query halves see the first K/V half; for
-  j > d the second query half sees both K/V halves. Either is one non-causal call of
-  the same size, so every device does the same work at every step. At step 0 (j == d)
-  top-left causal over the local pair of halves is exactly the global mask.
+* ``"contiguous"`` layout: device d holds chunk d. Against the K/V chunk ``distance``
+  chunks earlier (``d - j`` for the chunk of device j), the global band of the mask
+  (causal ``j - i <= 0``, window ``-left <= j - i <= right``) becomes the band shifted
+  by ``distance * C`` in the pair's local positions (C tokens per chunk). Each
+  distance gets its own static ``MaskSpec``: fully visible pairs need no predicate, pairs
+  with nothing visible are skipped (no compute, the chunk is only passed along), and a
+  window that reaches back only a few chunks ends the ring early. Causal without a
+  window: earlier chunks are fully visible, the own chunk is causal, later ones are
+  skipped, so device d computes d + 1 of P chunk pairs (unbalanced).
+* ``"zigzag"`` layout (causal, load balanced): the sequence is cut into 2P half-chunks
+  and device d holds half-chunks d and 2P-1-d (zigzag.py converts). Against K/V from
+  device j != d, exactly half of the four half-chunk pairs is visible and the rest lies
+  in the future: for j < d both query halves see the first K/V half; for j > d the
+  second query half sees both K/V halves. Either is one non-causal call of the same
+  size, so every device does the same work at every step. At step 0 (j == d) top-left
+  causal over the local pair of halves is exactly the global mask.
 
-The chunk index of the K/V a device holds depends on ``lax.axis_index``, so the cases
-are chosen with ``lax.cond``; each branch's static ``MaskSpec`` is causal or not.
+The distance of the K/V a device holds depends on ``lax.axis_index``, so the cases are
+chosen with ``lax.switch`` / ``lax.cond`` between branches with static mask specs.
 
 Internally the lse is ``[B, N, T]`` f32 with +inf for rows that see no key (vjp.py's
 convention); partial results use -inf there while they are merged.
@@ -36,6 +41,7 @@ convention); partial results use -inf there while they are merged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -55,16 +61,15 @@ class Ring:
   axis_name: Any  # a mesh axis name, or a tuple of them
   layout: str  # one of LAYOUTS
   causal: bool
+  window_left: int | None  # global window: key j visible from i iff i-left <= j <= i+right
+  window_right: int | None
   scale: float
   softcap: float | None
   has_segment_ids: bool
   implementation: str
   interpret: bool
 
-  def problem(self, q_len: int, kv_len: int, causal: bool) -> Problem:
-    """The per-chunk-pair attention problem of one ring step."""
-    spec = MaskSpec(q_len=q_len, kv_len=kv_len, causal=causal,
-                    has_segment_ids=self.has_segment_ids)
+  def problem(self, spec: MaskSpec) -> Problem:
     return Problem(mask=spec, scale=self.scale, softcap=self.softcap,
                    implementation=self.implementation, interpret=self.interpret)
 
@@ -73,6 +78,66 @@ class Ring:
     # Without a causal mask every chunk pair is visible: the layout changes nothing.
     return self.causal and self.layout == "zigzag"
 
+  def pair_spec(self, distance: int, q_len: int, kv_len: int) -> MaskSpec | None:
+    """The mask of this device's queries against the K/V chunk ``distance`` chunks
+    earlier (negative: later) in the contiguous layout, in the pair's own positions.
+    None when no pair is visible. Chunks are equal whenever the mask has a band."""
+    lo = None if self.window_left is None else -self.window_left
+    hi = self.window_right
+    if self.causal:
+      hi = 0 if hi is None else min(hi, 0)
+    plain = dict(q_len=q_len, kv_len=kv_len, has_segment_ids=self.has_segment_ids)
+    if lo is None and hi is None:
+      return MaskSpec(**plain)
+    # Local j - i = global j - i + distance * C, and spans [-(C-1), C-1].
+    shift, span = distance * q_len, q_len - 1
+    lo = None if lo is None else lo + shift
+    hi = None if hi is None else hi + shift
+    if (hi is not None and hi < -span) or (lo is not None and lo > span):
+      return None
+    lo = None if lo is not None and lo <= -span else lo  # bounds that cut nothing
+    hi = None if hi is not None and hi >= span else hi
+    if lo is None and hi == 0:
+      return MaskSpec(causal=True, **plain)
+    return MaskSpec(window_left=None if lo is None else -lo, window_right=hi, **plain)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What the contiguous layout computes at each ring step, from static chunk sizes.
+
+  ``specs``: the distinct pair masks of the other devices' chunks; ``table[distance + n-1]``
+  (distance -(n-1) .. n-1 chunks back; the own chunk's slot is unused): 0 for a chunk
+  pair with nothing visible, else 1 + its index in ``specs``; ``last``: the last step
+  with anything to compute on any device (steps after it are not run).
+  """
+
+  n: int
+  specs: tuple[MaskSpec, ...]
+  table: tuple[int, ...]
+  last: int
+
+  @classmethod
+  def make(cls, r: Ring, n: int, q_len: int, kv_len: int) -> "_Plan":
+    if r.zigzag:  # every step has work on every device
+      return cls(n=n, specs=(), table=(), last=n - 1)
+    by_distance = [None if d == 0 else r.pair_spec(d, q_len, kv_len) for d in range(1 - n, n)]
+    specs = tuple(dict.fromkeys(s for s in by_distance if s is not None))
+    table = tuple(0 if s is None else 1 + specs.index(s) for s in by_distance)
+    # At step s a device holds the chunk s earlier (or, wrapped around, n - s later).
+    busy = [s for s in range(1, n) if table[s + n - 1] or table[s - 1]]
+    return cls(n=n, specs=specs, table=table, last=max(busy, default=0))
+
+  def choose(self, distance, run, skip):
+    """``run(spec)`` for the pair at chunk ``distance`` (traced), or ``skip()``."""
+    cases = {t for d, t in enumerate(self.table) if d != self.n - 1}
+    if cases == {0}:
+      return skip()
+    if len(cases) == 1:
+      return run(self.specs[cases.pop() - 1])
+    index = jnp.asarray(self.table, jnp.int32)[distance + self.n - 1]
+    return lax.switch(index, [skip] + [functools.partial(run, s) for s in self.specs])
+
 
 # (p, q, k, v, bias, arrays) -> (out, lse): vjp._forward.
 Forward = Callable[..., tuple[jax.Array, jax.Array]]
@@ -80,10 +145,10 @@ Forward = Callable[..., tuple[jax.Array, jax.Array]]
 Backward = Callable[..., tuple[Any, ...]]
 
 
-def _shift(tree, axis_name, n: int):
-  """Sends every leaf to the next device on the ring (d -> d + 1 mod n)."""
-  perm = [(d, (d + 1) % n) for d in range(n)]
-  return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+def _shift(tree, r: Ring, n: int, by: int = 1):
+  """Sends every leaf ``by`` devices along the ring (d -> d + by mod n)."""
+  perm = [(d, (d + by) % n) for d in range(n)]
+  return jax.tree.map(lambda x: lax.ppermute(x, r.axis_name, perm), tree)
 
 
 def _half(x, which: int, axis: int = 1):
@@ -94,7 +159,7 @@ def _half(x, which: int, axis: int = 1):
   return lax.slice_in_dim(x, which * c, (which + 1) * c, axis=axis)
 
 
-def _half0(x):
+def _first_half(x):
   return _half(x, 0)
 
 
@@ -111,11 +176,40 @@ def _arrays(r: Ring, q, k, q_seg, kv_seg) -> MaskArrays:
                     kv_segment_ids=kv_seg if r.has_segment_ids else None)
 
 
-def _attend(r: Ring, fwd: Forward, q, q_seg, kv, causal: bool):
+def _plain(r: Ring, q, k) -> MaskSpec:
+  """No mask inside the pair (the zigzag layout's off-diagonal steps)."""
+  return MaskSpec(q_len=q.shape[1], kv_len=k.shape[1], has_segment_ids=r.has_segment_ids)
+
+
+def _around(r: Ring, plan: _Plan, kv, state, step):
+  """Visits the K/V chunks of the other devices as they travel around the ring.
+
+  ``state = step(s, distance, kv_s, state)`` for s = 1 .. plan.last, where ``kv_s`` comes
+  from device ``j = (d - s) mod P`` and ``distance = d - j`` counts chunks back. The next
+  chunk is sent before the compute on ``kv_s``, so XLA overlaps the two. The steps before
+  the last are one loop body (compile time does not grow with P); the last step is
+  peeled so that nothing is sent past it.
+  """
+  n = plan.n
+  if plan.last == 0:
+    return state
+  me = lax.axis_index(r.axis_name)
+  visit = lambda s, kv, state: step(s, me - (me - s) % n, kv, state)
+  kv = _shift(kv, r, n)
+
+  def body(s, carry):
+    kv, state = carry
+    return _shift(kv, r, n), visit(s, kv, state)
+
+  if plan.last > 1:
+    kv, state = lax.fori_loop(1, plan.last, body, (kv, state))
+  return visit(plan.last, kv, state)
+
+
+def _attend(r: Ring, fwd: Forward, spec: MaskSpec, q, q_seg, kv):
   """One chunk pair: ``(out f32 [B,T,N,H], lse f32 [B,N,T], -inf on empty rows)``."""
   k, v, kv_seg = kv
-  p = r.problem(q.shape[1], k.shape[1], causal)
-  out, lse = fwd(p, q, k, v, None, _arrays(r, q, k, q_seg, kv_seg))
+  out, lse = fwd(r.problem(spec), q, k, v, None, _arrays(r, q, k, q_seg, kv_seg))
   return out.astype(jnp.float32), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
 
 
@@ -127,106 +221,81 @@ def _merge(acc, part):
   return o1 * _rows(jnp.exp(l1 - ref)) + o2 * _rows(jnp.exp(l2 - ref)), lse
 
 
-def _forward_step(r: Ring, fwd: Forward, q, q_seg, kv, acc, earlier):
-  """Merges the K/V chunk of a ring step other than the first into ``acc``.
-
-  ``earlier``: traced bool, the chunk comes from an earlier device on the ring.
-  """
-  if not r.causal:
-    return _merge(acc, _attend(r, fwd, q, q_seg, kv, False))
+def _forward_step(r: Ring, plan: _Plan, fwd: Forward, q, q_seg, kv, acc, distance):
+  """Merges the K/V chunk ``distance`` chunks back into ``acc``."""
   if not r.zigzag:
-    return lax.cond(earlier, lambda: _merge(acc, _attend(r, fwd, q, q_seg, kv, False)),
-                    lambda: acc)
+    return plan.choose(distance, lambda spec: _merge(acc, _attend(r, fwd, spec, q, q_seg, kv)),
+                       lambda: acc)
 
   def early():  # both query halves see the first K/V half
-    return _merge(acc, _attend(r, fwd, q, q_seg, jax.tree.map(_half0, kv), False))
+    kv_a = jax.tree.map(_first_half, kv)
+    return _merge(acc, _attend(r, fwd, _plain(r, q, kv_a[0]), q, q_seg, kv_a))
 
   def late():  # the second query half sees both K/V halves
-    (o, lse) = acc
-    o2, lse2 = _merge((_half(o, 1), _half(lse, 1, 2)),
-                      _attend(r, fwd, _half(q, 1), _half(q_seg, 1), kv, False))
-    return (jnp.concatenate([_half(o, 0), o2], 1),
-            jnp.concatenate([_half(lse, 0, 2), lse2], 2))
+    o, lse = acc
+    q_b = _half(q, 1)
+    o_b, lse_b = _merge((_half(o, 1), _half(lse, 1, 2)),
+                        _attend(r, fwd, _plain(r, q_b, kv[0]), q_b, _half(q_seg, 1), kv))
+    return (jnp.concatenate([_half(o, 0), o_b], 1),
+            jnp.concatenate([_half(lse, 0, 2), lse_b], 2))
 
-  return lax.cond(earlier, early, late)
-
-
-def _around(r: Ring, kv, state, step):
-  """Visits the K/V chunks of the other devices as they travel around the ring.
-
-  ``state = step(s, kv_s, state)`` for s = 1 .. P-1, where ``kv_s`` comes from device
-  ``(d - s) mod P``. The next chunk is sent before the compute on ``kv_s`` and does not
-  depend on it, so XLA overlaps the two. Steps 1 .. P-2 are one loop body (compile time
-  does not grow with P); the last step is peeled so that nothing is sent past it.
-  """
-  n = lax.axis_size(r.axis_name)
-  if n == 1:
-    return state
-  kv = _shift(kv, r.axis_name, n)
-
-  def body(s, carry):
-    kv, state = carry
-    return _shift(kv, r.axis_name, n), step(s, kv, state)
-
-  if n > 2:
-    kv, state = lax.fori_loop(1, n - 1, body, (kv, state))
-  return step(n - 1, kv, state)
+  return lax.cond(distance > 0, early, late)
 
 
-def _earlier(r: Ring, s):
-  """Traced bool: at step ``s`` this device holds the K/V of an earlier device."""
-  me = lax.axis_index(r.axis_name)
-  return (me - s) % lax.axis_size(r.axis_name) < me
+def _diagonal(r: Ring, q, k) -> MaskSpec:
+  """The mask of the device's own chunk pair (step 0)."""
+  if r.zigzag:  # top-left causal over the two local halves is the global mask
+    return dataclasses.replace(_plain(r, q, k), causal=True)
+  return r.pair_spec(0, q.shape[1], k.shape[1])
 
 
 def forward(r: Ring, fwd: Forward, q, k, v, segment_ids):
   """``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``segment_ids [B,T]`` or None: this device's
   chunks. Returns ``(out [B,T,N,H] q.dtype, lse [B,N,T] f32, +inf on empty rows)``."""
+  plan = _Plan.make(r, lax.axis_size(r.axis_name), q.shape[1], k.shape[1])
   kv = (k, v, segment_ids)
-  acc = _attend(r, fwd, q, segment_ids, kv, r.causal)  # our own chunk: the diagonal
+  acc = _attend(r, fwd, _diagonal(r, q, k), q, segment_ids, kv)
 
-  def step(s, kv, acc):
-    return _forward_step(r, fwd, q, segment_ids, kv, acc, _earlier(r, s))
+  def step(s, distance, kv, acc):
+    return _forward_step(r, plan, fwd, q, segment_ids, kv, acc, distance)
 
-  out, lse = _around(r, kv, acc, step)
+  out, lse = _around(r, plan, kv, acc, step)
   return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
-def _grads(r: Ring, bwd: Backward, q, q_seg, kv, lse, dout, delta, causal: bool):
+def _grads(r: Ring, bwd: Backward, spec: MaskSpec, q, q_seg, kv, lse, dout, delta):
   """dq, dk, dv (f32) of one chunk pair, given the global lse and delta of its rows."""
   k, v, kv_seg = kv
-  p = r.problem(q.shape[1], k.shape[1], causal)
-  dq, dk, dv, _ = bwd(p, q, k, v, None, _arrays(r, q, k, q_seg, kv_seg), lse, dout, delta,
-                      False)
+  dq, dk, dv, _ = bwd(r.problem(spec), q, k, v, None, _arrays(r, q, k, q_seg, kv_seg), lse,
+                      dout, delta, False)
   return tuple(x.astype(jnp.float32) for x in (dq, dk, dv))
 
 
-def _add(acc, part):
-  return tuple(a + b for a, b in zip(acc, part))
-
-
-def _backward_step(r: Ring, bwd: Backward, q, q_seg, kv, lse, dout, delta, acc, earlier):
-  """Adds the gradients of a ring step other than the first to ``(dq, dk, dv)``."""
-  full = lambda: _add(acc, _grads(r, bwd, q, q_seg, kv, lse, dout, delta, False))
-  if not r.causal:
-    return full()
+def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_seg, kv, lse, dout, delta, acc,
+                   distance):
+  """Adds the gradients against the K/V chunk ``distance`` chunks back to ``(dq, dk, dv)``."""
   if not r.zigzag:
-    return lax.cond(earlier, full, lambda: acc)
+    def run(spec):
+      return tuple(a + g for a, g in zip(acc, _grads(r, bwd, spec, q, q_seg, kv, lse, dout,
+                                                     delta)))
+    return plan.choose(distance, run, lambda: acc)
 
   def early():  # both query halves against the first K/V half
     dq, dk, dv = acc
-    gq, gk, gv = _grads(r, bwd, q, q_seg, jax.tree.map(_half0, kv), lse, dout, delta, False)
+    kv_a = jax.tree.map(_first_half, kv)
+    gq, gk, gv = _grads(r, bwd, _plain(r, q, kv_a[0]), q, q_seg, kv_a, lse, dout, delta)
     c = gk.shape[1]
     return dq + gq, dk.at[:, :c].add(gk), dv.at[:, :c].add(gv)
 
   def late():  # the second query half against both K/V halves
     dq, dk, dv = acc
-    gq, gk, gv = _grads(r, bwd, _half(q, 1), _half(q_seg, 1), kv, _half(lse, 1, 2),
-                        _half(dout, 1), _half(delta, 1, 2), False)
+    q_b = _half(q, 1)
+    gq, gk, gv = _grads(r, bwd, _plain(r, q_b, kv[0]), q_b, _half(q_seg, 1), kv,
+                        _half(lse, 1, 2), _half(dout, 1), _half(delta, 1, 2))
     c = gq.shape[1]
     return dq.at[:, c:].add(gq), dk + gk, dv + gv
 
-  return lax.cond(earlier, early, late)
+  return lax.cond(distance > 0, early, late)
 
 
 def backward(r: Ring, bwd: Backward, q, k, v, segment_ids, lse, dout, delta):
@@ -236,65 +305,20 @@ def backward(r: Ring, bwd: Backward, q, k, v, segment_ids, lse, dout, delta):
   ``rowsum(dout * out) - dlse``, as in vjp.py.
   """
   n = lax.axis_size(r.axis_name)
+  plan = _Plan.make(r, n, q.shape[1], k.shape[1])
   kv = (k, v, segment_ids)
-  dq, dk, dv = _grads(r, bwd, q, segment_ids, kv, lse, dout, delta, r.causal)
+  dq, dk, dv = _grads(r, bwd, _diagonal(r, q, k), q, segment_ids, kv, lse, dout, delta)
 
   # The state holds dQ and, not yet sent, the dK/dV accumulators of the K/V chunk of the
   # previous step. They are sent at the start of a step, concurrently with its compute,
   # and arrive as the accumulators of the chunk this step holds.
-  def step(s, kv, state):
+  def step(s, distance, kv, state):
     dq, dk, dv = state
-    dk, dv = _shift((dk, dv), r.axis_name, n)
-    return _backward_step(r, bwd, q, segment_ids, kv, lse, dout, delta, (dq, dk, dv),
-                          _earlier(r, s))
+    dk, dv = _shift((dk, dv), r, n)
+    return _backward_step(r, plan, bwd, q, segment_ids, kv, lse, dout, delta, (dq, dk, dv),
+                          distance)
 
-  dq, dk, dv = _around(r, kv, (dq, dk, dv), step)
-  dk, dv = _shift((dk, dv), r.axis_name, n)  # the last hop home (identity when P == 1)
+  dq, dk, dv = _around(r, plan, kv, (dq, dk, dv), step)
+  if plan.last % n:  # dK/dV of the chunk from plan.last devices back: send them home
+    dk, dv = _shift((dk, dv), r, n, by=-plan.last)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-def _zigzag_index(num_devices: int):
-  """Half-chunk order of the zigzag layout: device d gets half-chunks d and 2P-1-d."""
-  p = num_devices
-  return [c for d in range(p) for c in (d, 2 * p - 1 - d)]
-
-
-def _check_zigzag(x, axis: int, num_devices: int, name: str):
-  if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
-    raise ValueError(f"{name}: num_devices must be a positive int; got {num_devices=}")
-  if not hasattr(x, "shape"):
-    raise TypeError(f"{name}: x must be an array; got {type(x).__name__}")
-  if not -x.ndim <= axis < x.ndim:
-    raise ValueError(f"{name}: axis={axis} is out of range for x.shape={x.shape}")
-  axis %= x.ndim
-  if x.shape[axis] % (2 * num_devices):
-    raise ValueError(f"{name}: the sequence length x.shape[{axis}]={x.shape[axis]} must be a "
-                     f"multiple of 2 * num_devices = {2 * num_devices}")
-  return axis
-
-
-def _reorder(x, axis: int, order):
-  n = len(order)
-  parts = x.reshape(x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:])
-  return jnp.take(parts, jnp.asarray(order), axis=axis).reshape(x.shape)
-
-
-def to_zigzag(x, num_devices: int, axis: int = 1):
-  """Reorders a global sequence into the zigzag layout of ``ring_attention``.
-
-  The sequence axis (length a multiple of ``2 * num_devices``) is cut into
-  ``2 * num_devices`` equal half-chunks; half-chunks ``d`` and ``2 * num_devices - 1 - d``
-  go next to each other in slot ``d``, so sharding the result evenly over the ring axis
-  gives device ``d`` an equal share of early and late (causally cheap and costly) tokens.
-  Use it on q, k, v and segment ids alike; ``from_zigzag`` undoes it.
-  """
-  axis = _check_zigzag(x, axis, num_devices, "to_zigzag")
-  return _reorder(x, axis, _zigzag_index(num_devices))
-
-
-def from_zigzag(x, num_devices: int, axis: int = 1):
-  """The inverse of ``to_zigzag``: back to the natural order of the sequence."""
-  axis = _check_zigzag(x, axis, num_devices, "from_zigzag")
-  order = _zigzag_index(num_devices)
-  inverse = [order.index(c) for c in range(len(order))]
-  return _reorder(x, axis, inverse)

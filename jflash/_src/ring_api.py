@@ -60,7 +60,7 @@ def _pick(implementation, make_ring, q, k, v) -> ring.Ring:
   for name in api._candidates(implementation):
     r = make_ring(name, name == "triton" and not api._on_gpu())
     try:
-      registry.get(name).supports(r.problem(q.shape[1], k.shape[1], r.causal), q, k, v)
+      registry.get(name).supports(r.problem(r.pair_spec(0, q.shape[1], k.shape[1])), q, k, v)
     except NotImplementedError as e:
       if implementation is not None:
         raise
@@ -105,17 +105,21 @@ def ring_attention(
     balances the causal load exactly. Reorder the global arrays with
     ``jflash.to_zigzag(x, P)`` before sharding and undo it with ``jflash.from_zigzag``.
 
-  ``scale``, ``is_causal``, ``logits_soft_cap``, ``implementation`` and
-  ``return_residual`` (the lse, ``[B, T, N]`` f32, -inf on empty rows) mean what they
-  mean in ``dot_product_attention``; ``segment_ids`` travel with their K/V chunk.
-  ``local_window_size`` is not supported yet (NotImplementedError).
+  ``scale``, ``is_causal``, ``local_window_size`` (contiguous layout only),
+  ``logits_soft_cap``, ``implementation`` and ``return_residual`` (the lse, ``[B, T, N]``
+  f32, -inf on empty rows) mean what they mean in ``dot_product_attention``, on the
+  positions of the whole sequence; ``segment_ids`` travel with their K/V chunk. Chunk
+  pairs with nothing visible are never computed, and a window that sees no later keys
+  (causal, or ``right == 0``) and reaches back ``W`` tokens ends the ring after
+  ``ceil(W / T)`` steps.
   """
   if layout not in ring.LAYOUTS:
     raise ValueError(f"layout={layout!r} is not one of {ring.LAYOUTS}")
-  if local_window_size is not None:
+  left, right = api._window(local_window_size)
+  if left is not None and layout == "zigzag":
     raise NotImplementedError(
-        f"ring_attention does not support local_window_size={local_window_size!r} yet: a window "
-        "needs the position offset between two chunks, which jflash's static mask spec lacks")
+        f"local_window_size={local_window_size!r} needs layout='contiguous' (a window already "
+        "balances the causal load; the zigzag layout does not support windows)")
   _ring_size(axis_name)
   query, key, value = (jnp.asarray(x) if isinstance(x, (np.ndarray, list)) else x
                        for x in (query, key, value))
@@ -136,6 +140,8 @@ def ring_attention(
     raise TypeError(f"is_causal must be a Python bool; got {is_causal=}")
   if is_causal and t != s:
     raise ValueError(f"is_causal=True needs query and key/value chunks of one length; got T={t}, S={s}")
+  if left is not None and t != s:
+    raise ValueError(f"local_window_size needs query and key/value chunks of one length; got T={t}, S={s}")
   if is_causal and layout == "zigzag" and t % 2:
     raise ValueError(f"layout='zigzag' needs an even chunk length (two half-chunks); got T={t}")
   scale = 1.0 / math.sqrt(h) if scale is None else api._static_float(scale, "scale")
@@ -148,7 +154,8 @@ def ring_attention(
   segment_ids = _segment_ids(segment_ids, b, t, s)
 
   def make_ring(name, interpret):
-    return ring.Ring(axis_name=axis_name, layout=layout, causal=bool(is_causal), scale=scale,
+    return ring.Ring(axis_name=axis_name, layout=layout, causal=bool(is_causal),
+                     window_left=left, window_right=right, scale=scale,
                      softcap=logits_soft_cap, has_segment_ids=segment_ids is not None,
                      implementation=name, interpret=interpret)
 
