@@ -1,21 +1,99 @@
 """The "mosaic" implementation: Pallas Mosaic GPU kernels for Hopper (sm90).
 
-Not built yet: every call is refused with NotImplementedError, so that
-``implementation=None`` falls back to "triton" and an explicit request fails loudly.
+The forward pass is the FA3-style kernel of fwd.py. The backward pass is, for now, the
+Triton dK/dV and dQ kernels (backends/triton): they need nothing from the forward but
+the natural-log lse, which this forward writes with the same contract.
+
+``supports`` refuses (NotImplementedError, naming what is missing) anything the forward
+kernel does not do, so that ``implementation=None`` falls back to "triton".
 """
 
 from __future__ import annotations
 
+import contextlib
 
-def supports(p, q, k, v) -> None:
-  raise NotImplementedError(
-      "implementation='mosaic' has no kernels yet (Hopper Mosaic GPU work is open); "
-      "use implementation='triton' or None")
+import jax
+import jax.numpy as jnp
+
+from jflash._src.backends.mosaic import fwd as fwd_lib
+from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.backends.triton import backend as triton_backend
+from jflash._src.layout import pad_axis, round_up
+from jflash._src.problem import Problem
+
+# wgmma needs the head dim in whole 64-element (128-byte) swizzle tiles; other head
+# dims are zero-padded up to the next of these (zeros change no dot product).
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def forward(p, q, k, v, bias, arrays):
-  supports(p, q, k, v)
+def _refuse(what: str):
+  raise NotImplementedError(f"implementation='mosaic' {what}; use implementation='triton' or None")
 
 
-def backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias):
-  supports(p, q, k, v)
+def _check_device():
+  dev = jax.devices()[0]
+  cc = getattr(dev, "compute_capability", None)
+  if dev.platform != "gpu" or cc is None:
+    _refuse(f"needs an sm90 (Hopper) NVIDIA GPU; found {dev.device_kind!r} "
+            f"(platform {dev.platform!r})")
+  if str(cc) != "9.0":
+    _refuse(f"needs an sm90 (Hopper) GPU (wgmma, TMA); found {dev.device_kind!r}, sm{cc}")
+
+
+def supports(p: Problem, q, k, v, bias=None) -> None:
+  """Raises NotImplementedError naming the first thing the mosaic kernels lack.
+
+  ``bias`` is optional here because the dispatcher may not pass it; forward re-checks.
+  """
+  if not p.interpret:
+    _check_device()
+  if jnp.dtype(q.dtype) not in DTYPES:
+    _refuse(f"supports bfloat16 and float16 only; got dtype={q.dtype}")
+  if q.shape[-1] > HEAD_DIMS[-1]:
+    _refuse(f"supports head_dim <= {HEAD_DIMS[-1]}; got {q.shape[-1]}")
+  missing = [name for name, used in (
+      ("bias", bias is not None),
+      ("a dense mask", p.mask.has_dense_mask),
+      ("segment_ids", p.mask.has_segment_ids),
+      ("dropout", p.dropout_rate > 0),
+  ) if used]
+  if missing:
+    _refuse(f"does not support {', '.join(missing)} yet")
+
+
+_override: MosaicConfig | None = None
+
+
+@contextlib.contextmanager
+def override_config(cfg: MosaicConfig):
+  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public."""
+  global _override
+  prev, _override = _override, cfg
+  try:
+    yield
+  finally:
+    _override = prev
+
+
+def padded_head_dim(h: int) -> int:
+  return next(d for d in HEAD_DIMS if d >= h)
+
+
+def forward(p: Problem, q, k, v, bias, arrays):
+  supports(p, q, k, v, bias)
+  h = q.shape[-1]
+  d = padded_head_dim(h)
+  cfg = _override or MosaicConfig.for_problem(p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize)
+  tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
+  # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
+  pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
+  out, lse = fwd_lib.forward(p, cfg, pad(q, tp), pad(k, sp), pad(v, sp), arrays.q_valid,
+                             arrays.kv_valid)
+  return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
+
+
+def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
+  # No Mosaic backward kernels yet: the Triton ones only need the lse, which the
+  # forward above writes with the same contract (natural log, +inf on empty rows).
+  return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
