@@ -169,6 +169,20 @@ def test_ring_matches_jax_nn():
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-6, rtol=2e-6)
 
 
+def test_unbatched_inputs():
+  c = Case(b=1, t=32, s=32, n=2, k=1, is_causal=True, segments="packed")
+  q, k, v, _ = c.inputs()
+  seq = P(AXIS)
+  f = jax.jit(jax.shard_map(
+      lambda q, k, v, ids: jflash.ring_attention(q, k, v, axis_name=AXIS, is_causal=True,
+                                                 segment_ids=ids, implementation="xla"),
+      mesh=_mesh(2), in_specs=(seq,) * 4, out_specs=seq, check_vma=False))
+  out = f(q[0], k[0], v[0], c.segment_ids()[0])
+  expected, _ = reference.attention_np64(q, k, v, c.mask())
+  assert out.shape == q.shape[1:]
+  np.testing.assert_allclose(np.asarray(out), expected[0], atol=2e-6, rtol=2e-6)
+
+
 def test_hlo_moves_kv_by_collective_permute_only():
   rc = CASES["full_gqa"]
   if len(jax.devices()) < rc.devices:
