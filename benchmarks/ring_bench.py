@@ -116,12 +116,20 @@ def main(argv=None):
 
   # Correctness first: the ring against one device at a short length, natural order.
   q, k, v, do = inputs(a.check_s, one)
-  ref = single_step(q, k, v, do)
-  for layout in a.layouts:
+  try:
+    ref = single_step(q, k, v, do)
+  except Exception as e:
+    print(f"check: one-device reference failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ref = None
+  for layout in a.layouts if ref is not None else []:
     zig = layout == "zigzag"
     order = (lambda x: jflash.to_zigzag(x, n_dev)) if zig else (lambda x: x)
     unorder = (lambda x: jflash.from_zigzag(x, n_dev)) if zig else (lambda x: x)
-    out, grads = ring_step(layout)(*(jax.device_put(order(x), seq) for x in (q, k, v, do)))
+    try:
+      out, grads = ring_step(layout)(*(jax.device_put(order(x), seq) for x in (q, k, v, do)))
+    except Exception as e:  # a backend that cannot lower: say so, time the rest
+      print(f"check s={a.check_s} {layout}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
     errs = []
     for x, r in zip((out,) + grads, (ref[0],) + ref[1]):
       x, r = np.asarray(unorder(x), np.float32), np.asarray(r, np.float32)

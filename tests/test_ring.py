@@ -194,11 +194,14 @@ def test_hlo_moves_kv_by_collective_permute_only():
     assert collective not in text, collective
 
 
+def _ring_spec(causal=False, left=None, right=None):
+  return ring.Ring(axis_name=AXIS, layout="contiguous", causal=causal, window_left=left,
+                   window_right=right, scale=1.0, softcap=None, has_segment_ids=False,
+                   implementation="xla", interpret=False)
+
+
 def _plan(n, chunk, **kw):
-  r = ring.Ring(axis_name=AXIS, layout="contiguous", causal=kw.get("causal", False),
-                window_left=kw.get("left"), window_right=kw.get("right"), scale=1.0, softcap=None,
-                has_segment_ids=False, implementation="xla", interpret=False)
-  return ring._Plan.make(r, n, chunk, chunk)
+  return ring._Plan.make(_ring_spec(**kw), n, chunk, chunk)
 
 
 def test_plan_skips_pairs_and_ends_early():
@@ -215,6 +218,11 @@ def test_plan_skips_pairs_and_ends_early():
   # Non-causal, no mask: one case, no skips.
   plan = _plan(4, 16)
   assert set(plan.table) - {0} == {1} and plan.last == 3
+  # What the backend's supports() is asked about: the diagonal and every other case.
+  r = dataclasses.replace(_ring_spec(causal=True), layout="zigzag")
+  assert ring.pair_specs(r, 4, 16, 16) == (
+      MaskSpec(q_len=16, kv_len=16, causal=True), MaskSpec(q_len=16, kv_len=8),
+      MaskSpec(q_len=8, kv_len=16))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -251,6 +259,7 @@ def _ring(**kw):
      "local_window_size"),
     (dict(axis_name=AXIS, local_window_size=-1), ValueError, "local_window_size"),
     (dict(axis_name=AXIS, implementation="cuda"), ValueError, "implementation"),
+    (dict(axis_name=AXIS, implementation="mosaic"), NotImplementedError, "mosaic"),
     (dict(axis_name=AXIS, is_causal=1), TypeError, "is_causal"),
     (dict(axis_name=AXIS, logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
 ])

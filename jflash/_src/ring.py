@@ -139,6 +139,16 @@ class _Plan:
     return lax.switch(index, [skip] + [functools.partial(run, s) for s in self.specs])
 
 
+def pair_specs(r: Ring, n: int, q_len: int, kv_len: int) -> tuple[MaskSpec, ...]:
+  """Every chunk-pair mask a ring of ``n`` devices computes with (for ``supports``)."""
+  plain = functools.partial(MaskSpec, has_segment_ids=r.has_segment_ids)
+  if r.zigzag:
+    c = q_len // 2
+    return (plain(q_len=q_len, kv_len=kv_len, causal=True), plain(q_len=q_len, kv_len=c),
+            plain(q_len=c, kv_len=kv_len))
+  return (r.pair_spec(0, q_len, kv_len),) + _Plan.make(r, n, q_len, kv_len).specs
+
+
 # (p, q, k, v, bias, arrays) -> (out, lse): vjp._forward.
 Forward = Callable[..., tuple[jax.Array, jax.Array]]
 # (p, q, k, v, bias, arrays, lse, dout, delta, want_dbias) -> (dq, dk, dv, dbias): vjp._backward.

@@ -54,13 +54,14 @@ def _segment_ids(segment_ids, batch: int, t: int, s: int):
   return ids.astype(jnp.int32)
 
 
-def _pick(implementation, make_ring, q, k, v) -> ring.Ring:
-  """The first backend of the usual preference order that supports a ring step."""
+def _pick(implementation, make_ring, n_devices: int, q, k, v) -> ring.Ring:
+  """The first backend of the usual preference order that supports every ring step."""
   reasons = []
   for name in api._candidates(implementation):
     r = make_ring(name, name == "triton" and not api._on_gpu())
     try:
-      registry.get(name).supports(r.problem(r.pair_spec(0, q.shape[1], k.shape[1])), q, k, v)
+      for spec in ring.pair_specs(r, n_devices, q.shape[1], k.shape[1]):
+        registry.get(name).supports(r.problem(spec), q, k, v)
     except NotImplementedError as e:
       if implementation is not None:
         raise
@@ -120,7 +121,7 @@ def ring_attention(
     raise NotImplementedError(
         f"local_window_size={local_window_size!r} needs layout='contiguous' (a window already "
         "balances the causal load; the zigzag layout does not support windows)")
-  _ring_size(axis_name)
+  n_devices = _ring_size(axis_name)
   query, key, value = (jnp.asarray(x) if isinstance(x, (np.ndarray, list)) else x
                        for x in (query, key, value))
   api._check_qkv(query, key, value)
@@ -159,7 +160,7 @@ def ring_attention(
                      softcap=logits_soft_cap, has_segment_ids=segment_ids is not None,
                      implementation=name, interpret=interpret)
 
-  r = _pick(implementation, make_ring, query, key, value)
+  r = _pick(implementation, make_ring, n_devices, query, key, value)
   out, lse = _ring_attention(r, query, key, value, segment_ids)
   if unbatched:
     out, lse = out[0], lse[0]
