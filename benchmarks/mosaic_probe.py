@@ -1,0 +1,149 @@
+"""Times the "mosaic" (Hopper) kernels against cuDNN and jflash's Triton kernels.
+
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py                      # the default grid
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 --heads 16x128 \
+      --sweep-block-kv 64 128 --sweep-stages 2 3 --sweep-pingpong 1 0   # MosaicConfig sweep
+
+Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
+causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
+that) per implementation and the ratios mosaic/cudnn and mosaic/triton. Each number is
+the median over ``--loops`` loops of ``--reps`` back-to-back calls of a jitted function,
+after a compile and ``--warmup`` calls, ended by block_until_ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jflash
+from jflash._src.backends.mosaic import backend as mosaic_backend
+from jflash._src.backends.mosaic.config import MosaicConfig
+
+
+def attention(impl: str):
+  if impl == "cudnn":
+    return lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn")
+  return lambda q, k, v, causal: jflash.dot_product_attention(
+      q, k, v, is_causal=causal, implementation=impl)
+
+
+def make_fn(impl: str, mode: str, causal: bool):
+  attn = attention(impl)
+  if mode == "fwd":
+    return jax.jit(lambda q, k, v, do: attn(q, k, v, causal))
+
+  def fwdbwd(q, k, v, do):
+    out, pullback = jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)
+    return out, pullback(do)
+  return jax.jit(fwdbwd)
+
+
+def median_seconds(fn, args, *, warmup: int, reps: int, loops: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(loops):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times)
+
+
+def inputs(b, s, n, d, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  xs = [jax.random.normal(x, (b, s, n, d), jnp.float32).astype(jnp.bfloat16) for x in ks]
+  return jax.block_until_ready(xs)
+
+
+def max_rel_diff(a, b) -> float:
+  a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
+  return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--s", type=int, nargs="+", default=[1024, 4096, 16384])
+  ap.add_argument("--heads", nargs="+", default=["16x128", "32x64"], help="N x head_dim")
+  ap.add_argument("--tokens", type=int, default=16384, help="b * s")
+  ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+  ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
+  ap.add_argument("--impls", nargs="+", default=["mosaic", "cudnn", "triton"])
+  ap.add_argument("--sweep-block-kv", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-stages", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-pingpong", type=int, nargs="*", default=[])
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--loops", type=int, default=5)
+  ap.add_argument("--json", default=None, help="also write the rows to this file")
+  args = ap.parse_args()
+
+  dev = jax.devices()[0]
+  print(f"# {dev.device_kind} jax {jax.__version__}", flush=True)
+  causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+  sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong)
+  rows = []
+  for heads, s, causal in itertools.product(args.heads, args.s, causals):
+    n, d = (int(x) for x in heads.split("x"))
+    b = max(1, args.tokens // s)
+    q, k, v, do = inputs(b, s, n, d)
+    flops = 4 * b * n * s * s * d * (0.5 if causal else 1.0)
+    base = MosaicConfig.for_problem(s, s, d)
+    configs = [None]
+    if sweeping:
+      configs = [dataclasses.replace(base, block_kv=bk, stages=st, pingpong=bool(pp))
+                 for bk, st, pp in itertools.product(args.sweep_block_kv or [base.block_kv],
+                                                     args.sweep_stages or [base.stages],
+                                                     args.sweep_pingpong or [int(base.pingpong)])]
+    print(f"== b={b} s={s} n={n} d={d} causal={causal} default={base}", flush=True)
+    ref_out = None
+    for mode in args.modes:
+      mult = 1.0 if mode == "fwd" else 3.5
+      tflops = {}
+      for impl in sorted(args.impls, key=lambda i: i != "cudnn"):  # cudnn first: the reference
+        for cfg in (configs if impl == "mosaic" else [None]):
+          label = impl if cfg is None else f"mosaic[bkv={cfg.block_kv},st={cfg.stages},pp={int(cfg.pingpong)}]"
+          # The jitted dispatch caches traces by Problem, not by config: start clean.
+          jax.clear_caches()
+          try:
+            fn = make_fn(impl, mode, causal)
+            if cfg is not None:
+              with mosaic_backend.override_config(cfg):
+                fn = fn.lower(q, k, v, do).compile()
+            sec = median_seconds(fn, (q, k, v, do), warmup=args.warmup, reps=args.reps,
+                                 loops=args.loops)
+            out = fn(q, k, v, do)
+            out = out if mode == "fwd" else out[0]
+            if ref_out is None and impl == "cudnn":
+              ref_out = out
+            diff = "" if ref_out is None else f"  max|out-cudnn|/max|cudnn| {max_rel_diff(out, ref_out):.2e}"
+            tf = mult * flops / sec / 1e12
+            tflops[label] = tf
+            print(f"  {mode:6s} {label:34s} {sec * 1e3:9.3f} ms {tf:7.1f} TFLOP/s{diff}", flush=True)
+            rows.append(dict(mode=mode, impl=label, b=b, s=s, n=n, d=d, causal=causal,
+                             ms=sec * 1e3, tflops=tf, device=dev.device_kind))
+          except Exception as e:  # a config may not fit, or an implementation refuse
+            print(f"  {mode:6s} {label:34s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      for label, tf in tflops.items():
+        if label.startswith("mosaic"):
+          ratios = [f"{tf / tflops[o]:.2f}x {o}" for o in ("cudnn", "triton") if o in tflops]
+          print(f"  {mode:6s} {label} vs " + ", ".join(ratios), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

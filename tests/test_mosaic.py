@@ -1,0 +1,165 @@
+"""The "mosaic" (Hopper, Pallas Mosaic GPU) implementation against the independent reference.
+
+* On the GPU machine (``-m gpu``): the shared checks of test_attention.py (out, lse,
+  dq/dk/dv) at GPU sizes through the public call.
+* On CPU: the same forward kernel in Pallas's GPU interpreter (a few small cases, through
+  the one custom_vjp, with the Triton backward in interpret mode), the GPU code path
+  lowered for CUDA without running it (catches Mosaic layout and lowering errors), and
+  the refusal naming the missing sm90 GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jflash
+import reference
+from helpers import Case, assert_close, assert_lse_close
+from jflash._src import vjp
+from jflash._src.backends.mosaic import backend as mosaic_backend
+from jflash._src.backends.mosaic import fwd as mosaic_fwd
+from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.mask import MaskArrays, MaskSpec
+from jflash._src.problem import Problem
+from test_attention import check_case, run_reference
+
+GPU_CASES = {
+    "bf16_d128": Case(b=2, t=1024, s=1024, n=4, k=4, h=128, dtype=jnp.bfloat16),
+    "bf16_d128_causal": Case(b=2, t=1024, s=1024, n=4, k=4, h=128, dtype=jnp.bfloat16,
+                             is_causal=True),
+    "bf16_d64_causal_gqa": Case(b=2, t=1024, s=1024, n=8, k=2, h=64, dtype=jnp.bfloat16,
+                                is_causal=True),
+    "f16_d64": Case(b=2, t=512, s=512, n=4, k=4, h=64, dtype=jnp.float16),
+    "f16_d256_causal": Case(b=1, t=512, s=512, n=2, k=2, h=256, dtype=jnp.float16, is_causal=True),
+    "bf16_d256": Case(b=1, t=640, s=640, n=2, k=1, h=256, dtype=jnp.bfloat16),
+    "bf16_tail_1000_causal": Case(b=1, t=1000, s=1000, n=4, k=2, h=128, dtype=jnp.bfloat16,
+                                  is_causal=True),
+    "bf16_cross_t_lt_s": Case(b=2, t=300, s=777, n=4, k=1, h=64, dtype=jnp.bfloat16),
+    "f16_cross_t_gt_s_causal": Case(b=1, t=900, s=260, n=2, k=2, h=128, dtype=jnp.float16,
+                                    is_causal=True),
+    "bf16_lengths_empty_rows": Case(b=3, t=700, s=900, n=2, k=2, h=64, dtype=jnp.bfloat16,
+                                    q_lengths=[700, 123, 0], kv_lengths=[0, 900, 301],
+                                    is_causal=True),
+    "bf16_window": Case(b=1, t=1500, s=1500, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                        window=(200, 30)),
+    "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
+                             softcap=20.0, is_causal=True),
+    "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_mosaic_against_reference(name):
+  check_case(GPU_CASES[name], "mosaic")
+
+
+@pytest.mark.gpu
+def test_mosaic_rerun_is_bitwise_identical():
+  case = GPU_CASES["bf16_lengths_empty_rows"]
+  q, k, v, _ = case.inputs()
+  f = jax.jit(lambda q, k, v: jflash.dot_product_attention(
+      q, k, v, implementation="mosaic", return_residual=True, **case.kwargs()))
+  a, b = f(q, k, v), f(q, k, v)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw, what", [
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "dropout"),
+    (dict(segment_ids=jnp.zeros((1, 256), jnp.int32)), "segment_ids"),
+    (dict(mask=jnp.ones((1, 1, 256, 256), bool)), "dense mask"),
+])
+def test_mosaic_refuses_what_it_lacks_and_none_falls_back(kw, what):
+  q = k = v = jnp.ones((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=what):
+    jflash.dot_product_attention(q, k, v, implementation="mosaic", **kw)
+  jflash.dot_product_attention(q, k, v, **kw)  # None: falls back to triton
+
+
+@pytest.mark.gpu
+def test_mosaic_refuses_f32():
+  q = jnp.ones((1, 128, 2, 64), jnp.float32)
+  with pytest.raises(NotImplementedError, match="bfloat16 and float16"):
+    jflash.dot_product_attention(q, q, q, implementation="mosaic")
+
+
+def test_mosaic_names_the_missing_sm90_gpu_on_cpu():
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has a GPU")
+  q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=r"implementation='mosaic' needs an sm90.*found 'cpu'"):
+    jflash.dot_product_attention(q, q, q, implementation="mosaic")
+
+
+# ---- CPU: the kernel in Pallas's GPU interpreter (small: the interpreter is slow).
+
+INTERPRET_CASES = {
+    "bf16_causal_cross_tail": Case(b=1, t=150, s=200, n=2, k=1, h=64, dtype=jnp.bfloat16,
+                                   is_causal=True),
+    "f16_lengths_empty_window_d80": Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16,
+                                         q_lengths=[130, 0], kv_lengths=[100, 140],
+                                         window=(40, 10)),
+}
+
+
+def _problem(case: Case, q_len: int, kv_len: int) -> tuple[Problem, MaskArrays]:
+  """What jflash.dot_product_attention would build for ``case``, with interpret=True."""
+  left, right = (None, None) if case.window is None else (
+      (case.window, case.window) if isinstance(case.window, int) else case.window)
+  spec = MaskSpec(q_len=q_len, kv_len=kv_len, causal=case.is_causal, window_left=left,
+                  window_right=right)
+  scale = case.scale if case.scale is not None else 1.0 / np.sqrt(case.h)
+  p = Problem(mask=spec, scale=scale, softcap=case.softcap, implementation="mosaic",
+              interpret=True)
+  lengths = lambda x, n: jnp.asarray([n] * case.b if x is None else x, jnp.int32)
+  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len))
+
+
+@pytest.mark.parametrize("name", list(INTERPRET_CASES))
+def test_mosaic_interpret_against_reference(name):
+  case = INTERPRET_CASES[name]
+  q, k, v, do = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  (out, lse), pullback = jax.vjp(lambda q, k, v: vjp.attention(p, q, k, v, None, arrays), q, k, v)
+  grads = pullback((do, jnp.zeros_like(lse)))
+  ref_out, ref_grads = run_reference(case, jnp.float32)
+  base_out, base_grads = run_reference(case, case.dtype)
+  np_out, np_lse = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  assert_close("out", out, np_out, base_out, case.dtype)
+  lse = jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), 1, 2)  # public convention
+  assert_lse_close(lse, np_lse, case.dtype)
+  for name_, g, r, bse in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+    assert_close(name_, g, r, bse, case.dtype)
+  empty = ~case.mask().any(-1)
+  if empty.any():
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[empty], 0.0)
+
+
+# ---- CPU: the GPU code path, lowered for CUDA (Mosaic layout inference) but not run.
+
+@pytest.mark.parametrize("d, causal, softcap", [(64, False, None), (128, True, None),
+                                                (256, True, None), (128, False, 30.0)])
+def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
+  b, t, n, kh = 2, 512, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
+  lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
+              softcap=softcap, implementation="mosaic")
+  cfg = MosaicConfig.for_problem(t, t, d)
+  f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
+  f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_config_fits_shared_memory():
+  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  for d in mosaic_backend.HEAD_DIMS:
+    for s in (64, 1000, 16384):
+      cfg = MosaicConfig.for_problem(s, s, d)
+      assert cfg.smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+      assert cfg.block_kv <= max(64, -(-s // 64) * 64)
