@@ -244,7 +244,7 @@ def _dispatch(implementation, spec, scale, softcap, dropout_rate, q, k, v, bias,
                 implementation=name,
                 interpret=(name == "triton" and not _on_gpu()))
     try:
-      registry.get(name).supports(p, q, k, v)
+      registry.get(name).supports(p, q, k, v, bias)
     except NotImplementedError as e:
       if implementation is not None:
         raise

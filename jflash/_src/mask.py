@@ -116,7 +116,9 @@ def visible(
   row, col = (lambda x: x[None, :], lambda x: x[:, None]) if transpose else (
       lambda x: x[:, None], lambda x: x[None, :])
   qi, kj = row(q_pos), col(k_pos)
-  ok = (kj < kv_valid) & (qi < q_valid)
+  # The length checks on the 1-D positions first, then expanded: Mosaic GPU infers no
+  # register layout for comparisons on [1, n] / [n, 1] arrays.
+  ok = col(k_pos < kv_valid) & row(q_pos < q_valid)
   if spec.band_lo is not None:
     ok = ok & (kj - qi >= spec.band_lo)
   if spec.band_hi is not None:

@@ -61,7 +61,7 @@ def _pick(implementation, make_ring, n_devices: int, q, k, v) -> ring.Ring:
     r = make_ring(name, name == "triton" and not api._on_gpu())
     try:
       for spec in ring.pair_specs(r, n_devices, q.shape[1], k.shape[1]):
-        registry.get(name).supports(r.problem(spec), q, k, v)
+        registry.get(name).supports(r.problem(spec), q, k, v, None)
     except NotImplementedError as e:
       if implementation is not None:
         raise

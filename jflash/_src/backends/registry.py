@@ -1,4 +1,5 @@
-"""Name -> backend module. A backend offers ``supports``, ``forward`` and ``backward``."""
+"""Name -> backend module. A backend offers ``supports(p, q, k, v, bias)`` (raises
+NotImplementedError naming what it lacks), ``forward`` and ``backward``."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class XlaConfig:
     return cls(block_q=min(256, round_up(p.q_len, 8)), block_k=min(512, round_up(p.kv_len, 8)))
 
 
-def supports(p: Problem, q, k, v) -> None:
+def supports(p: Problem, q, k, v, bias) -> None:
   """The XLA path serves every combination; nothing to refuse."""
 
 

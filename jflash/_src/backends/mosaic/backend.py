@@ -41,10 +41,8 @@ def _check_device():
     _refuse(f"needs an sm90 (Hopper) GPU (wgmma, TMA); found {dev.device_kind!r}, sm{cc}")
 
 
-def supports(p: Problem, q, k, v, bias=None) -> None:
+def supports(p: Problem, q, k, v, bias) -> None:
   """Raises NotImplementedError naming the first thing the mosaic kernels lack.
-
-  ``bias`` is optional here because the dispatcher may not pass it; forward re-checks.
   """
   if not p.interpret:
     _check_device()

@@ -22,7 +22,7 @@ from jflash._src.problem import Problem
 MAX_HEAD_DIM = 256
 
 
-def supports(p: Problem, q, k, v) -> None:
+def supports(p: Problem, q, k, v, bias) -> None:
   h = q.shape[-1]
   if h > MAX_HEAD_DIM:
     raise NotImplementedError(f"implementation='triton' supports head_dim <= {MAX_HEAD_DIM}; got {h}")
