@@ -26,6 +26,7 @@ from jflash._src.mask import MaskArrays, MaskSpec
 from jflash._src.problem import Problem
 from test_attention import check_case
 
+
 class DocsCase(Case):
   """Packed documents in the cache (ids 0, 1, 2 in runs of 10, 20, S - 30); the query
   tokens of batch row b belong to document b + 1. Sorted ids: whole key tiles of other
@@ -51,7 +52,6 @@ CASES = {
                                    kv_lengths=[2, 37]),
     "t2_s37_segments_h24": Case(t=2, s=37, n=4, k=2, h=24, segments="pair"),
     "t2_s37_sorted_docs": DocsCase(t=2, s=37, n=4, k=2, segments="docs", is_causal=False),
-    "t1_s200_all_empty": Case(t=1, s=200, n=4, k=4, softcap=2.0, kv_lengths=[0, 0]),
 }
 
 _reference = jax.jit(reference.attention, static_argnames=("scale", "softcap", "dtype"))
@@ -158,10 +158,11 @@ def test_decode_path_choice(spy):
   assert not decode.applies(p, many_heads, k[:, :, :1], None, arrays)
   with decode.settings(enabled=False):
     assert not decode.applies(p, q, k, None, arrays)
-    jflash.dot_product_attention(q, k, v, implementation="triton")
+    regular = jflash.dot_product_attention(q, k, v, implementation="triton")
   assert not spy
-  jflash.dot_product_attention(q, k, v, implementation="triton")
+  out = jflash.dot_product_attention(q, k, v, implementation="triton")
   assert spy and set(spy) == {(q.shape, k.shape)}
+  np.testing.assert_allclose(out, regular, atol=1e-6)
 
 
 def test_default_config_heuristic():
@@ -174,15 +175,16 @@ def test_default_config_heuristic():
   assert DecodeConfig.for_problem(1, 1, 37, 16, 16).block_k == 64
 
 
-def test_nnx_decode_takes_the_decode_path(spy):
-  """jflash.nnx decoding (a token against the cache prefix, key_value_seq_lengths =
-  cache index) runs on the decode path with implementation="triton", and matches a full
-  causal pass."""
+@pytest.mark.parametrize("window", [None, 2])
+def test_nnx_decode_takes_the_decode_path(window, spy):
+  """jflash.nnx decoding runs on the decode path with implementation="triton" (a token
+  against the cache prefix, key_value_seq_lengths = cache index; with a window, against
+  the window's slab of the cache, cut by segment ids) and matches a full causal pass."""
   b, t, f, heads = 2, 5, 32, 4
   x = jax.random.normal(jax.random.PRNGKey(3), (b, t, f), jnp.float32)
   make = lambda impl: jflash.nnx.MultiHeadAttention(
       heads, f, num_kv_heads=2, is_causal=True, logits_soft_cap=5.0, implementation=impl,
-      rngs=nnx.Rngs(4))
+      local_window_size=None if window is None else (window, 0), rngs=nnx.Rngs(4))
   full = make("xla")(x)
   model = make("triton")
   model.init_cache(x.shape)
@@ -195,8 +197,9 @@ def test_nnx_decode_takes_the_decode_path(spy):
 
   outs = [step(model, x[:, i:i + 1]) for i in range(t)]
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=2e-5)
-  # Traced once: the new token against itself (S=1) and against the cache (S=t).
-  assert {k_shape[1] for _, k_shape in spy} == {1, t}
+  # Traced once: the new token against itself (S=1) and against the cache (S=t) or the
+  # window's slab (S=window).
+  assert {k_shape[1] for _, k_shape in spy} == {1, t if window is None else window}
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def test_gpu_decode_realistic_size(spy):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
     Case(b=2, t=1, s=3000, n=8, k=2, h=128, dtype=jnp.bfloat16, kv_lengths=[3000, 1234]),
-    Case(b=2, t=4, s=2500, n=16, k=2, h=64, dtype=jnp.float16, is_causal=True, window=(0, 900)),
+    Case(b=2, t=4, s=2500, n=16, k=2, h=64, dtype=jnp.float16, window=(0, 900)),
     Case(b=1, t=2, s=1999, n=4, k=1, h=96, softcap=30.0, segments="pair"),
 ], ids=["bf16_t1", "f16_t4_window", "f32_d96_segments"])
 def test_gpu_decode_with_gradients(case, spy):

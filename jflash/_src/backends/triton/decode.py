@@ -105,10 +105,10 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   q = r["q"][...]
   rp, d = q.shape
-  t, s = p.q_len, p.kv_len
+  t, kv_len = p.q_len, p.kv_len
   row = jnp.arange(rp)
   # Padding rows get position T, which no query length reaches: never visible.
-  q_pos = jnp.where(row < rows, row % t, t)
+  q_pos = jnp.where(row < rows, lax.rem(row, t), t)
   q_seg = r["q_seg"][...] if "q_seg" in r else None
   ranges = mask_lib.kv_block_range(p.mask, 0, t, bk, nk, q_valid, kv_valid,
                                    tiles.segment_range(r))
@@ -117,20 +117,20 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   def step(j, carry, masked):
     acc, m, l = carry
     k0 = pl.multiple_of(j * bk, bk)
-    k = _load_rows(r["k"], k0, bk, d, s, masked)
-    s_, _ = logits_lib.scores(tiles.dot(q, k, trans_b=True), p.scale, p.softcap, base2=True)
+    k = _load_rows(r["k"], k0, bk, d, kv_len, masked)
+    x, _ = logits_lib.scores(tiles.dot(q, k, trans_b=True), p.scale, p.softcap, base2=True)
     if masked:
       kv_seg = r["kv_seg"][pl.ds(k0, bk)] if "kv_seg" in r else None
       vis = mask_lib.visible(p.mask, q_pos, k0 + jnp.arange(bk), q_valid, kv_valid, q_seg,
                              kv_seg)
-      s_ = jnp.where(vis, s_, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s_, axis=1))
+      x = jnp.where(vis, x, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
     # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    pr = jnp.exp2(s_ - m_use[:, None])
+    pr = jnp.exp2(x - m_use[:, None])
     alpha = jnp.exp2(m - m_use)
     l = l * alpha + jnp.sum(pr, axis=1)
-    v = _load_rows(r["v"], k0, bk, d, s, masked)
+    v = _load_rows(r["v"], k0, bk, d, kv_len, masked)
     acc = acc * alpha[:, None] + tiles.dot(pr.astype(v.dtype), v)
     return acc, m_new, l
 
@@ -195,19 +195,19 @@ def _partials(p: Problem, cfg: DecodeConfig, q_rows, k, v, arrays, rows: int):
   )(*args)
 
 
-def merge_splits(o, lse, axis: int):
-  """Exact softmax merge of partial results over ``axis``: ``o [..., P, ..., D]`` and
-  ``lse`` (f32, natural log, -inf where a part saw no key; ``o`` one dim longer) ->
-  ``(o, lse)`` with +inf lse and zero output where no part saw a key."""
-  m = jnp.max(lse, axis=axis, keepdims=True)
+def merge_splits(o, lse):
+  """Exact softmax merge of per-split results: ``o [..., P, R, D]`` and ``lse [..., P, R]``
+  (f32, natural log, -inf where a split saw no key) -> ``o [..., R, D]``, ``lse [..., R]``,
+  with zero output and +inf lse where no split saw a key."""
+  m = jnp.max(lse, axis=-2, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.exp(lse - m)
-  den = jnp.sum(w, axis=axis)
-  out = jnp.sum(o * w[..., None], axis=axis)
+  den = jnp.sum(w, axis=-2)
+  out = jnp.sum(o * w[..., None], axis=-3)
   live = den > 0.0
   den_safe = jnp.where(live, den, 1.0)
   out = jnp.where(live[..., None], out / den_safe[..., None], 0.0)
-  lse = jnp.where(live, jnp.squeeze(m, axis) + jnp.log(den_safe), jnp.inf)
+  lse = jnp.where(live, m[..., 0, :] + jnp.log(den_safe), jnp.inf)
   return out, lse
 
 
@@ -225,6 +225,6 @@ def forward(p: Problem, q, k, v, arrays: mask_lib.MaskArrays, cfg: DecodeConfig 
   q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, rows, h)
   q_rows = pad_axis(pad_axis(q_rows, 2, rp), 3, d)
   o, lse = _partials(p, cfg, q_rows, k, v, arrays, rows)
-  o, lse = merge_splits(o, lse, axis=2)  # [B, K, Rp, D], [B, K, Rp]
-  out = o[:, :, :rows, :h].reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return out.astype(q.dtype), lse[:, :, :rows].reshape(b, n, t)
+  o, lse = merge_splits(o[..., :rows, :h], lse[..., :rows])  # [B, K, R, H], [B, K, R]
+  out = o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return out.astype(q.dtype), lse.reshape(b, n, t)
