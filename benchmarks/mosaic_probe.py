@@ -3,6 +3,8 @@
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py                      # the default grid
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 --heads 16x128 \
       --sweep-block-kv 64 128 --sweep-stages 2 3 --sweep-pingpong 1 0   # MosaicConfig sweep
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwdbwd --mosaic-bwd \
+      --sweep-bwd dkv_block_q=64,dq_block_kv=64 dkv_block_q=128,dkv_stages=3  # Mosaic backward
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -14,6 +16,7 @@ after a compile and ``--warmup`` calls, ended by block_until_ready.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -26,10 +29,12 @@ import numpy as np
 
 import jflash
 from jflash._src.backends.mosaic import backend as mosaic_backend
-from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 
 
 def attention(impl: str):
+  if impl.startswith("mosaic_bwd"):  # mosaic, its backward switched on by the caller
+    impl = "mosaic"
   if impl == "cudnn":
     return lambda q, k, v, causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
@@ -73,6 +78,14 @@ def max_rel_diff(a, b) -> float:
   return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
+def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
+  """'mosaic_bwd[field=value,...]' -> the heuristic MosaicBwdConfig with those fields."""
+  cfg = MosaicBwdConfig.for_problem(s, s, d)
+  spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
+  fields = dict(kv.split("=") for kv in spec.split(",") if kv)
+  return dataclasses.replace(cfg, **{k: int(v) for k, v in fields.items()})
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--s", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -88,7 +101,16 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--loops", type=int, default=5)
   ap.add_argument("--json", default=None, help="also write the rows to this file")
+  ap.add_argument("--mosaic-bwd", action="store_true",
+                  help="fwdbwd: also time 'mosaic_bwd', mosaic with the Mosaic backward kernels "
+                       "(MosaicConfig.mosaic_backward), and print its grads' difference to cudnn's")
+  ap.add_argument("--sweep-bwd", nargs="*", default=[],
+                  help="with --mosaic-bwd: MosaicBwdConfig overrides to time, each "
+                       "'field=value,...' (default: the heuristic only)")
   args = ap.parse_args()
+  impls = list(args.impls)
+  if args.mosaic_bwd:
+    impls += [f"mosaic_bwd[{s}]" for s in args.sweep_bwd] or ["mosaic_bwd"]
 
   dev = jax.devices()[0]
   print(f"# {dev.device_kind} jax {jax.__version__}", flush=True)
@@ -109,16 +131,27 @@ def main():
                                                      args.sweep_pingpong or [int(base.pingpong)])]
     print(f"== b={b} s={s} n={n} d={d} causal={causal} default={base}", flush=True)
     ref_out = None
+    ref_grads = None
     for mode in args.modes:
       mult = 1.0 if mode == "fwd" else 3.5
       tflops = {}
-      for impl in sorted(args.impls, key=lambda i: i != "cudnn"):  # cudnn first: the reference
+      for impl in sorted(impls, key=lambda i: i != "cudnn"):  # cudnn first: the reference
+        if impl.startswith("mosaic_bwd") and mode == "fwd":
+          continue  # the same forward as mosaic
         for cfg in (configs if impl == "mosaic" else [None]):
           label = impl if cfg is None else f"mosaic[bkv={cfg.block_kv},st={cfg.stages},pp={int(cfg.pingpong)}]"
           # The jitted dispatch caches traces by Problem, not by config: start clean.
           jax.clear_caches()
           try:
             fn = make_fn(impl, mode, causal)
+            if impl.startswith("mosaic_bwd"):
+              with contextlib.ExitStack() as stack:
+                stack.enter_context(mosaic_backend.override_config(
+                    dataclasses.replace(base, mosaic_backward=True)))
+                bwd_cfg = bwd_config(impl, s, d)
+                stack.enter_context(mosaic_backend.override_bwd_config(bwd_cfg))
+                fn = fn.lower(q, k, v, do).compile()
+              print(f"  {mode:6s} {impl} {bwd_cfg}", flush=True)
             if cfg is not None:
               with mosaic_backend.override_config(cfg):
                 fn = fn.lower(q, k, v, do).compile()
@@ -128,6 +161,13 @@ def main():
             out = out if mode == "fwd" else out[0]
             if ref_out is None and impl == "cudnn":
               ref_out = out
+            if mode == "fwdbwd" and impl == "cudnn":
+              ref_grads = fn(q, k, v, do)[1]
+            if mode == "fwdbwd" and impl.startswith("mosaic_bwd") and ref_grads is not None:
+              grads = fn(q, k, v, do)[1]
+              print("  " + "  ".join(f"max|{g}-cudnn|/max|cudnn| {max_rel_diff(x, y):.2e}"
+                                     for g, x, y in zip(("dq", "dk", "dv"), grads, ref_grads)),
+                    flush=True)
             diff = "" if ref_out is None else f"  max|out-cudnn|/max|cudnn| {max_rel_diff(out, ref_out):.2e}"
             tf = mult * flops / sec / 1e12
             tflops[label] = tf

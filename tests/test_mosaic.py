@@ -163,3 +163,147 @@ def test_mosaic_config_fits_shared_memory():
       cfg = MosaicConfig.for_problem(s, s, d)
       assert cfg.smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
       assert cfg.block_kv <= max(64, -(-s // 64) * 64)
+
+
+# ---- The Mosaic backward kernels (bwd.py), forced on with MosaicConfig.mosaic_backward.
+
+import contextlib
+import dataclasses
+
+from jflash._src.backends.mosaic import bwd as mosaic_bwd
+from jflash._src.backends.mosaic.config import MosaicBwdConfig
+
+
+@contextlib.contextmanager
+def _mosaic_backward(case: Case, bwd_cfg: MosaicBwdConfig | None = None):
+  """Traces inside the block with the Mosaic backward on (and ``bwd_cfg`` if given). The
+  public call's jit caches traces by Problem, not by config: clear them on both sides."""
+  d = mosaic_backend.padded_head_dim(case.h)
+  cfg = dataclasses.replace(
+      MosaicConfig.for_problem(case.t, case.s, d, jnp.dtype(case.dtype).itemsize),
+      mosaic_backward=True)
+  jax.clear_caches()
+  try:
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(mosaic_backend.override_config(cfg))
+      if bwd_cfg is not None:
+        stack.enter_context(mosaic_backend.override_bwd_config(bwd_cfg))
+      yield
+  finally:
+    jax.clear_caches()
+
+
+def _assert_uses_mosaic_backward(f, *args):
+  text = str(jax.make_jaxpr(f)(*args))
+  assert "jflash_mosaic_bwd_dkv" in text and "jflash_mosaic_bwd_dq" in text
+
+
+BWD_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": (
+        Case(b=1, t=150, s=200, n=2, k=1, h=64, dtype=jnp.bfloat16, is_causal=True), None),
+    "f16_lengths_empty_window_d80": (
+        Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
+             kv_lengths=[100, 140], window=(40, 10)), None),
+    # One consumer warpgroup, a deeper ring than steps, 64-row tiles; empty rows (kv 0).
+    "bf16_softcap_gqa_t_gt_s_one_wg": (
+        Case(b=2, t=200, s=90, n=4, k=2, h=64, dtype=jnp.bfloat16, softcap=5.0,
+             kv_lengths=[90, 0]),
+        MosaicBwdConfig(dkv_block_q=64, dkv_stages=3, dq_block_kv=64, dq_stages=3,
+                        consumers=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
+def test_mosaic_backward_interpret_against_reference(name):
+  case, bwd_cfg = BWD_INTERPRET_CASES[name]
+  q, k, v, do = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+
+  def grads_of(q, k, v):
+    (_, lse), pullback = jax.vjp(lambda q, k, v: vjp.attention(p, q, k, v, None, arrays),
+                                 q, k, v)
+    return pullback((do, jnp.zeros_like(lse)))
+
+  with _mosaic_backward(case, bwd_cfg):
+    _assert_uses_mosaic_backward(grads_of, q, k, v)
+    grads = grads_of(q, k, v)
+  ref_out, ref_grads = run_reference(case, jnp.float32)
+  base_out, base_grads = run_reference(case, case.dtype)
+  for name_, g, r, bse in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+    assert g.shape == r.shape and g.dtype == case.dtype, name_
+    assert_close(name_, g, r, bse, case.dtype)
+  # Rows that see no key get exactly zero dq.
+  empty = ~case.mask().any(-1)
+  if empty.any():
+    np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
+
+
+@pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),
+                                                     (128, False, 30.0, 1)])
+def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
+  b, t, n = 2, 512, 4
+  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+  lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
+              softcap=softcap, implementation="mosaic")
+  cfg = MosaicBwdConfig.for_problem(t, t, d)
+  f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
+  f.trace(q, kv, kv, q, rows, rows, lens, lens).lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_bwd_config_fits_shared_memory():
+  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  for d in mosaic_bwd.HEAD_DIMS:
+    for s in (64, 1000, 16384):
+      cfg = MosaicBwdConfig.for_problem(s, s, d)
+      assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+      assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+
+
+BWD_GPU_CASES = {
+    "bf16_d128": Case(b=2, t=1024, s=1024, n=4, k=4, h=128, dtype=jnp.bfloat16),
+    "bf16_d128_causal": Case(b=2, t=1024, s=1024, n=4, k=4, h=128, dtype=jnp.bfloat16,
+                             is_causal=True),
+    "bf16_d64": Case(b=2, t=1024, s=1024, n=8, k=8, h=64, dtype=jnp.bfloat16),
+    "bf16_d64_causal_gqa": Case(b=2, t=1024, s=1024, n=8, k=2, h=64, dtype=jnp.bfloat16,
+                                is_causal=True),
+    "bf16_d128_gqa_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=2, h=128,
+                                    dtype=jnp.bfloat16),
+    "bf16_d64_causal_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=1, h=64,
+                                      dtype=jnp.bfloat16, is_causal=True),
+    "f16_d128_cross_t_gt_s_causal": Case(b=1, t=900, s=260, n=2, k=2, h=128,
+                                         dtype=jnp.float16, is_causal=True),
+    "bf16_lengths_empty_rows": Case(b=3, t=700, s=900, n=2, k=2, h=64, dtype=jnp.bfloat16,
+                                    q_lengths=[700, 123, 0], kv_lengths=[0, 900, 301],
+                                    is_causal=True),
+    "bf16_window": Case(b=1, t=1500, s=1500, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                        window=(200, 30)),
+    "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
+                             softcap=20.0, is_causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(BWD_GPU_CASES))
+def test_mosaic_backward_against_reference(name):
+  case = BWD_GPU_CASES[name]
+  with _mosaic_backward(case):
+    q, k, v, do = case.inputs()
+    f = lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
+        q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do)
+    _assert_uses_mosaic_backward(f, q, k, v)
+    check_case(case, "mosaic")
+
+
+@pytest.mark.gpu
+def test_mosaic_backward_rerun_is_bitwise_identical():
+  case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
+  q, k, v, do = case.inputs()
+  with _mosaic_backward(case):
+    f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
+        q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
+    a, b = f(q, k, v), f(q, k, v)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))

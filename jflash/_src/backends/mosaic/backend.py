@@ -1,8 +1,9 @@
 """The "mosaic" implementation: Pallas Mosaic GPU kernels for Hopper (sm90).
 
-The forward pass is the FA3-style kernel of fwd.py. The backward pass is, for now, the
-Triton dK/dV and dQ kernels (backends/triton): they need nothing from the forward but
-the natural-log lse, which this forward writes with the same contract.
+The forward pass is the FA3-style kernel of fwd.py. The backward pass is the Triton dK/dV
+and dQ kernels (backends/triton), or with ``MosaicConfig.mosaic_backward`` the Mosaic ones
+of bwd.py where they support the call (head dims up to 128): both need nothing from the
+forward but the natural-log lse, which this forward writes with the same contract.
 
 ``supports`` refuses (NotImplementedError, naming what is missing) anything the forward
 kernel does not do, so that ``implementation=None`` falls back to "triton".
@@ -15,8 +16,9 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
+from jflash._src.backends.mosaic import bwd as bwd_lib
 from jflash._src.backends.mosaic import fwd as fwd_lib
-from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 from jflash._src.backends.triton import backend as triton_backend
 from jflash._src.layout import pad_axis, round_up
 from jflash._src.problem import Problem
@@ -91,7 +93,36 @@ def forward(p: Problem, q, k, v, bias, arrays):
   return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
 
 
+_bwd_override: MosaicBwdConfig | None = None
+
+
+@contextlib.contextmanager
+def override_bwd_config(cfg: MosaicBwdConfig):
+  """For tuning scripts only: trace backward passes inside the block with ``cfg``."""
+  global _bwd_override
+  prev, _bwd_override = _bwd_override, cfg
+  try:
+    yield
+  finally:
+    _bwd_override = prev
+
+
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
-  # No Mosaic backward kernels yet: the Triton ones only need the lse, which the
-  # forward above writes with the same contract (natural log, +inf on empty rows).
-  return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
+  h = q.shape[-1]
+  d = padded_head_dim(h)
+  itemsize = jnp.dtype(q.dtype).itemsize
+  cfg = _override or MosaicConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
+  if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None):
+    # The Triton kernels only need the lse, which the forward above writes with the
+    # same contract (natural log, +inf on empty rows).
+    return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
+  bcfg = _bwd_override or MosaicBwdConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
+  tp, sp = round_up(p.q_len, bcfg.q_multiple), round_up(p.kv_len, bcfg.k_multiple)
+  # Padded rows get lse = +inf (p = 0) and delta = 0; padded keys lie past kv_valid.
+  pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
+  rows = lambda x, fill: pad_axis(x, 2, tp, fill)
+  dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q, tp), pad(k, sp), pad(v, sp), pad(dout, tp),
+                                rows(lse, jnp.inf), rows(delta, 0.0), arrays.q_valid,
+                                arrays.kv_valid)
+  s = p.kv_len
+  return dq[:, :p.q_len, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h], None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # One consumer warpgroup owns 64 query rows: the M of one wgmma instruction.
 WG_ROWS = 64
@@ -23,6 +24,9 @@ class MosaicConfig:
   block_kv: int = 128
   stages: int = 2
   pingpong: bool = True
+  # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
+  # support the call, else the Triton ones. Off until measured on the GPU.
+  mosaic_backward: bool = False
 
   def __post_init__(self):
     if self.block_q != WG_ROWS:
@@ -59,3 +63,65 @@ class MosaicConfig:
   @property
   def k_multiple(self) -> int:
     return self.block_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdConfig:
+  """Tuning of the Mosaic backward kernels (bwd.py). Each of ``consumers`` warpgroups owns
+  64 keys (dK/dV kernel) or 64 query rows (dQ kernel): the M of its wgmma.
+
+  ``dkv_block_q``, ``dkv_stages``: query rows per step, and steps in flight, of the dK/dV
+  kernel's Q/dO/lse/delta ring; ``dq_block_kv``, ``dq_stages``: the same for the dQ
+  kernel's K/V ring."""
+
+  dkv_block_q: int = 64
+  dkv_stages: int = 2
+  dq_block_kv: int = 64
+  dq_stages: int = 2
+  consumers: int = 2
+
+  def __post_init__(self):
+    for name in ("dkv_block_q", "dq_block_kv"):
+      x = getattr(self, name)
+      if x % 64 or not 64 <= x <= 256:
+        raise ValueError(f"{name}={x} must be 64, 128, 192 or 256")
+    for name in ("dkv_stages", "dq_stages"):
+      if getattr(self, name) < 2:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
+    if not 1 <= self.consumers <= 2:
+      raise ValueError(f"consumers={self.consumers} must be 1 or 2")
+
+  @classmethod
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
+                  itemsize: int = 2) -> "MosaicBwdConfig":
+    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM."""
+    # Not yet measured: the f32 accumulators (dK + dV, or dQ) grow with the head dim, so
+    # the score tiles shrink with it to stay within 232 registers a thread.
+    dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
+    rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
+    cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
+    cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
+    while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
+      cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
+    while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
+      cfg = dataclasses.replace(cfg, dq_stages=cfg.dq_stages - 1)
+    return cfg
+
+  def dkv_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+    """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring."""
+    kv = 2 * self.consumers * WG_ROWS * head_dim * itemsize
+    ring = self.dkv_stages * self.dkv_block_q * (2 * head_dim * itemsize + 2 * 4)
+    return kv + ring
+
+  def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+    """Q and dO of every consumer (Q reused for dQ), their lse/delta + the K/V ring."""
+    q = self.consumers * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
+    return q + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
+
+  @property
+  def q_multiple(self) -> int:
+    return math.lcm(self.consumers * WG_ROWS, self.dkv_block_q)
+
+  @property
+  def k_multiple(self) -> int:
+    return math.lcm(self.consumers * WG_ROWS, self.dq_block_kv)

@@ -1,0 +1,344 @@
+"""Mosaic GPU (Hopper) backward kernels: dK/dV (a key tile per CTA), dQ (a query tile per CTA).
+
+Both recompute ``p = exp2(s * log2e - lse * log2e)`` tile by tile from the natural-log
+lse of the forward (+inf on empty rows, so p = 0 there with no mask); ``delta =
+rowsum(dO * O) - dlse`` comes precomputed. No atomics: every output tile is owned by one
+CTA, so results are bitwise reproducible. Each CTA runs ``cfg.consumers`` consumer
+warpgroups of 64 rows (the M of one wgmma) and one TMA producer warpgroup that streams
+the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA arrival;
+"consumed" barriers: every consumer is done with the slot).
+
+* dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
+  tiles of every query head of the GQA group over mask.q_block_range.
+  ``S^T = K Q^T``, ``dP^T = V dO^T``, ``P^T = exp2(S^T - lse)``, ``dV += P^T dO``,
+  ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``.
+* dQ: consumers own 64 query rows each (Q, dO in SMEM, lse, delta in registers); the
+  ring streams K, V tiles over mask.kv_block_range. ``dQ += dS K``.
+
+As in fwd.py, the producer loads the union of the consumers' ranges and a consumer
+*skips* (waits, releases, computes nothing) the tiles outside its own; masked tiles call
+mask.visible, fully visible ones skip it. ``interpret=True`` runs in Pallas's GPU
+interpreter, which lacks wgmma with a register operand and pre-initialised
+accumulators: there, and only there, P^T, dS^T and dS go through SMEM.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jflash._src import logits as logits_lib
+from jflash._src import mask as mask_lib
+from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
+from jflash._src.problem import Problem
+
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+PRODUCER_REGS = 40
+HEAD_DIMS = (64, 128)  # d=256 would not fit the dK and dV accumulators in registers
+
+
+def _smem_tile(shape, dtype):
+  # 128-byte swizzle over (8, 64) tiles: the layout wgmma reads without bank conflicts.
+  swizzle = 128
+  tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
+  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _consumer_regs(consumers: int) -> int:
+  # 64K registers per SM over 128-thread warpgroups; the producer keeps 40 a thread.
+  return min(240, (65536 // 128 - PRODUCER_REGS) // consumers // 8 * 8)
+
+
+def _matmul(a, b, shape):
+  """``a @ b`` of two SMEM operands into a fresh f32 accumulator."""
+  def f(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+  return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma(acc, lhs, rhs, stage):
+  """``acc + lhs @ rhs``: ``lhs`` a 16-bit register tile, ``rhs`` an SMEM ref; ``stage``
+  (interpret mode only, else None) an SMEM tile that carries ``lhs`` instead."""
+  if stage is not None:
+    stage[...] = lhs
+    plgpu.commit_smem()
+    return acc + _matmul(stage, rhs, acc.shape)
+
+  def f(ref):
+    plgpu.wgmma(ref, lhs, rhs)
+  return pl.run_state(f)(plgpu.ACC.init(acc))
+
+
+def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
+  """From a tile of q.k products and of dO.v products to ``(P, dS)`` (dS with respect to
+  ``x = scale * qk``). ``lse``, ``delta``: per query, along ``axis`` of the tile (1 for
+  [q, k] tiles, 0 for the transposed [k, q] tiles); ``vis``: the predicate or None."""
+  s, t = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
+  if vis is not None:
+    s = jnp.where(vis, s, -jnp.inf)
+  per_q = lambda x: lax.broadcast_in_dim(x, s.shape, [1 - axis])
+  pr = jnp.exp2(s - per_q(lse * logits_lib.LOG2E))  # 0 where masked or on empty rows
+  return pr, logits_lib.dscores(pr * (dp - per_q(delta)), t)
+
+
+class _Ring:
+  """Step ``c`` (0, 1, ...) of a CTA's stream lives in slot ``c % stages``."""
+
+  def __init__(self, stages: int, total, full, consumed):
+    self.stages, self.total, self.full, self.consumed = stages, total, full, consumed
+
+  def slot(self, c):
+    return lax.rem(c, self.stages)
+
+  def produce(self, load):
+    """``load(c, slot)`` issues the TMA copies of step ``c`` onto ``full[slot]``."""
+    first = jnp.minimum(self.stages, self.total)
+    pl.loop(0, first)(lambda c: load(c, self.slot(c)))
+
+    @pl.loop(first, self.total)
+    def _steady(c):
+      plgpu.barrier_wait(self.consumed.at[self.slot(c)])
+      load(c, self.slot(c))
+
+  def acquire(self, c):
+    slot = self.slot(c)
+    plgpu.barrier_wait(self.full.at[slot])
+    return slot
+
+  def release(self, c):
+    # Arrive only where the producer will wait for this slot again: a barrier phase
+    # nobody waits for would be left dangling (the interpreter checks this).
+    @pl.when(c + self.stages < self.total)
+    def _():
+      plgpu.barrier_arrive(self.consumed.at[self.slot(c)])
+
+
+def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry):
+  """Steps through ``[u_lo, u_hi)`` (ring steps ``base + i``): ``step(c, slot, i, carry,
+  masked)`` inside this consumer's ``(lo, full_lo, full_hi, hi)``, a skip outside."""
+  lo, full_lo, full_hi, hi = ranges
+
+  def skip(i, carry):
+    ring.acquire(base + i)  # keeps this warpgroup's barrier phases in step
+    ring.release(base + i)
+    return carry
+
+  def visit(i, carry, masked):
+    c = base + i
+    carry = step(c, ring.acquire(c), i, carry, masked)
+    ring.release(c)
+    return carry
+
+  carry = lax.fori_loop(u_lo, lo, skip, carry)
+  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
+  carry = lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True), carry)
+  return lax.fori_loop(hi, u_hi, skip, carry)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dk_ref, dv_ref,
+                k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, kv_full, full,
+                consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
+                interpret: bool):
+  bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
+  d, dtype = q_smem.shape[-1], q_smem.dtype
+  kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
+  q_valid, kv_valid = qv_ref[b], kvv_ref[b]
+  cta_k0 = lax.axis_index("k") * (wgs * bk)
+  # Query tiles any consumer may need: what the producer loads, for every query head.
+  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid)
+  per_head = u_hi - u_lo
+  ring = _Ring(cfg.dkv_stages, groups * per_head, full, consumed)
+
+  @pl.when(wg == wgs)
+  def _producer():
+    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+
+    def load(c, slot):
+      g = lax.div(c, per_head)
+      h = kh * groups + g
+      rows = pl.ds((u_lo + c - g * per_head) * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], full.at[slot])
+
+    ring.produce(load)
+
+  @pl.when(wg < wgs)
+  def _consumer():
+    plgpu.set_max_registers(_consumer_regs(wgs), action="increase")
+    k0 = cta_k0 + wg * bk
+    my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[wg])
+    ranges = tuple(
+        jnp.clip(x, u_lo, u_hi)
+        for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid))
+    k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
+    plgpu.barrier_wait(kv_full.at[wg])
+
+    def step(c, slot, i, carry, masked: bool):
+      dk, dv = carry
+      q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+      st = _matmul(my_k, q_s.T, (bk, bq))
+      dpt = _matmul(my_v, do_s.T, (bk, bq))
+      lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+      delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+      vis = None
+      if masked:
+        q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, transpose=True)
+      pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
+      stage = stage_smem.at[wg] if interpret else None
+      dv = _mma(dv, pt.astype(dtype), do_s, stage)
+      dk = _mma(dk, dst.astype(dtype), q_s, stage)
+      return dk, dv
+
+    def head(g, carry):
+      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges, step, carry)
+
+    zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    # K's and V's slots now stage dK and dV (every wgmma reading them has completed).
+    my_k[...] = (dk * p.scale).astype(dtype)
+    my_v[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(my_k, dk_ref.at[b, pl.ds(k0, bk), kh])
+    plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, pl.ds(k0, bk), kh])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
+               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, q_full, full,
+               consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, nk: int, groups: int,
+               interpret: bool):
+  bq, bk, wgs = WG_ROWS, cfg.dq_block_kv, cfg.consumers
+  d, dtype = q_smem.shape[-1], q_smem.dtype
+  # The last query tiles first: under a causal mask they have the most keys.
+  qt = nq - 1 - lax.axis_index("q")
+  h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+  q_valid, kv_valid = qv_ref[b], kvv_ref[b]
+  cta_q0 = qt * (wgs * bq)
+  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid)
+  ring = _Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
+
+  @pl.when(wg == wgs)
+  def _producer():
+    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+    kh = lax.div(h, jnp.asarray(groups, h.dtype))
+
+    def load(c, slot):
+      cols = (b, pl.ds((u_lo + c) * bk, bk), kh)
+      plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], full.at[slot])
+
+    ring.produce(load)
+
+  @pl.when(wg < wgs)
+  def _consumer():
+    plgpu.set_max_registers(_consumer_regs(wgs), action="increase")
+    q0 = cta_q0 + wg * bq
+    my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+    rows = pl.ds(q0, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, q_full.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[wg])
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], q_full.at[wg])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], q_full.at[wg])
+    ranges = tuple(
+        jnp.clip(x, u_lo, u_hi)
+        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid))
+    q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+    plgpu.barrier_wait(q_full.at[wg])
+    lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
+    delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+
+    def step(c, slot, j, dq, masked: bool):
+      del c
+      s = _matmul(my_q, k_smem.at[slot].T, (bq, bk))
+      dp = _matmul(my_do, v_smem.at[slot].T, (bq, bk))
+      vis = None
+      if masked:
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid)
+      _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
+      return _mma(dq, ds.astype(dtype), k_smem.at[slot], stage_smem.at[wg] if interpret else None)
+
+    zeros = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
+    dq = _visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
+    my_q[...] = (dq * p.scale).astype(dtype)  # Q's slot now stages dQ
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(my_q, dq_ref.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid):
+  """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
+  ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in {64, 128}), ``lse, delta [B, N, Tp]``
+  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``.
+  Returns ``dq, dk, dv`` (padded)."""
+  b, tp, n, d = q.shape
+  sp, kh = k.shape[1], k.shape[2]
+  groups, wgs, interpret = n // kh, cfg.consumers, p.interpret
+  params = dict(
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      num_threads=wgs + 1,
+      thread_name="wg",
+  )
+  args = (q, k, v, dout, lse, delta, q_valid, kv_valid)
+
+  bq, stages = cfg.dkv_block_q, cfg.dkv_stages
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkv_kernel, p=p, cfg=cfg, nq=tp // bq, groups=groups,
+                        interpret=interpret),
+      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_types=[
+          _smem_tile((wgs, WG_ROWS, d), k.dtype),
+          _smem_tile((wgs, WG_ROWS, d), v.dtype),
+          _smem_tile((stages, bq, d), q.dtype),
+          _smem_tile((stages, bq, d), dout.dtype),
+          plgpu.SMEM((stages, bq), jnp.float32),
+          plgpu.SMEM((stages, bq), jnp.float32),
+          _smem_tile((wgs, WG_ROWS, bq), q.dtype) if interpret else None,  # P^T, dS^T
+          plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      ],
+      grid=(sp // (wgs * WG_ROWS), kh, b),
+      grid_names=("k", "k_head", "b"),
+      kernel_name="jflash_mosaic_bwd_dkv",
+      **params,
+  )(*args)
+
+  bk, stages = cfg.dq_block_kv, cfg.dq_stages
+  nq = tp // (wgs * WG_ROWS)
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=groups,
+                        interpret=interpret),
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_types=[
+          _smem_tile((wgs, WG_ROWS, d), q.dtype),
+          _smem_tile((wgs, WG_ROWS, d), dout.dtype),
+          plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+          plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+          _smem_tile((stages, bk, d), k.dtype),
+          _smem_tile((stages, bk, d), v.dtype),
+          _smem_tile((wgs, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
+          plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      ],
+      grid=(nq, n, b),
+      grid_names=("q", "h", "b"),
+      kernel_name="jflash_mosaic_bwd_dq",
+      **params,
+  )(*args)
+  return dq, dk, dv
