@@ -55,25 +55,31 @@ def _consumer_regs(consumers: int) -> int:
   return min(240, (65536 // 128 - PRODUCER_REGS) // consumers // 8 * 8)
 
 
-def _matmul(a, b, shape):
-  """``a @ b`` of two SMEM operands into a fresh f32 accumulator."""
-  def f(acc):
-    plgpu.wgmma(acc, a, b)
-    return acc[...]
-  return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+def _matmuls(shape, *operands):
+  """``[a @ b for a, b in operands]``, SMEM operands, into fresh f32 accumulators: all
+  issued back to back, then one wait."""
+  def f(*accs):
+    for acc, (a, b) in zip(accs, operands):
+      plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
 
 
-def _mma(acc, lhs, rhs, stage):
-  """``acc + lhs @ rhs``: ``lhs`` a 16-bit register tile, ``rhs`` an SMEM ref; ``stage``
-  (interpret mode only, else None) an SMEM tile that carries ``lhs`` instead."""
+def _mmas(accs, operands, stage):
+  """``[acc + lhs @ rhs]`` for ``(lhs, rhs)`` in ``operands``: ``lhs`` a 16-bit register
+  tile, ``rhs`` an SMEM ref; issued back to back, then one wait. ``stage`` (interpret
+  mode only, else None): SMEM tiles, one per operand, that carry ``lhs`` instead."""
   if stage is not None:
-    stage[...] = lhs
+    for i, (lhs, _) in enumerate(operands):
+      stage.at[i][...] = lhs
     plgpu.commit_smem()
-    return acc + _matmul(stage, rhs, acc.shape)
+    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)])
+    return tuple(acc + x for acc, x in zip(accs, prods))
 
-  def f(ref):
-    plgpu.wgmma(ref, lhs, rhs)
-  return pl.run_state(f)(plgpu.ACC.init(acc))
+  def f(refs):
+    for ref, (lhs, rhs) in zip(refs, operands):
+      plgpu.wgmma(ref, lhs, rhs)
+  return pl.run_state(f)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
 def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
@@ -188,8 +194,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def step(c, slot, i, carry, masked: bool):
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-      st = _matmul(my_k, q_s.T, (bk, bq))
-      dpt = _matmul(my_v, do_s.T, (bk, bq))
+      st, dpt = _matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot], layout=_COL)
       vis = None
@@ -198,9 +203,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       stage = stage_smem.at[wg] if interpret else None
-      dv = _mma(dv, pt.astype(dtype), do_s, stage)
-      dk = _mma(dk, dst.astype(dtype), q_s, stage)
-      return dk, dv
+      return _mmas((dk, dv), ((dst.astype(dtype), q_s), (pt.astype(dtype), do_s)), stage)
 
     def head(g, carry):
       return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges, step, carry)
@@ -262,14 +265,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     def step(c, slot, j, dq, masked: bool):
       del c
-      s = _matmul(my_q, k_smem.at[slot].T, (bq, bk))
-      dp = _matmul(my_do, v_smem.at[slot].T, (bq, bk))
+      s, dp = _matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
-      return _mma(dq, ds.astype(dtype), k_smem.at[slot], stage_smem.at[wg] if interpret else None)
+      stage = stage_smem.at[wg] if interpret else None
+      return _mmas((dq,), ((ds.astype(dtype), k_smem.at[slot]),), stage)[0]
 
     zeros = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
     dq = _visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
@@ -307,7 +310,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           _smem_tile((stages, bq, d), dout.dtype),
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
-          _smem_tile((wgs, WG_ROWS, bq), q.dtype) if interpret else None,  # P^T, dS^T
+          _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
           plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=4, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -331,7 +334,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
           _smem_tile((stages, bk, d), k.dtype),
           _smem_tile((stages, bk, d), v.dtype),
-          _smem_tile((wgs, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
+          _smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
           plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
