@@ -43,10 +43,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for ((i = 0; i < jobs; i++)); do
     awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/ids" > "$shards/$i.ids"
     [ -s "$shards/$i.ids" ] || continue
+    mapfile -t ids < "$shards/$i.ids"  # one test id per line (ids may hold spaces)
     # Each shard stops by SHARD_TIMEOUT seconds, so a slow one cannot take the logs down.
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.9 / $jobs, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
-      --durations=3 $(cat "$shards/$i.ids") > "$shards/$i.log" 2>&1 &
+      --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do

@@ -38,13 +38,19 @@ _override: TritonConfig | None = None
 
 @contextlib.contextmanager
 def override_config(cfg: TritonConfig):
-  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public."""
+  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public.
+
+  Clears JAX's caches on the way in and out: the jitted dispatch caches traces by the
+  Problem and shapes alone, so an earlier trace would otherwise ignore ``cfg``.
+  """
   global _override
   prev, _override = _override, cfg
+  jax.clear_caches()
   try:
     yield
   finally:
     _override = prev
+    jax.clear_caches()
 
 
 def _config(p: Problem, head_dim: int, dtype, bias) -> TritonConfig:
