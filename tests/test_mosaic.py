@@ -193,9 +193,18 @@ def _mosaic_backward(case: Case, bwd_cfg: MosaicBwdConfig | None = None):
     jax.clear_caches()
 
 
-def _assert_uses_mosaic_backward(f, *args):
-  text = str(jax.make_jaxpr(f)(*args))
-  assert "jflash_mosaic_bwd_dkv" in text and "jflash_mosaic_bwd_dq" in text
+@pytest.fixture
+def mosaic_bwd_calls(monkeypatch):
+  """Counts the traces of the Mosaic backward kernels, to prove that a test ran them."""
+  calls = []
+  real = mosaic_bwd.backward
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(mosaic_bwd, "backward", counted)
+  return calls
 
 
 BWD_INTERPRET_CASES = {
@@ -214,7 +223,7 @@ BWD_INTERPRET_CASES = {
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
-def test_mosaic_backward_interpret_against_reference(name):
+def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
   case, bwd_cfg = BWD_INTERPRET_CASES[name]
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
@@ -225,8 +234,8 @@ def test_mosaic_backward_interpret_against_reference(name):
     return pullback((do, jnp.zeros_like(lse)))
 
   with _mosaic_backward(case, bwd_cfg):
-    _assert_uses_mosaic_backward(grads_of, q, k, v)
     grads = grads_of(q, k, v)
+  assert mosaic_bwd_calls
   ref_out, ref_grads = run_reference(case, jnp.float32)
   base_out, base_grads = run_reference(case, case.dtype)
   for name_, g, r, bse in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
@@ -287,23 +296,21 @@ BWD_GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(BWD_GPU_CASES))
-def test_mosaic_backward_against_reference(name):
+def test_mosaic_backward_against_reference(name, mosaic_bwd_calls):
   case = BWD_GPU_CASES[name]
   with _mosaic_backward(case):
-    q, k, v, do = case.inputs()
-    f = lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
-        q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do)
-    _assert_uses_mosaic_backward(f, q, k, v)
     check_case(case, "mosaic")
+  assert mosaic_bwd_calls
 
 
 @pytest.mark.gpu
-def test_mosaic_backward_rerun_is_bitwise_identical():
+def test_mosaic_backward_rerun_is_bitwise_identical(mosaic_bwd_calls):
   case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
   q, k, v, do = case.inputs()
   with _mosaic_backward(case):
     f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
         q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
     a, b = f(q, k, v), f(q, k, v)
+  assert mosaic_bwd_calls
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
