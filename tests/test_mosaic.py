@@ -314,3 +314,104 @@ def test_mosaic_backward_rerun_is_bitwise_identical(mosaic_bwd_calls):
   assert mosaic_bwd_calls
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+# ---- Forward variants (MosaicConfig flags, off by default until timed on the GPU): each
+# must give the reference's answer. Every case runs under mosaic_backend.override_config;
+# the jitted dispatch caches traces by Problem, not by config, hence the cache clears.
+
+VARIANTS = {
+    "overlap": dict(overlap=True),
+    "overlap_no_pingpong_bkv64": dict(overlap=True, pingpong=False, block_kv=64),
+    "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
+                                     producer_regs=24, consumer_regs=240),
+    "fold_qouter": dict(fold_scale=True, q_outer=True),
+}
+
+
+def _variant_config(case: Case, variant: str) -> MosaicConfig:
+  import dataclasses
+  d = mosaic_backend.padded_head_dim(case.h)
+  return dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, d), **VARIANTS[variant])
+
+
+VARIANT_GPU_CASES = ["bf16_d128", "bf16_d128_causal", "bf16_d64_causal_gqa", "f16_d256_causal",
+                     "bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_window",
+                     "bf16_d80_softcap", "f16_cross_t_gt_s_causal"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", VARIANT_GPU_CASES)
+def test_mosaic_variant_against_reference(name, variant):
+  case = GPU_CASES[name]
+  jax.clear_caches()
+  try:
+    with mosaic_backend.override_config(_variant_config(case, variant)):
+      check_case(case, "mosaic")
+  finally:
+    jax.clear_caches()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mosaic_variant_long_causal_and_full(variant):
+  """Many key tiles per query tile (the steady state of the pipelines), fwd only."""
+  for causal in (False, True):
+    case = Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16, is_causal=causal)
+    q, k, v, _ = case.inputs()
+    jax.clear_caches()
+    try:
+      with mosaic_backend.override_config(_variant_config(case, variant)):
+        out, lse = jflash.dot_product_attention(q, k, v, implementation="mosaic",
+                                                return_residual=True, **case.kwargs())
+    finally:
+      jax.clear_caches()
+    np_out, np_lse = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+    base_out, _ = run_reference(case, case.dtype)
+    assert_close("out", out, np_out, base_out, case.dtype)
+    assert_lse_close(lse, np_lse, case.dtype)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", list(INTERPRET_CASES))
+def test_mosaic_variant_interpret_against_reference(name, variant):
+  """The forward only (a variant changes nothing else), in Pallas's GPU interpreter."""
+  case = INTERPRET_CASES[name]
+  q, k, v, _ = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  with mosaic_backend.override_config(_variant_config(case, variant)):
+    out, lse = vjp.attention(p, q, k, v, None, arrays)
+  np_out, np_lse = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  base_out, _ = run_reference(case, case.dtype)
+  assert_close("out", out, np_out, base_out, case.dtype)
+  lse = jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), 1, 2)  # public convention
+  assert_lse_close(lse, np_lse, case.dtype)
+  empty = ~case.mask().any(-1)
+  if empty.any():
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[empty], 0.0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("d, causal, softcap, block_kv", [
+    (64, False, None, 128), (64, True, None, 192), (128, True, None, 128),
+    (128, False, 30.0, 128), (256, True, None, 64)])
+def test_mosaic_variant_lowers_for_cuda(variant, d, causal, softcap, block_kv):
+  import dataclasses
+  b, t, n, kh = 2, 512, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
+  lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
+              softcap=softcap, implementation="mosaic")
+  cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d),
+                            **{"block_kv": block_kv, **VARIANTS[variant]})
+  f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
+  f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_config_refuses_too_many_registers():
+  with pytest.raises(ValueError, match="consumer_regs"):
+    MosaicConfig(producer_regs=40, consumer_regs=240)
+  with pytest.raises(ValueError, match="producer_regs"):
+    MosaicConfig(producer_regs=20)

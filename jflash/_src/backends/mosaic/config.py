@@ -12,18 +12,38 @@ WG_ROWS = 64
 CONSUMER_WGS = 2
 # Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers.
 SMEM_BYTES = 227 * 1024 - 1024
+# 64K registers per SM over 128 threads per warpgroup: the per-thread register counts of
+# the producer and the consumers (setmaxnreg) may add up to at most this.
+REGISTERS_PER_THREAD_SLOT = 65536 // 128
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
   """``block_q``: query rows per consumer warpgroup (a CTA holds ``2 * block_q``);
   ``block_kv``: keys per pipeline step; ``stages``: K/V tiles in flight in the SMEM ring;
-  ``pingpong``: serialise the two warpgroups' matmuls with a schedule barrier."""
+  ``pingpong``: serialise the two warpgroups' matmuls with a schedule barrier.
+
+  Variants, off by default until timed on a GPU (benchmarks/mosaic_probe.py):
+  ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
+  tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
+  separate "consumed" barriers, so K goes back to the producer as soon as S is read.
+  ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
+  exp2 argument (one FMA per score instead of a multiply and a subtract); used only
+  where it is exact in meaning (no soft-cap, scale > 0).
+  ``q_outer``: launch the q tiles outermost (every head's last q tile first), so that
+  under a causal mask all the longest tiles run in the first waves.
+  ``producer_regs`` / ``consumer_regs``: setmaxnreg per thread of the TMA warpgroup and
+  of each consumer warpgroup."""
 
   block_q: int = 64
   block_kv: int = 128
   stages: int = 2
   pingpong: bool = True
+  overlap: bool = False
+  fold_scale: bool = False
+  q_outer: bool = False
+  producer_regs: int = 40
+  consumer_regs: int = 232
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. Off until measured on the GPU.
   mosaic_backward: bool = False
@@ -35,6 +55,14 @@ class MosaicConfig:
       raise ValueError(f"block_kv={self.block_kv} must be 64, 128, 192 or 256")
     if self.stages < 2:
       raise ValueError(f"stages={self.stages} must be >= 2 (a ring of one tile cannot overlap)")
+    for name in ("producer_regs", "consumer_regs"):
+      r = getattr(self, name)
+      if r % 8 or not 24 <= r <= 256:
+        raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
+    if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
+      raise ValueError(
+          f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
+          f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2) -> "MosaicConfig":

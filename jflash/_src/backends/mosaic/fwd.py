@@ -55,8 +55,11 @@ def _rows(x, shape):
 
 
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
-            q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, consumed, sched,
-            *, p: Problem, cfg: MosaicConfig, nq: int, nk: int, groups: int, interpret: bool):
+            q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
+            v_consumed, sched, *, p: Problem, cfg: MosaicConfig, nq: int, nk: int, groups: int,
+            interpret: bool):
+  """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
+  separately; otherwise ``k_consumed`` guards both halves of a slot."""
   bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
   d = q_smem.shape[-1]
   dtype = q_smem.dtype
@@ -69,6 +72,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, CONSUMER_WGS * bq, bk, nk,
                                              q_valid, kv_valid)
   slot_of = lambda i: lax.rem(i - u_lo, stages)
+  split = v_consumed is not None
 
   def sync():
     # Ping-pong: each arrive+wait pairs one warpgroup's point with the other's.
@@ -78,26 +82,26 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
   @pl.when(wg == _PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
 
-    def load(i):
+    def load(i, wait):
       slot = slot_of(i)
       src = (b, pl.ds(i * bk, bk), kh)
+      if wait:
+        plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
+      if wait and split:
+        plgpu.barrier_wait(v_consumed.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot])
 
     first = jnp.minimum(u_lo + stages, u_hi)
-    pl.loop(u_lo, first)(load)
-
-    @pl.loop(first, u_hi)
-    def _steady(i):
-      plgpu.barrier_wait(consumed.at[slot_of(i)])
-      load(i)
+    pl.loop(u_lo, first)(functools.partial(load, wait=False))
+    pl.loop(first, u_hi)(functools.partial(load, wait=True))
 
   @pl.when(wg < _PRODUCER)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     q0 = cta_q0 + wg * bq
     lo, full_lo, full_hi, hi = (
         jnp.clip(x, u_lo, u_hi)
@@ -107,12 +111,15 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     plgpu.barrier_wait(q_full.at[wg])
     q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
 
-    def release(i, slot):
+    def release(i, barrier):
       # Arrive only where the producer will wait for this slot again: a barrier phase
       # nobody waits for would be left dangling (the interpreter checks this).
       @pl.when(i + stages < u_hi)
       def _():
-        plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.barrier_arrive(barrier.at[slot_of(i)])
+
+    release_k = functools.partial(release, barrier=k_consumed)
+    release_v = functools.partial(release, barrier=v_consumed if split else k_consumed)
 
     def skip(i, carry):
       slot = slot_of(i)
@@ -120,8 +127,48 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       plgpu.barrier_wait(v_full.at[slot])
       sync()
       sync()
-      release(i, slot)
+      release_k(i)
+      if split:
+        release_v(i)
       return carry
+
+    fold = cfg.fold_scale and p.softcap is None and p.scale > 0
+
+    def softmax(qk, i, m, l, masked: bool):
+      """Online softmax of one score tile: (P in the input dtype, new m, new l, alpha)."""
+      if fold:
+        s = qk  # raw scores; scale*log2(e) > 0 goes into the exp2 argument below
+      else:
+        s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
+      if masked:
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
+        s = jnp.where(mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid), s, -jnp.inf)
+      c = p.scale * logits_lib.LOG2E if fold else 1.0
+      m_new = jnp.maximum(m, s.max(axis=1) * c)
+      # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
+      # exp2 gives 0 rather than NaN. Unmasked tiles always raise m above -inf.
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      pr = jnp.exp2((s * c if fold else s) - _rows(m_use, s.shape))
+      alpha = jnp.exp2(m - m_use)
+      return pr.astype(dtype), m_new, l * alpha + pr.sum(axis=1), alpha
+
+    def pv(acc, p16, slot):
+      """``acc + P @ V[slot]``, waited for."""
+      if interpret:
+        my_p = p_smem.at[wg]
+        my_p[...] = p16
+        plgpu.commit_smem()
+
+        def body(ref):
+          plgpu.wgmma(ref, my_p, v_smem.at[slot])
+          return ref[...]
+
+        return acc + pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
+
+      def body(ref):
+        plgpu.wgmma(ref, p16, v_smem.at[slot])
+
+      return pl.run_state(body)(plgpu.ACC.init(acc))
 
     def step(i, carry, masked: bool):
       acc, m, l = carry
@@ -134,40 +181,15 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         return ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-      s, _ = logits_lib.scores(s, p.scale, p.softcap, base2=True)
-      if masked:
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
-        s = jnp.where(mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid), s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1))
-      # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
-      # exp2 gives 0 rather than NaN. Unmasked tiles always raise m above -inf.
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-      pr = jnp.exp2(s - _rows(m_use, s.shape))
-      alpha = jnp.exp2(m - m_use)
-      l = l * alpha + pr.sum(axis=1)
-      p16 = pr.astype(dtype)
+      p16, m_new, l, alpha = softmax(s, i, m, l, masked)
       acc = acc * _rows(alpha, acc.shape)
       if cfg.pingpong:
         plgpu.barrier_arrive(sched)  # softmax done
       plgpu.barrier_wait(v_full.at[slot])
       if cfg.pingpong:
         plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
-      if interpret:
-        my_p = p_smem.at[wg]
-        my_p[...] = p16
-        plgpu.commit_smem()
-
-        def pv(ref):
-          plgpu.wgmma(ref, my_p, v_smem.at[slot])
-          return ref[...]
-
-        acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32))
-      else:
-        def pv(ref):
-          plgpu.wgmma(ref, p16, v_smem.at[slot])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      release(i, slot)
+      acc = pv(acc, p16, slot)
+      release_v(i)
       return acc, m_new, l
 
     init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
@@ -175,10 +197,17 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
     pl.when(wg == 1)(sync)  # warpgroup 0 goes first
     carry = lax.fori_loop(u_lo, lo, skip, init)
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
-    acc, m, l = lax.fori_loop(hi, u_hi, skip, carry)
+    if cfg.overlap:
+      acc, m, l = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=softmax,
+                              pv=pv, slot_of=slot_of, release_k=release_k,
+                              release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
+                              k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
+                              else None, dtype=dtype)
+    else:
+      carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+      acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+    acc, m, l = lax.fori_loop(hi, u_hi, skip, (acc, m, l))
     pl.when(wg == 0)(sync)
 
     # Rows with no visible key (or padding rows): output 0, lse +inf (see mask.py).
@@ -192,6 +221,94 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
     plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, release_k,
+                release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
+  """The key tiles ``[lo, hi)`` of one consumer with FA3's intra-warpgroup overlap.
+
+  Step i issues QK^T of tile i, then PV of tile i-1 (P from the step before), and runs
+  the softmax of tile i as soon as its scores are in (``wait_n=1``: PV may still be in
+  flight). A prologue does tile lo alone, an epilogue the last PV.
+
+  Ping-pong points (``sync``): one before the prologue, two per later step (before and
+  after issuing), two in the epilogue: ``1 + 2 * (hi - lo)`` in all, and just the one
+  where ``lo == hi``, as ``skip`` does two per tile: both warpgroups stay in step. In
+  the phase between two points one warpgroup issues its matmuls while the other runs
+  its softmax. ``p_smem`` (interpret mode only) stages P for a wgmma from SMEM.
+  """
+  acc0, m0, l0 = carry
+  bq, bk = m0.shape[0], k_smem.shape[1]
+  d = acc0.shape[1]
+
+  def first():
+    slot = slot_of(lo)
+    plgpu.barrier_wait(k_full.at[slot])
+
+    def qk(ref):
+      plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
+      return ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    release_k(lo)
+    # Tile lo may or may not need the predicate: the masked path is right for both.
+    return softmax(s, lo, m0, l0, masked=True)
+
+  def nothing():
+    return (plgpu.layout_cast(jnp.zeros((bq, bk), dtype), plgpu.Layout.WGMMA), m0, l0,
+            plgpu.layout_cast(jnp.ones((bq,), jnp.float32), _ROW))
+
+  sync()
+  p16, m, l, alpha = lax.cond(lo < hi, first, nothing)
+
+  def step(i, carry, masked: bool):
+    acc, p16, m, l, alpha = carry
+    slot, prev = slot_of(i), slot_of(i - 1)
+    sync()  # our turn to issue
+    plgpu.barrier_wait(k_full.at[slot])
+
+    def issue_and_softmax(s_ref, pv_ref):
+      plgpu.wgmma(s_ref, my_q, k_smem.at[slot].T)
+      scaled = acc * _rows(alpha, acc.shape)  # runs under QK
+      if p_smem is None:
+        pv_ref[...] = scaled
+        plgpu.barrier_wait(v_full.at[prev])
+        plgpu.wgmma(pv_ref, p16, v_smem.at[prev])
+      else:
+        p_smem[...] = p16
+        plgpu.commit_smem()
+        plgpu.barrier_wait(v_full.at[prev])
+        plgpu.wgmma(pv_ref, p_smem, v_smem.at[prev])
+      sync()  # both our matmuls are issued: the other warpgroup's turn
+      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK done; PV may still run
+      release_k(i)
+      new = softmax(s, i, m, l, masked)
+      out = pv_ref[...]  # waits for PV
+      release_v(i - 1)
+      return (out if p_smem is None else scaled + out), *new
+
+    return pl.run_scoped(issue_and_softmax, plgpu.ACC((bq, bk), jnp.float32),
+                         plgpu.ACC((bq, d), jnp.float32))
+
+  carry = (acc0, p16, m, l, alpha)
+  after = lambda x: jnp.maximum(x, lo + 1)
+  carry = lax.fori_loop(lo + 1, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(after(full_lo), full_hi, functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(after(full_hi), hi, functools.partial(step, masked=True), carry)
+  acc, p16, m, l, alpha = carry
+
+  def last():
+    slot = slot_of(hi - 1)
+    sync()
+    scaled = acc * _rows(alpha, acc.shape)
+    plgpu.barrier_wait(v_full.at[slot])
+    out = pv(scaled, p16, slot)
+    sync()
+    release_v(hi - 1)
+    return out
+
+  acc = lax.cond(lo < hi, last, lambda: acc)
+  return acc, m, l
 
 
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
@@ -213,17 +330,22 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
+      # Separate "V consumed" barriers under the overlap schedule (see _kernel).
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
   kernel = functools.partial(_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              interpret=interpret)
+  # The first grid axis varies fastest in launch order. q innermost: the CTAs of one wave
+  # share a head's K/V in L2. q outermost: every head's longest causal tiles go first.
+  grid, names = ((n, b, nq), ("h", "b", "q")) if cfg.q_outer else ((nq, n, b), ("q", "h", "b"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
       scratch_types=scratch,
-      grid=(nq, n, b),
-      grid_names=("q", "h", "b"),
+      grid=grid,
+      grid_names=names,
       num_threads=CONSUMER_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
