@@ -3,6 +3,8 @@
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py                      # the default grid
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 --heads 16x128 \
       --sweep-block-kv 64 128 --sweep-stages 2 3 --sweep-pingpong 1 0   # MosaicConfig sweep
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwd --impls mosaic cudnn \
+      --variants overlap=1 overlap=1,fold_scale=1   # named variants next to the default
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwdbwd --mosaic-bwd \
       --sweep-bwd dkv_block_q=64,dq_block_kv=64 dkv_block_q=128,dkv_stages=3  # Mosaic backward
 
@@ -86,6 +88,22 @@ def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
   return dataclasses.replace(cfg, **{k: int(v) for k, v in fields.items()})
 
 
+def fwd_config(base: MosaicConfig, spec: str) -> MosaicConfig:
+  """'field=value,...' (e.g. 'overlap=1,block_kv=192') -> ``base`` with those fields."""
+  fields = dict(kv.split("=") for kv in spec.split(",") if kv and kv != "default")
+  return dataclasses.replace(
+      base, **{k: type(getattr(base, k))(int(v)) for k, v in fields.items()})
+
+
+def sweep_label(cfg: MosaicConfig) -> str:
+  """The sweep's label: block_kv, stages, pingpong, and the variant flags that are on."""
+  extra = "".join(f",{short}={int(getattr(cfg, name))}" for name, short in (
+      ("overlap", "ov"), ("fold_scale", "fs"), ("q_outer", "qo")) if getattr(cfg, name))
+  if (cfg.producer_regs, cfg.consumer_regs) != (40, 232):
+    extra += f",r={cfg.producer_regs}/{cfg.consumer_regs}"
+  return f"mosaic[bkv={cfg.block_kv},st={cfg.stages},pp={int(cfg.pingpong)}{extra}]"
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--s", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -97,6 +115,15 @@ def main():
   ap.add_argument("--sweep-block-kv", type=int, nargs="*", default=[])
   ap.add_argument("--sweep-stages", type=int, nargs="*", default=[])
   ap.add_argument("--sweep-pingpong", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-overlap", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-fold-scale", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-q-outer", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-regs", nargs="*", default=[],
+                  help="setmaxnreg splits 'producer/consumer', e.g. 40/232 24/240")
+  ap.add_argument("--variants", nargs="*", default=[],
+                  help="forward MosaicConfigs to time next to the default 'mosaic', each "
+                       "'field=value,...' over the heuristic default, e.g. overlap=1 "
+                       "overlap=1,fold_scale=1,block_kv=192,stages=3")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--loops", type=int, default=5)
@@ -115,7 +142,9 @@ def main():
   dev = jax.devices()[0]
   print(f"# {dev.device_kind} jax {jax.__version__}", flush=True)
   causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-  sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong)
+  sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong
+                  or args.sweep_overlap or args.sweep_fold_scale or args.sweep_q_outer
+                  or args.sweep_regs)
   rows = []
   for heads, s, causal in itertools.product(args.heads, args.s, causals):
     n, d = (int(x) for x in heads.split("x"))
@@ -125,10 +154,23 @@ def main():
     base = MosaicConfig.for_problem(s, s, d)
     configs = [None]
     if sweeping:
-      configs = [dataclasses.replace(base, block_kv=bk, stages=st, pingpong=bool(pp))
-                 for bk, st, pp in itertools.product(args.sweep_block_kv or [base.block_kv],
-                                                     args.sweep_stages or [base.stages],
-                                                     args.sweep_pingpong or [int(base.pingpong)])]
+      regs = [tuple(int(x) for x in r.split("/")) for r in args.sweep_regs] or [
+          (base.producer_regs, base.consumer_regs)]
+      configs = [dataclasses.replace(base, block_kv=bk, stages=st, pingpong=bool(pp),
+                                     overlap=bool(ov), fold_scale=bool(fs), q_outer=bool(qo),
+                                     producer_regs=r[0], consumer_regs=r[1])
+                 for bk, st, pp, ov, fs, qo, r in itertools.product(
+                     args.sweep_block_kv or [base.block_kv],
+                     args.sweep_stages or [base.stages],
+                     args.sweep_pingpong or [int(base.pingpong)],
+                     args.sweep_overlap or [int(base.overlap)],
+                     args.sweep_fold_scale or [int(base.fold_scale)],
+                     args.sweep_q_outer or [int(base.q_outer)], regs)]
+    labels = {}  # id(config) -> label, for the --variants configs
+    for spec in args.variants:
+      cfg = fwd_config(base, spec)
+      labels[id(cfg)] = f"mosaic[{spec}]"
+      configs.append(cfg)
     print(f"== b={b} s={s} n={n} d={d} causal={causal} default={base}", flush=True)
     ref_out = None
     ref_grads = None
@@ -139,7 +181,7 @@ def main():
         if impl.startswith("mosaic_bwd") and mode == "fwd":
           continue  # the same forward as mosaic
         for cfg in (configs if impl == "mosaic" else [None]):
-          label = impl if cfg is None else f"mosaic[bkv={cfg.block_kv},st={cfg.stages},pp={int(cfg.pingpong)}]"
+          label = impl if cfg is None else labels.get(id(cfg)) or sweep_label(cfg)
           # The jitted dispatch caches traces by Problem, not by config: start clean.
           jax.clear_caches()
           try:
