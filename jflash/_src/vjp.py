@@ -83,19 +83,27 @@ def _fwd(p, q, k, v, bias, arrays):
   return (out, lse), (q, k, v, bias, arrays, out, lse, _WantBiasGrad(want_dbias))
 
 
-def _bwd(p, res, cotangents):
-  q, k, v, bias, arrays, out, lse, want_dbias = res
+def _dout_and_delta(out, lse, cotangents):
+  """The output cotangent (zeros for a symbolic zero) and ``delta [B, N, T]`` f32.
+
+  delta_i = do_i . o_i (= sum_j p_ij dp_ij); a cotangent on lse_i adds p_ij * dlse_i to
+  ds_ij, which is the same as lowering delta_i by dlse_i. A plain row reduction (not a
+  dot): its result does not depend on the batch or head extent, so sharded and
+  unsharded runs agree bit for bit.
+  """
   dout, dlse = cotangents
   if isinstance(dout, SymbolicZero):
     dout = jnp.zeros(out.shape, out.dtype)
-  # delta_i = do_i . o_i (= sum_j p_ij dp_ij); a cotangent on lse_i adds p_ij * dlse_i to
-  # ds_ij, which is the same as lowering delta_i by dlse_i.
-  # A plain row reduction (not a dot): its result does not depend on the batch or head
-  # extent, so sharded and unsharded runs agree bit for bit.
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   if not isinstance(dlse, SymbolicZero):
     # An lse cotangent on an empty row (lse = +inf) has nothing to flow into.
     delta = delta - jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  return dout, delta
+
+
+def _bwd(p, res, cotangents):
+  q, k, v, bias, arrays, out, lse, want_dbias = res
+  dout, delta = _dout_and_delta(out, lse, cotangents)
   dq, dk, dv, dbias = _backward(p, q, k, v, bias, arrays, lse, dout.astype(q.dtype), delta,
                                 want_dbias.value)
   if bias is not None and dbias is None:
@@ -127,13 +135,7 @@ def _ring_fwd(r, q, k, v, segment_ids):
 
 def _ring_bwd(r, res, cotangents):
   q, k, v, segment_ids, out, lse = res
-  dout, dlse = cotangents
-  if isinstance(dout, SymbolicZero):
-    dout = jnp.zeros(out.shape, out.dtype)
-  # delta as in _bwd: rowsum(dout * out), lowered by the lse cotangent on non-empty rows.
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-  if not isinstance(dlse, SymbolicZero):
-    delta = delta - jnp.where(jnp.isinf(lse), 0.0, dlse.astype(jnp.float32))
+  dout, delta = _dout_and_delta(out, lse, cotangents)
   dq, dk, dv = ring.backward(r, _backward, q, k, v, segment_ids, lse, dout.astype(q.dtype), delta)
   return dq, dk, dv, None
 
