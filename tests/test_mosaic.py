@@ -335,9 +335,9 @@ def _variant_config(case: Case, variant: str) -> MosaicConfig:
   return dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, d), **VARIANTS[variant])
 
 
-VARIANT_GPU_CASES = ["bf16_d128", "bf16_d128_causal", "bf16_d64_causal_gqa", "f16_d256_causal",
-                     "bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_window",
-                     "bf16_d80_softcap", "f16_cross_t_gt_s_causal"]
+# The default configuration runs every GPU case above; a variant (a flag that is off by
+# default) runs the three that cover tails, empty rows and soft-cap, to stay in budget.
+VARIANT_GPU_CASES = ["bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_d80_softcap"]
 
 
 @pytest.mark.gpu
