@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jflash
-from helpers import Case
+import reference
+from helpers import Case, assert_lse_close
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
 
@@ -143,3 +144,93 @@ def test_dropout_mask_does_not_depend_on_sharding(impl):
       dropout_rng=jax.random.PRNGKey(3)))
   np.testing.assert_allclose(np.asarray(f(shard(q), shard(k), shard(v))), np.asarray(f(q, k, v)),
                              rtol=1e-6, atol=1e-6)
+
+
+# Sequence sharding under plain jit: context parallelism through the ring (ring.py) when
+# q's T and k/v's S are split over one mesh axis; calls the ring cannot run are gathered.
+
+
+def _seq_mesh():
+  return jax.make_mesh((4,), ("x",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+
+
+def _with_lse(impl, case):
+  """jit'd forward (out, lse) and grads of a loss that uses both (lse cotangent too)."""
+  kw = case.kwargs()
+  bias = case.bias_array()
+
+  def f(q, k, v):
+    return jflash.dot_product_attention(q, k, v, bias, implementation=impl,
+                                        return_residual=True, **kw)
+
+  def loss(q, k, v, do):
+    out, lse = f(q, k, v)
+    return jnp.sum(out * do) + 0.5 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  return jax.jit(f), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _reference_with_lse(case, q, k, v, do):
+  def f(q, k, v):
+    out, lse = reference.attention(q, k, v, case.mask(), scale=case.scale, softcap=case.softcap,
+                                   bias=case.bias_array())
+    return out, lse
+
+  def loss(q, k, v):
+    out, lse = f(q, k, v)
+    return jnp.sum(out * do) + 0.5 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  return f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _check_against_reference(case, got, got_grads, q, k, v, do):
+  (out, lse), grads = got, got_grads
+  (ref_out, ref_lse), ref_grads = _reference_with_lse(case, q, k, v, do)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-5, atol=2e-5)
+  assert_lse_close(lse, ref_lse, case.dtype)
+  for name, a, b in zip("qkv", got_grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4,
+                               err_msg=f"d{name}")
+
+
+RING_CASES = {
+    "plain": Case(b=2, t=32, s=32, n=4, k=2, h=16),
+    "causal": Case(b=2, t=32, s=32, n=4, k=2, h=16, is_causal=True),
+    "segments": Case(b=2, t=32, s=32, n=4, k=2, h=16, is_causal=True, segments="packed"),
+    # Lengths become per-chunk lengths; the window reaches one chunk back.
+    "window_lengths": Case(b=2, t=32, s=32, n=2, k=1, h=16, window=(5, 3), q_lengths=[32, 13],
+                           kv_lengths=[21, 32], softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("impl,name", [("xla", n) for n in RING_CASES] + [("triton", "causal")])
+def test_sequence_sharding_runs_a_ring(impl, name):
+  case = RING_CASES[name]
+  q, k, v, do = case.inputs()
+  sharding = NamedSharding(_seq_mesh(), P(None, "x"))
+  sq, sk, sv, sdo = (jax.device_put(x, sharding) for x in (q, k, v, do))
+  f, g = _with_lse(impl, case)
+
+  for compiled in (f.lower(sq, sk, sv).compile(), g.lower(sq, sk, sv, sdo).compile()):
+    text = compiled.as_text()
+    assert "collective-permute" in text
+    assert "all-gather" not in text  # K/V are never gathered
+
+  out, lse = f(sq, sk, sv)
+  grads = g(sq, sk, sv, sdo)
+  assert out.sharding.is_equivalent_to(sharding, 4)
+  for x in grads:
+    assert x.sharding.is_equivalent_to(sharding, 4)
+  _check_against_reference(case, (out, jnp.asarray(lse)), grads, q, k, v, do)
+  np.testing.assert_array_equal(np.asarray(f(sq, sk, sv)[0]), np.asarray(out))  # rerun
+
+
+def test_sequence_sharding_with_bias_is_gathered():
+  """The ring takes no bias: the call falls back to gathering the sequence."""
+  case = Case(b=1, t=32, s=32, n=2, k=2, h=16, is_causal=True, bias=(1, 2, 32, 32))
+  q, k, v, do = case.inputs()
+  sharding = NamedSharding(_seq_mesh(), P(None, "x"))
+  sq, sk, sv, sdo = (jax.device_put(x, sharding) for x in (q, k, v, do))
+  f, g = _with_lse("xla", case)
+  assert "all-gather" in f.lower(sq, sk, sv).compile().as_text()
+  _check_against_reference(case, f(sq, sk, sv), g(sq, sk, sv, sdo), q, k, v, do)

@@ -1,11 +1,13 @@
 """Ring attention: context parallelism over one mesh axis, inside ``jax.shard_map``.
 
 Each of the P devices on the ring holds one chunk of the sequence (q, k, v and segment
-ids). K/V chunks travel around the ring with ``lax.ppermute``; at every step a device
-runs jflash's ordinary per-chunk attention (any backend) on its queries and the K/V
-chunk it holds, and merges the partial result into its running output through the
-lse (exact, f32). The send of the next K/V chunk is issued before the current chunk's
-compute and does not depend on it, so XLA can overlap the two.
+ids; under plain ``jit``, sharding.py adds per-batch valid lengths, made local to each
+chunk). K/V chunks travel around the ring, with their ids and lengths, by
+``lax.ppermute``; at every step a device runs jflash's ordinary per-chunk attention
+(any backend) on its queries and the K/V chunk it holds, and merges the partial
+result into its running output through the lse (exact, f32). The send of the next
+K/V chunk is issued before the current chunk's compute and does not depend on it, so
+XLA can overlap the two.
 
 The backward pass is a second ring: K/V travel again, now with their dK/dV
 accumulators, which arrive back home at the end; dQ accumulates locally. Every step
@@ -178,12 +180,36 @@ def _rows(lse):
   return jnp.swapaxes(lse, 1, 2)[..., None]
 
 
-def _arrays(r: Ring, q, k, q_seg, kv_seg) -> MaskArrays:
-  b = q.shape[0]
-  return MaskArrays(q_valid=jnp.full((b,), q.shape[1], jnp.int32),
-                    kv_valid=jnp.full((b,), k.shape[1], jnp.int32),
+def _arrays(r: Ring, q, q_side, kv) -> MaskArrays:
+  (q_seg, q_valid), (k, _, kv_seg, kv_valid) = q_side, kv
+  full = lambda n: jnp.full((q.shape[0],), n, jnp.int32)
+  return MaskArrays(q_valid=full(q.shape[1]) if q_valid is None else q_valid,
+                    kv_valid=full(k.shape[1]) if kv_valid is None else kv_valid,
                     q_segment_ids=q_seg if r.has_segment_ids else None,
                     kv_segment_ids=kv_seg if r.has_segment_ids else None)
+
+
+def _chunks(r: Ring, q, k, v, segment_ids, lengths):
+  """This device's query side ``(ids, valid)`` and travelling K/V ``(k, v, ids, valid)``.
+
+  ``segment_ids``: one ``[B, T]`` array (self attention), a ``(q_ids, kv_ids)`` pair, or
+  None. ``lengths``: None, or the global valid lengths ``(q_valid [B], kv_valid [B])``,
+  which become this chunk's (contiguous layout: chunk d starts at ``d * T``); a K/V
+  chunk's length travels with it.
+  """
+  q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+  if lengths is None:
+    return (q_ids, None), (k, v, kv_ids, None)
+  if r.zigzag:
+    raise NotImplementedError("valid lengths need the contiguous layout")
+  me = lax.axis_index(r.axis_name)
+  local = lambda n, c: jnp.clip(n - me * c, 0, c).astype(jnp.int32)
+  return (q_ids, local(lengths[0], q.shape[1])), (k, v, kv_ids, local(lengths[1], k.shape[1]))
+
+
+def _q_half(q_side, which: int):
+  """The query side of one half-chunk (zigzag: no lengths)."""
+  return _half(q_side[0], which), q_side[1]
 
 
 def _plain(r: Ring, q, k) -> MaskSpec:
@@ -216,10 +242,9 @@ def _around(r: Ring, plan: _Plan, kv, state, step):
   return visit(plan.last, kv, state)
 
 
-def _attend(r: Ring, fwd: Forward, spec: MaskSpec, q, q_seg, kv):
+def _attend(r: Ring, fwd: Forward, spec: MaskSpec, q, q_side, kv):
   """One chunk pair: ``(out f32 [B,T,N,H], lse f32 [B,N,T], -inf on empty rows)``."""
-  k, v, kv_seg = kv
-  out, lse = fwd(r.problem(spec), q, k, v, None, _arrays(r, q, k, q_seg, kv_seg))
+  out, lse = fwd(r.problem(spec), q, kv[0], kv[1], None, _arrays(r, q, q_side, kv))
   return out.astype(jnp.float32), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
 
 
@@ -231,21 +256,21 @@ def _merge(acc, part):
   return o1 * _rows(jnp.exp(l1 - ref)) + o2 * _rows(jnp.exp(l2 - ref)), lse
 
 
-def _forward_step(r: Ring, plan: _Plan, fwd: Forward, q, q_seg, kv, acc, distance):
+def _forward_step(r: Ring, plan: _Plan, fwd: Forward, q, q_side, kv, acc, distance):
   """Merges the K/V chunk ``distance`` chunks back into ``acc``."""
   if not r.zigzag:
-    return plan.choose(distance, lambda spec: _merge(acc, _attend(r, fwd, spec, q, q_seg, kv)),
+    return plan.choose(distance, lambda spec: _merge(acc, _attend(r, fwd, spec, q, q_side, kv)),
                        lambda: acc)
 
   def early():  # both query halves see the first K/V half
     kv_a = jax.tree.map(_first_half, kv)
-    return _merge(acc, _attend(r, fwd, _plain(r, q, kv_a[0]), q, q_seg, kv_a))
+    return _merge(acc, _attend(r, fwd, _plain(r, q, kv_a[0]), q, q_side, kv_a))
 
   def late():  # the second query half sees both K/V halves
     o, lse = acc
     q_b = _half(q, 1)
     o_b, lse_b = _merge((_half(o, 1), _half(lse, 1, 2)),
-                        _attend(r, fwd, _plain(r, q_b, kv[0]), q_b, _half(q_seg, 1), kv))
+                        _attend(r, fwd, _plain(r, q_b, kv[0]), q_b, _q_half(q_side, 1), kv))
     return (jnp.concatenate([_half(o, 0), o_b], 1),
             jnp.concatenate([_half(lse, 0, 2), lse_b], 2))
 
@@ -259,48 +284,49 @@ def _diagonal(r: Ring, q, k) -> MaskSpec:
   return r.pair_spec(0, q.shape[1], k.shape[1])
 
 
-def forward(r: Ring, fwd: Forward, q, k, v, segment_ids):
-  """``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``segment_ids [B,T]`` or None: this device's
-  chunks. Returns ``(out [B,T,N,H] q.dtype, lse [B,N,T] f32, +inf on empty rows)``."""
+def forward(r: Ring, fwd: Forward, q, k, v, segment_ids, lengths=None):
+  """``q [B,T,N,H]``, ``k, v [B,S,K,H]``, ``segment_ids [B,T]`` (or a ``(q, kv)`` pair,
+  or None): this device's chunks; ``lengths``: None or global ``(q_valid, kv_valid)``
+  (see ``_chunks``). Returns ``(out [B,T,N,H] q.dtype, lse [B,N,T] f32, +inf on empty
+  rows)``."""
   plan = _Plan.make(r, lax.axis_size(r.axis_name), q.shape[1], k.shape[1])
-  kv = (k, v, segment_ids)
-  acc = _attend(r, fwd, _diagonal(r, q, k), q, segment_ids, kv)
+  q_side, kv = _chunks(r, q, k, v, segment_ids, lengths)
+  acc = _attend(r, fwd, _diagonal(r, q, k), q, q_side, kv)
 
   def step(s, distance, kv, acc):
-    return _forward_step(r, plan, fwd, q, segment_ids, kv, acc, distance)
+    return _forward_step(r, plan, fwd, q, q_side, kv, acc, distance)
 
   out, lse = _around(r, plan, kv, acc, step)
   return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
-def _grads(r: Ring, bwd: Backward, spec: MaskSpec, q, q_seg, kv, lse, dout, delta):
+def _grads(r: Ring, bwd: Backward, spec: MaskSpec, q, q_side, kv, lse, dout, delta):
   """dq, dk, dv (f32) of one chunk pair, given the global lse and delta of its rows."""
-  k, v, kv_seg = kv
-  dq, dk, dv, _ = bwd(r.problem(spec), q, k, v, None, _arrays(r, q, k, q_seg, kv_seg), lse,
+  dq, dk, dv, _ = bwd(r.problem(spec), q, kv[0], kv[1], None, _arrays(r, q, q_side, kv), lse,
                       dout, delta, False)
   return tuple(x.astype(jnp.float32) for x in (dq, dk, dv))
 
 
-def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_seg, kv, lse, dout, delta, acc,
+def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_side, kv, lse, dout, delta, acc,
                    distance):
   """Adds the gradients against the K/V chunk ``distance`` chunks back to ``(dq, dk, dv)``."""
   if not r.zigzag:
     def run(spec):
-      return tuple(a + g for a, g in zip(acc, _grads(r, bwd, spec, q, q_seg, kv, lse, dout,
+      return tuple(a + g for a, g in zip(acc, _grads(r, bwd, spec, q, q_side, kv, lse, dout,
                                                      delta)))
     return plan.choose(distance, run, lambda: acc)
 
   def early():  # both query halves against the first K/V half
     dq, dk, dv = acc
     kv_a = jax.tree.map(_first_half, kv)
-    gq, gk, gv = _grads(r, bwd, _plain(r, q, kv_a[0]), q, q_seg, kv_a, lse, dout, delta)
+    gq, gk, gv = _grads(r, bwd, _plain(r, q, kv_a[0]), q, q_side, kv_a, lse, dout, delta)
     c = gk.shape[1]
     return dq + gq, dk.at[:, :c].add(gk), dv.at[:, :c].add(gv)
 
   def late():  # the second query half against both K/V halves
     dq, dk, dv = acc
     q_b = _half(q, 1)
-    gq, gk, gv = _grads(r, bwd, _plain(r, q_b, kv[0]), q_b, _half(q_seg, 1), kv,
+    gq, gk, gv = _grads(r, bwd, _plain(r, q_b, kv[0]), q_b, _q_half(q_side, 1), kv,
                         _half(lse, 1, 2), _half(dout, 1), _half(delta, 1, 2))
     c = gq.shape[1]
     return dq.at[:, c:].add(gq), dk + gk, dv + gv
@@ -308,16 +334,17 @@ def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_seg, kv, lse, dout,
   return lax.cond(distance > 0, early, late)
 
 
-def backward(r: Ring, bwd: Backward, q, k, v, segment_ids, lse, dout, delta):
+def backward(r: Ring, bwd: Backward, q, k, v, segment_ids, lse, dout, delta, lengths=None):
   """Gradients of ``forward``'s output for this device's chunks: ``(dq, dk, dv)``.
 
   ``lse [B,N,T]`` is ``forward``'s (global, +inf on empty rows) and ``delta [B,N,T]`` is
-  ``rowsum(dout * out) - dlse``, as in vjp.py.
+  ``rowsum(dout * out) - dlse``, as in vjp.py. ``segment_ids`` and ``lengths`` as in
+  ``forward``.
   """
   n = lax.axis_size(r.axis_name)
   plan = _Plan.make(r, n, q.shape[1], k.shape[1])
-  kv = (k, v, segment_ids)
-  dq, dk, dv = _grads(r, bwd, _diagonal(r, q, k), q, segment_ids, kv, lse, dout, delta)
+  q_side, kv = _chunks(r, q, k, v, segment_ids, lengths)
+  dq, dk, dv = _grads(r, bwd, _diagonal(r, q, k), q, q_side, kv, lse, dout, delta)
 
   # The state holds dQ and, not yet sent, the dK/dV accumulators of the K/V chunk of the
   # previous step. They are sent at the start of a step, concurrently with its compute,
@@ -325,7 +352,7 @@ def backward(r: Ring, bwd: Backward, q, k, v, segment_ids, lse, dout, delta):
   def step(s, distance, kv, state):
     dq, dk, dv = state
     dk, dv = _shift((dk, dv), r, n)
-    return _backward_step(r, plan, bwd, q, segment_ids, kv, lse, dout, delta, (dq, dk, dv),
+    return _backward_step(r, plan, bwd, q, q_side, kv, lse, dout, delta, (dq, dk, dv),
                           distance)
 
   dq, dk, dv = _around(r, plan, kv, (dq, dk, dv), step)

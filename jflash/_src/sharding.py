@@ -1,4 +1,5 @@
-"""Partitioning rules: run the kernels shard by shard when batch or heads are sharded.
+"""Partitioning rules: run the kernels shard by shard when batch or heads are sharded,
+and as a ring when the sequence is.
 
 A Pallas call is opaque to XLA's partitioner, which would otherwise gather every input
 onto every device. ``run_partitioned`` wraps a backend's forward or backward in
@@ -7,8 +8,12 @@ onto every device. ``run_partitioned`` wraps a backend's forward or backward in
 * batch (``b``) and key/value heads (``k``) may be sharded: each device runs the kernel
   on its own batch rows and heads, with no communication. Query heads are the compound
   ``(k g)``, so GQA groups stay whole on one device;
-* sequence (``t``, ``s``) and head-dim (``h``) factors need replication: XLA gathers
-  them first (correct; context parallelism is ``jflash.ring_attention``'s job).
+* the sequence (``t``, ``s``) may stay sharded when the ring supports the call (self
+  attention, T == S, no bias, dense mask or dropout) and q's T and k/v's S are split over
+  the same single mesh axis: each device then runs ring.py's forward or backward on its
+  chunks (K/V travel by ``ppermute`` over that axis; lengths and segment ids travel
+  with them). Any other sequence sharding is gathered first (correct, not parallel);
+* the head dim (``h``) needs replication.
 
 Every argument is described by a layout string of one letter per dimension:
 ``b t n h`` for q, ``b s k h`` for k and v, ``b n t`` for lse, ``b`` for lengths, and
@@ -27,15 +32,32 @@ from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jflash._src import ring as ring_lib
+from jflash._src.backends import registry
+from jflash._src.problem import Problem
+
 _FACTOR = {"b": "b", "t": "t", "s": "s", "h": "h", "n": "(k g)", "k": "k",
            "B": "b", "N": "(k g)", "T": "t", "S": "s"}
 _REPLICATED = ("t", "s", "h", "g")
 
+# The argument lists of vjp.py's forward and backward (role, layout), and their outputs:
+# the ring needs to know which argument is which.
+_MASK_ROLES = [("q_valid", "b"), ("kv_valid", "b"), ("q_ids", "bt"), ("kv_ids", "bs"),
+               ("dense", "BNTS"), ("seed", "r")]
+_QKV_BIAS = [("q", "btnh"), ("k", "bskh"), ("v", "bskh"), ("bias", "BNTS")]
+_PASSES = {
+    "forward": (_QKV_BIAS + _MASK_ROLES, ["btnh", "bnt"]),
+    "backward": (_QKV_BIAS + [("lse", "bnt"), ("dout", "btnh"), ("delta", "bnt")] + _MASK_ROLES,
+                 ["btnh", "bskh", "bskh", "BNTS"]),
+}
 
-def _rule(shapes, layouts, groups: int, fresh) -> str:
+
+def _rule(shapes, layouts, groups: int, k_heads: int, fresh) -> str:
   """The Shardy rule of one argument list, e.g. ``"b t (k g) h, b s k h"``."""
-  # Shardy refuses a compound factor with a size-1 part: without GQA, q heads are "k".
-  factor = dict(_FACTOR, n="k", N="k") if groups == 1 else _FACTOR
+  # Shardy refuses a compound factor with a size-1 part: without GQA, q heads are "k";
+  # with one K/V head (MQA), they are "g" (replicated, like the K/V head).
+  factor = (dict(_FACTOR, n="k", N="k") if groups == 1
+            else dict(_FACTOR, n="g", N="g") if k_heads == 1 else _FACTOR)
   parts = []
   for shape, layout in zip(shapes, layouts):
     dims = []
@@ -94,11 +116,98 @@ def _fold_vmap(call, layouts, out_layouts, batch: int):
   return call
 
 
-def run_partitioned(fn, args, layouts, out_layouts, groups: int):
+def _closure_problem(fn) -> Problem | None:
+  """The Problem that ``fn`` (vjp.py's per-pass lambda) closes over, if exactly one."""
+  found = []
+  for cell in getattr(fn, "__closure__", None) or ():
+    try:
+      value = cell.cell_contents
+    except ValueError:  # an empty cell
+      continue
+    if isinstance(value, Problem):
+      found.append(value)
+  return found[0] if len(found) == 1 else None
+
+
+def _ring_pass(p: Problem | None, args, layouts, out_layouts):
+  """``(pass name, role of each argument)`` when the ring can run this call should its
+  sequence be sharded, else None."""
+  if p is None or p.dropout_rate or p.mask.has_dense_mask or p.q_len != p.kv_len:
+    return None
+  for name, (roles, outs) in _PASSES.items():
+    if list(layouts) == [l for _, l in roles] and list(out_layouts) == outs:
+      names = [r for r, _ in roles]
+      return None if args[names.index("bias")] is not None else (name, names)
+  return None
+
+
+def _ring(p: Problem, axis) -> ring_lib.Ring:
+  m = p.mask
+  return ring_lib.Ring(axis_name=axis, layout="contiguous", causal=m.causal,
+                       window_left=m.window_left, window_right=m.window_right, scale=p.scale,
+                       softcap=p.softcap, has_segment_ids=m.has_segment_ids,
+                       implementation=p.implementation, interpret=p.interpret)
+
+
+def _one_axis(axes):
+  """A single mesh axis name, or None for none or several."""
+  if isinstance(axes, tuple):
+    return axes[0] if len(axes) == 1 else None
+  return axes
+
+
+def _ring_axis(p: Problem, mesh, arg_shapes, taken) -> str | None:
+  """The mesh axis to run the ring over: q's T, k's S and v's S all split over it."""
+  axis = _one_axis(_axes(arg_shapes[0].sharding, 1))
+  if axis is None or any(_one_axis(_axes(x.sharding, 1)) != axis for x in arg_shapes[1:3]):
+    return None
+  if any(axis in (a if isinstance(a, tuple) else (a,)) for a in taken if a is not None):
+    return None
+  n, q, k = mesh.shape[axis], arg_shapes[0], arg_shapes[1]
+  if n == 1 or q.shape[1] % n:
+    return None
+  local = lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // n) + x.shape[2:], x.dtype)
+  r = _ring(p, axis)
+  try:  # every chunk pair's mask on the local chunk sizes
+    for spec in ring_lib.pair_specs(r, n, q.shape[1] // n, k.shape[1] // n):
+      registry.get(p.implementation).supports(r.problem(spec), local(q), local(k),
+                                              local(arg_shapes[2]), None)
+  except NotImplementedError:
+    return None
+  return axis
+
+
+def _chunk_forward(p: Problem, q, k, v, bias, arrays):
+  return registry.get(p.implementation).forward(p, q, k, v, bias, arrays)
+
+
+def _chunk_backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias):
+  return registry.get(p.implementation).backward(p, q, k, v, bias, arrays, lse, dout, delta,
+                                                 want_dbias)
+
+
+def _run_ring(p: Problem, axis, pass_name: str, roles, xs):
+  """One device's part of the forward or backward pass, as a ring over ``axis``.
+  ``xs``: the present arguments, named by ``roles``."""
+  a = dict(zip(roles, xs))
+  r = _ring(p, axis)
+  ids = (a["q_ids"], a["kv_ids"]) if r.has_segment_ids else None
+  lengths = (a["q_valid"], a["kv_valid"])
+  if pass_name == "forward":
+    return ring_lib.forward(r, _chunk_forward, a["q"], a["k"], a["v"], ids, lengths)
+  return ring_lib.backward(r, _chunk_backward, a["q"], a["k"], a["v"], ids, a["lse"],
+                           a["dout"], a["delta"], lengths)
+
+
+def run_partitioned(fn, args, layouts, out_layouts, groups: int, problem: Problem | None = None):
   """``fn(*args)`` with batch/head partitioning. ``args`` may hold None (absent inputs).
 
   Outputs are a tuple matching ``out_layouts`` (None entries pass through as None).
+  ``problem``: the Problem of ``fn``, which is what lets a sequence-sharded call run as a
+  ring; by default the one ``fn`` closes over (vjp.py's lambdas).
   """
+  problem = _closure_problem(fn) if problem is None else problem
+  ring_pass = _ring_pass(problem, args, layouts, out_layouts)
   present = [i for i, a in enumerate(args) if a is not None]
 
   def full_args(xs):
@@ -118,27 +227,40 @@ def run_partitioned(fn, args, layouts, out_layouts, groups: int):
   in_shapes = [args[i].shape for i in present]
   res_layouts = [out_layouts[i] for i in out_present]
   res_shapes = [out_avals[i].shape for i in out_present]
+  res_dtypes = [out_avals[i].dtype for i in out_present]
   k_heads = args[present[1]].shape[2]  # k is always present, second
 
   def shardings(mesh, arg_shapes):
+    """``(seq axis or None, arg shardings, result shardings)``."""
     q_sharding = arg_shapes[0].sharding
     batch, heads = _axes(q_sharding, 0), _axes(q_sharding, 2)
     if in_shapes[0][0] % _axis_size(mesh, batch):
       batch = None
     if heads is not None and (k_heads % _axis_size(mesh, heads) or heads == batch):
       heads = None
+    seq = None if ring_pass is None else _ring_axis(problem, mesh, arg_shapes, (batch, heads))
 
     def spec(shape, layout):
       return NamedSharding(mesh, PartitionSpec(*(
-          batch if d in "bB" and size > 1 else heads if d in "nkN" and size > 1 else None
+          batch if d in "bB" and size > 1 else heads if d in "nkN" and size > 1
+          else seq if d in "ts" else None
           for size, d in zip(shape, layout))))
 
-    return ([spec(s, l) for s, l in zip(in_shapes, in_layouts)],
+    return (seq, [spec(s, l) for s, l in zip(in_shapes, in_layouts)],
             [spec(s, l) for s, l in zip(res_shapes, res_layouts)])
 
   def partition(mesh, arg_shapes, result_shape):
-    arg_shardings, out_shardings = shardings(mesh, arg_shapes)
+    seq, arg_shardings, out_shardings = shardings(mesh, arg_shapes)
     batch, heads = (_axes(arg_shardings[0], d) for d in (0, 2))
+
+    if seq is not None:
+      roles = [ring_pass[1][i] for i in present]
+
+      def ring_local(*xs):
+        outs = _run_ring(problem, seq, ring_pass[0], roles, xs)
+        return tuple(o.astype(dt) for o, dt in zip(outs, res_dtypes))
+
+      return mesh, ring_local, tuple(out_shardings), tuple(arg_shardings)
 
     def local(*xs):
       xs = list(xs)
@@ -152,21 +274,24 @@ def run_partitioned(fn, args, layouts, out_layouts, groups: int):
     return mesh, local, tuple(out_shardings), tuple(arg_shardings)
 
   def infer(mesh, arg_shapes, result_shape):
-    return tuple(shardings(mesh, arg_shapes)[1])
+    return tuple(shardings(mesh, arg_shapes)[2])
 
   fresh = (f"o{i}" for i in itertools.count())
-  rule = (_rule(in_shapes, in_layouts, groups, fresh) + " -> "
-          + _rule(res_shapes, res_layouts, groups, fresh))
+  rule = (_rule(in_shapes, in_layouts, groups, k_heads, fresh) + " -> "
+          + _rule(res_shapes, res_layouts, groups, k_heads, fresh))
   # Shardy wants the special factors in the order the rule first mentions them.
   tokens = rule.replace("(", " ").replace(")", " ").replace(",", " ").split()
-  replicated = sorted((f for f in _REPLICATED if f in tokens), key=tokens.index)
+  # A call the ring can run keeps its sequence factors free, so that a sequence-sharded
+  # input reaches ``partition`` still sharded (it may still choose to gather).
+  need = [f for f in _REPLICATED if not (ring_pass and f in "ts")]
+  replicated = sorted((f for f in need if f in tokens), key=tokens.index)
   call = custom_partitioning(flat)
   call.def_partition(
       partition=partition,
       infer_sharding_from_operands=infer,
       sharding_rule=rule,
       need_replication_factors=tuple(replicated),
-      **({"g": groups} if groups > 1 else {}))
+      **({"g": groups} if groups > 1 and k_heads > 1 else {}))
   call = _fold_vmap(call, in_layouts, res_layouts, in_shapes[0][0])
   res = call(*(args[i] for i in present))
   out = [None] * len(out_avals)
