@@ -116,19 +116,6 @@ def _fold_vmap(call, layouts, out_layouts, batch: int):
   return call
 
 
-def _closure_problem(fn) -> Problem | None:
-  """The Problem that ``fn`` (vjp.py's per-pass lambda) closes over, if exactly one."""
-  found = []
-  for cell in getattr(fn, "__closure__", None) or ():
-    try:
-      value = cell.cell_contents
-    except ValueError:  # an empty cell
-      continue
-    if isinstance(value, Problem):
-      found.append(value)
-  return found[0] if len(found) == 1 else None
-
-
 def _ring_pass(p: Problem | None, args, layouts, out_layouts):
   """``(pass name, role of each argument)`` when the ring can run this call should its
   sequence be sharded, else None."""
@@ -204,9 +191,8 @@ def run_partitioned(fn, args, layouts, out_layouts, groups: int, problem: Proble
 
   Outputs are a tuple matching ``out_layouts`` (None entries pass through as None).
   ``problem``: the Problem of ``fn``, which is what lets a sequence-sharded call run as a
-  ring; by default the one ``fn`` closes over (vjp.py's lambdas).
+  ring (None: never a ring; the sequence is gathered).
   """
-  problem = _closure_problem(fn) if problem is None else problem
   ring_pass = _ring_pass(problem, args, layouts, out_layouts)
   present = [i for i, a in enumerate(args) if a is not None]
 

@@ -42,7 +42,7 @@ def _forward(p: Problem, q, k, v, bias, arrays: MaskArrays):
   fn = lambda q, k, v, bias, *m: backend.forward(p, q, k, v, bias, MaskArrays(*m))
   return sharding.run_partitioned(
       fn, [q, k, v, bias] + _mask_args(arrays), ["btnh", "bskh", "bskh", "BNTS"] + _MASK_LAYOUTS,
-      ["btnh", "bnt"], groups=q.shape[2] // k.shape[2])
+      ["btnh", "bnt"], groups=q.shape[2] // k.shape[2], problem=p)
 
 
 def _backward(p: Problem, q, k, v, bias, arrays: MaskArrays, lse, dout, delta, want_dbias):
@@ -54,7 +54,7 @@ def _backward(p: Problem, q, k, v, bias, arrays: MaskArrays, lse, dout, delta, w
   return sharding.run_partitioned(
       fn, [q, k, v, bias, lse, dout, delta] + _mask_args(arrays),
       ["btnh", "bskh", "bskh", "BNTS", "bnt", "btnh", "bnt"] + _MASK_LAYOUTS,
-      ["btnh", "bskh", "bskh", "BNTS"], groups=q.shape[2] // k.shape[2])
+      ["btnh", "bskh", "bskh", "BNTS"], groups=q.shape[2] // k.shape[2], problem=p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
