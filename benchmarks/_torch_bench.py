@@ -73,12 +73,12 @@ def run(cells, timing):
       res["fwd"] = res["fwdbwd"] = {"error": short_error(e)}
       continue
 
-    def fwd(i, causal=c["causal"]):
+    def fwd(i, causal=c["causal"], sets=sets):
       q, k, v, _ = sets[i % 2]
       with torch.no_grad():
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    def fwdbwd(i, causal=c["causal"]):
+    def fwdbwd(i, causal=c["causal"], sets=sets):
       q, k, v, do = sets[i % 2]
       o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
       # autograd.grad rather than backward(): no .grad accumulation adds in the timing.

@@ -11,11 +11,10 @@ kernel does not do, so that ``implementation=None`` falls back to "triton".
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 
+from jflash._src import tuning
 from jflash._src.backends.mosaic import bwd as bwd_lib
 from jflash._src.backends.mosaic import fwd as fwd_lib
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
@@ -62,18 +61,8 @@ def supports(p: Problem, q, k, v, bias) -> None:
     _refuse(f"does not support {', '.join(missing)} yet")
 
 
-_override: MosaicConfig | None = None
-
-
-@contextlib.contextmanager
-def override_config(cfg: MosaicConfig):
-  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public."""
-  global _override
-  prev, _override = _override, cfg
-  try:
-    yield
-  finally:
-    _override = prev
+override_config = tuning.Override[MosaicConfig]()  # for tuning scripts and tests
+override_bwd_config = tuning.Override[MosaicBwdConfig]()
 
 
 def padded_head_dim(h: int) -> int:
@@ -84,7 +73,8 @@ def forward(p: Problem, q, k, v, bias, arrays):
   supports(p, q, k, v, bias)
   h = q.shape[-1]
   d = padded_head_dim(h)
-  cfg = _override or MosaicConfig.for_problem(p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize)
+  cfg = override_config.value or MosaicConfig.for_problem(p.q_len, p.kv_len, d,
+                                                          jnp.dtype(q.dtype).itemsize)
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
@@ -93,30 +83,17 @@ def forward(p: Problem, q, k, v, bias, arrays):
   return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
 
 
-_bwd_override: MosaicBwdConfig | None = None
-
-
-@contextlib.contextmanager
-def override_bwd_config(cfg: MosaicBwdConfig):
-  """For tuning scripts only: trace backward passes inside the block with ``cfg``."""
-  global _bwd_override
-  prev, _bwd_override = _bwd_override, cfg
-  try:
-    yield
-  finally:
-    _bwd_override = prev
-
-
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
   h = q.shape[-1]
   d = padded_head_dim(h)
   itemsize = jnp.dtype(q.dtype).itemsize
-  cfg = _override or MosaicConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
+  cfg = override_config.value or MosaicConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
   if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None):
     # The Triton kernels only need the lse, which the forward above writes with the
     # same contract (natural log, +inf on empty rows).
     return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
-  bcfg = _bwd_override or MosaicBwdConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
+  bcfg = override_bwd_config.value or MosaicBwdConfig.for_problem(p.q_len, p.kv_len, d,
+                                                                    itemsize)
   tp, sp = round_up(p.q_len, bcfg.q_multiple), round_up(p.kv_len, bcfg.k_multiple)
   # Padded rows get lse = +inf (p = 0) and delta = 0; padded keys lie past kv_valid.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)

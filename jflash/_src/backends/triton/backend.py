@@ -6,12 +6,11 @@ mode (``Problem.interpret``), which is how CI exercises them.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 
 from jflash._src import mask as mask_lib
+from jflash._src import tuning
 from jflash._src.backends.triton import bwd as bwd_lib
 from jflash._src.backends.triton import decode as decode_lib
 from jflash._src.backends.triton import fwd as fwd_lib
@@ -33,29 +32,12 @@ def supports(p: Problem, q, k, v, bias) -> None:
       raise NotImplementedError(f"implementation='triton' needs an sm80+ GPU; this one is sm{cc}")
 
 
-_override: TritonConfig | None = None
-
-
-@contextlib.contextmanager
-def override_config(cfg: TritonConfig):
-  """For tuning scripts only: trace calls inside the block with ``cfg``. Never public.
-
-  Clears JAX's caches on the way in and out: the jitted dispatch caches traces by the
-  Problem and shapes alone, so an earlier trace would otherwise ignore ``cfg``.
-  """
-  global _override
-  prev, _override = _override, cfg
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    _override = prev
-    jax.clear_caches()
+override_config = tuning.Override[TritonConfig]()  # for tuning scripts and tests
 
 
 def _config(p: Problem, head_dim: int, dtype, bias) -> TritonConfig:
   tile_bytes = (0 if bias is None else jnp.dtype(bias.dtype).itemsize) + p.mask.has_dense_mask
-  return _override or TritonConfig.for_problem(
+  return override_config.value or TritonConfig.for_problem(
       p.q_len, p.kv_len, head_dim, itemsize=jnp.dtype(dtype).itemsize, tile_bytes=tile_bytes)
 
 
