@@ -15,8 +15,8 @@ Profiles, picked by the environment variable JFLASH_HYPOTHESIS_PROFILE (default 
 
 * ``ci``: derandomized (the same examples on every run, so CI is reproducible), 16 "xla"
   and 8 "triton" examples (~3 minutes on 2 cores), no example database, no shrinking.
-* ``gpu``: more examples; the ``gpu``-marked test always uses it, fuzzing "triton"
-  compiled on the GPU at T, S up to 600 and head dims up to 128 (default tiles).
+* ``gpu``: more examples; the ``gpu``-marked tests always use it, fuzzing "triton" and (on
+  Hopper) "mosaic" compiled on the GPU at T, S up to 600 and head dims up to 128.
 * ``explore``: random (not derandomized), many examples, shrinks failures: for hunting
   bugs locally, ``JFLASH_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py -k "xla"``.
 
@@ -224,6 +224,23 @@ def test_fuzz_triton(case, blocks):
 def test_fuzz_triton_gpu(case):
   """"triton" compiled on the GPU, default tiles, shapes that span several of them."""
   fuzz_check(case, "triton")
+
+
+def _mosaic_case(case: Case) -> Case:
+  """The same draw without what "mosaic" refuses (bias, dense mask, segment ids, f32):
+  half precision, head dims up to 128 (padded to 64/128 by the backend)."""
+  dtype = case.dtype if case.dtype != jnp.float32 else jnp.bfloat16
+  return dataclasses.replace(case, bias=None, dense=None, segments=None, dtype=dtype)
+
+
+@pytest.mark.gpu
+@_settings("gpu", "triton")
+@given(case=cases(max_len=600, head_dims=GPU_HEAD_DIMS).map(_mosaic_case))
+def test_fuzz_mosaic_gpu(case):
+  """"mosaic" (Hopper only) on the GPU: its forward and backward kernels, default config."""
+  if str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
+    pytest.skip("mosaic needs an sm90 GPU")
+  fuzz_check(case, "mosaic")
 
 
 # Failures hypothesis found, minimised, kept as fixed cases: (impl, case, tiles).
