@@ -149,13 +149,19 @@ def test_mosaic_interpret_against_reference(name):
 @pytest.mark.parametrize("d, causal, softcap", [(64, False, None), (128, True, None),
                                                 (256, True, None), (128, False, 30.0)])
 def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
+  _lower_forward_for_cuda(d, causal, softcap)
+
+
+def _lower_forward_for_cuda(d, causal, softcap, **config):
+  """Runs the full Pallas -> Mosaic GPU compile of the forward (no GPU needed), with the
+  default MosaicConfig for ``d`` updated by ``config``."""
   b, t, n, kh = 2, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
   p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
               softcap=softcap, implementation="mosaic")
-  cfg = MosaicConfig.for_problem(t, t, d)
+  cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d), **config)
   f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
   f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
 
@@ -384,16 +390,7 @@ def test_mosaic_variant_interpret_against_reference(name, variant):
     (64, False, None, 128), (64, True, None, 192), (128, True, None, 128),
     (128, False, 30.0, 128), (256, True, None, 64)])
 def test_mosaic_variant_lowers_for_cuda(variant, d, causal, softcap, block_kv):
-  b, t, n, kh = 2, 512, 4, 2
-  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
-  lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
-  cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d),
-                            **{"block_kv": block_kv, **VARIANTS[variant]})
-  f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
-  f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
+  _lower_forward_for_cuda(d, causal, softcap, **{"block_kv": block_kv, **VARIANTS[variant]})
 
 
 def test_mosaic_config_refuses_too_many_registers():
