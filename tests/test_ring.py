@@ -3,7 +3,7 @@
 Outputs, lse and gradients of the sequence-sharded ring must match the independent
 reference on the whole sequence, for every layout; the compiled program moves K/V with
 collective-permutes only (no all-gather). The ``gpu`` tests rerun the checks with the
-compiled Triton kernels on 2 GPUs (``pytest -m gpu tests/test_ring.py`` on a 2-GPU host).
+compiled Triton and Mosaic kernels on 2 GPUs (``pytest -m gpu tests/test_ring.py`` on a 2-GPU host).
 """
 
 from __future__ import annotations
@@ -150,13 +150,21 @@ GPU_CASES = {
     "contiguous_window": RingCase(Case(is_causal=True, window=(700, 0), **GPU_SEQ), devices=2,
                                   impl="triton", with_lse=False),
     "full_softcap": RingCase(Case(softcap=20.0, **GPU_SEQ), devices=2, impl="triton"),
+    # The Hopper kernels per chunk pair (what implementation=None picks on an H100/H200).
+    "zigzag_causal_mosaic": RingCase(Case(is_causal=True, **GPU_SEQ), devices=2,
+                                     layout="zigzag", impl="mosaic"),
+    "contiguous_window_mosaic": RingCase(Case(is_causal=True, window=(700, 0), **GPU_SEQ),
+                                         devices=2, impl="mosaic"),
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_ring_on_gpus(name):
-  check_ring(GPU_CASES[name])
+  rc = GPU_CASES[name]
+  if rc.impl == "mosaic" and str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
+    pytest.skip("mosaic needs an sm90 GPU")
+  check_ring(rc)
 
 
 def test_ring_matches_jax_nn():
