@@ -1,4 +1,5 @@
-"""Feature cases of `bench.py --features`: sliding window, packed documents, soft-cap, dense mask.
+"""Feature cases of `bench.py --features`: sliding window, packed documents (and the same
+tokens as a batch of short sequences), soft-cap, dense mask.
 
 Stdlib + numpy only: the case list and the useful-FLOP counts. Each row is plain
 data (JSON-able); `_jax_bench.make_feature_fn` turns its ``call`` into a jitted
@@ -95,6 +96,14 @@ def rows(cfg, impls):
   for impl in jfl + cudnn:
     add("window", title, impl, _call(impl, causal=True, window=[w, 0]), "window",
         None if impl == "cudnn" or not cudnn else ("window", "cudnn"), "this / cudnn")
+
+  # The packed documents' yardstick: the same tokens as a batch of equal documents, plain
+  # causal (what a varlen kernel would run). Packed / this = the cost of packing itself.
+  bs = max(1, s // cfg["docs"])
+  title = f"causal, batch of {cfg['docs']} x {bs} (docs unpacked)"
+  for impl in jfl + cudnn:
+    add("batch_docs", title, impl, _call(impl, causal=True), "causal", ("causal", impl),
+        "short / long causal", b=b * cfg["docs"], s=bs)
 
   title = f"{cfg['docs']} packed docs, causal"
   for impl in jfl:

@@ -88,7 +88,8 @@ def _features_intro(feat):
   lengths = next((r["lengths"] for r in feat["rows"] if r["s"] == c["s"] and r["lengths"]), None)
   return [f"d={c['d']}, N={c['n']}, dtype {c['dtype']}; every row runs b={c['b']}, s={c['s']} "
           f"except the dense-mask `xla` baseline (b={c['dense_b']}, s={c['dense_s']}: it "
-          f"materialises the logits). Window W={c['window']}; "
+          f"materialises the logits) and the unpacked documents (a batch of {c['docs']} "
+          f"equal ones, b x s in the table). Window W={c['window']}; "
           f"{c['docs']} documents of lengths {lengths} (seed {c['seed']}, same proportions "
           "at the smaller s).",
           "TFLOP/s of *useful* work: fwd = 4 d N b x (visible (query, key) pairs per head, "
