@@ -19,7 +19,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import jflash
 import reference
-from jflash._src import ring
+from jflash._src import ring, zigzag
 from jflash._src.mask import MaskSpec
 from helpers import Case, assert_close, assert_lse_close
 
@@ -242,6 +242,24 @@ def test_zigzag_order_round_trip(n):
   np.testing.assert_array_equal(halves[:, 0], expected)
   np.testing.assert_array_equal(jflash.from_zigzag(z, n), x)
   np.testing.assert_array_equal(jflash.from_zigzag(jflash.to_zigzag(x[0], n, axis=0), n, axis=0), x[0])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_shard_local_zigzag_matches_global(n):
+  """Inside shard_map, each device's contiguous chunk moved to the zigzag layout (what
+  the sequence-sharded jit path does) equals to_zigzag of the global array, and back."""
+  if len(jax.devices()) < n:
+    pytest.skip(f"needs {n} devices")
+  local = lambda f, axis: jax.jit(jax.shard_map(
+      lambda x: f(x, AXIS, axis), mesh=_mesh(n), in_specs=P(*[None] * axis, AXIS),
+      out_specs=P(*[None] * axis, AXIS), check_vma=False))
+  x = jnp.arange(2 * 4 * n * 3, dtype=jnp.float32).reshape(2, 4 * n, 3)
+  z = local(zigzag.shard_to_zigzag, 1)(x)
+  np.testing.assert_array_equal(z, jflash.to_zigzag(x, n))
+  np.testing.assert_array_equal(local(zigzag.shard_from_zigzag, 1)(z), x)
+  lse = x.reshape(2, 3, 4 * n)  # [B, N, T]: the sequence on axis 2
+  np.testing.assert_array_equal(local(zigzag.shard_to_zigzag, 2)(lse),
+                                jflash.to_zigzag(lse, n, axis=2))
 
 
 def _trace(body, n=2, t=16, k_heads=2, seg=False, check_vma=False):

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jflash
+from jflash._src import ring as ring_lib
 import reference
 from helpers import Case, assert_lse_close
 
@@ -200,6 +201,9 @@ RING_CASES = {
     # Lengths become per-chunk lengths; the window reaches one chunk back.
     "window_lengths": Case(b=2, t=32, s=32, n=2, k=1, h=16, window=(5, 3), q_lengths=[32, 13],
                            kv_lengths=[21, 32], softcap=5.0),
+    # Causal runs the zigzag layout: lengths end inside an early and a late half-chunk.
+    "causal_lengths": Case(b=2, t=32, s=32, n=2, k=1, h=16, is_causal=True, q_lengths=[32, 13],
+                           kv_lengths=[27, 6]),
 }
 
 
@@ -223,6 +227,30 @@ def test_sequence_sharding_runs_a_ring(impl, name):
     assert x.sharding.is_equivalent_to(sharding, 4)
   _check_against_reference(case, (out, jnp.asarray(lse)), grads, q, k, v, do)
   np.testing.assert_array_equal(np.asarray(f(sq, sk, sv)[0]), np.asarray(out))  # rerun
+
+
+@pytest.mark.parametrize("name,layout", [("causal", "zigzag"), ("window_lengths", "contiguous"),
+                                         ("plain", "contiguous")])
+def test_sequence_sharded_causal_ring_is_load_balanced(monkeypatch, name, layout):
+  """A plain causal mask runs the zigzag layout (every device the same work); windows
+  and unmasked calls keep the contiguous one."""
+  seen = []
+  for pass_name in ("forward", "backward"):
+    run = getattr(ring_lib, pass_name)
+
+    def spy(r, *args, run=run, **kwargs):
+      seen.append(r.layout)
+      return run(r, *args, **kwargs)
+
+    monkeypatch.setattr(ring_lib, pass_name, spy)
+  case = RING_CASES[name]
+  q, k, v, do = case.inputs()
+  sharding = NamedSharding(_seq_mesh(), P(None, "x"))
+  sq, sk, sv, sdo = (jax.device_put(x, sharding) for x in (q, k, v, do))
+  f, g = _with_lse("xla", case)
+  f.lower(sq, sk, sv).compile()
+  g.lower(sq, sk, sv, sdo).compile()
+  assert seen and set(seen) == {layout}, seen
 
 
 def test_sequence_sharding_with_bias_is_gathered():

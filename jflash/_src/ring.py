@@ -200,16 +200,34 @@ def _chunks(r: Ring, q, k, v, segment_ids, lengths):
   q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
   if lengths is None:
     return (q_ids, None), (k, v, kv_ids, None)
-  if r.zigzag:
-    raise NotImplementedError("valid lengths need the contiguous layout")
   me = lax.axis_index(r.axis_name)
-  local = lambda n, c: jnp.clip(n - me * c, 0, c).astype(jnp.int32)
+  if r.zigzag:
+    # Half-chunks me and 2P-1-me, early one first: positions still ascend, so the valid
+    # ones (global position < length) remain a prefix of the local chunk.
+    n = lax.axis_size(r.axis_name)
+
+    def local(total, c):
+      part = lambda half: jnp.clip(total - half * (c // 2), 0, c // 2)
+      return (part(me) + part(2 * n - 1 - me)).astype(jnp.int32)
+  else:
+    local = lambda total, c: jnp.clip(total - me * c, 0, c).astype(jnp.int32)
   return (q_ids, local(lengths[0], q.shape[1])), (k, v, kv_ids, local(lengths[1], k.shape[1]))
 
 
-def _q_half(q_side, which: int):
-  """The query side of one half-chunk (zigzag: no lengths)."""
-  return _half(q_side[0], which), q_side[1]
+def _valid_half(valid, which: int, c: int):
+  """A prefix length of a chunk -> that of its half ``which`` (halves of ``c``)."""
+  return None if valid is None else jnp.clip(valid - which * c, 0, c)
+
+
+def _q_half(q_side, which: int, c: int):
+  """The query side of one half-chunk (``c`` rows)."""
+  return _half(q_side[0], which), _valid_half(q_side[1], which, c)
+
+
+def _kv_first_half(kv):
+  k, v, ids, valid = kv
+  c = k.shape[1] // 2
+  return _first_half(k), _first_half(v), _first_half(ids), _valid_half(valid, 0, c)
 
 
 def _plain(r: Ring, q, k) -> MaskSpec:
@@ -263,14 +281,15 @@ def _forward_step(r: Ring, plan: _Plan, fwd: Forward, q, q_side, kv, acc, distan
                        lambda: acc)
 
   def early():  # both query halves see the first K/V half
-    kv_a = jax.tree.map(_first_half, kv)
+    kv_a = _kv_first_half(kv)
     return _merge(acc, _attend(r, fwd, _plain(r, q, kv_a[0]), q, q_side, kv_a))
 
   def late():  # the second query half sees both K/V halves
     o, lse = acc
     q_b = _half(q, 1)
+    q_side_b = _q_half(q_side, 1, q_b.shape[1])
     o_b, lse_b = _merge((_half(o, 1), _half(lse, 1, 2)),
-                        _attend(r, fwd, _plain(r, q_b, kv[0]), q_b, _q_half(q_side, 1), kv))
+                        _attend(r, fwd, _plain(r, q_b, kv[0]), q_b, q_side_b, kv))
     return (jnp.concatenate([_half(o, 0), o_b], 1),
             jnp.concatenate([_half(lse, 0, 2), lse_b], 2))
 
@@ -318,7 +337,7 @@ def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_side, kv, lse, dout
 
   def early():  # both query halves against the first K/V half
     dq, dk, dv = acc
-    kv_a = jax.tree.map(_first_half, kv)
+    kv_a = _kv_first_half(kv)
     gq, gk, gv = _grads(r, bwd, _plain(r, q, kv_a[0]), q, q_side, kv_a, lse, dout, delta)
     c = gk.shape[1]
     return dq + gq, dk.at[:, :c].add(gk), dv.at[:, :c].add(gv)
@@ -326,7 +345,8 @@ def _backward_step(r: Ring, plan: _Plan, bwd: Backward, q, q_side, kv, lse, dout
   def late():  # the second query half against both K/V halves
     dq, dk, dv = acc
     q_b = _half(q, 1)
-    gq, gk, gv = _grads(r, bwd, _plain(r, q_b, kv[0]), q_b, _q_half(q_side, 1), kv,
+    gq, gk, gv = _grads(r, bwd, _plain(r, q_b, kv[0]), q_b,
+                        _q_half(q_side, 1, q_b.shape[1]), kv,
                         _half(lse, 1, 2), _half(dout, 1), _half(delta, 1, 2))
     c = gq.shape[1]
     return dq.at[:, c:].add(gq), dk + gk, dv + gv

@@ -12,7 +12,10 @@ onto every device. ``run_partitioned`` wraps a backend's forward or backward in
   attention, T == S, no bias, dense mask or dropout) and q's T and k/v's S are split over
   the same single mesh axis: each device then runs ring.py's forward or backward on its
   chunks (K/V travel by ``ppermute`` over that axis; lengths and segment ids travel
-  with them). Any other sequence sharding is gathered first (correct, not parallel);
+  with them). A causal mask without a window runs the ring in the zigzag layout (load
+  balanced): each pass moves its inputs' chunks into that layout and its outputs back
+  with two ``ppermute``s each, O(T) traffic against the ring's own. Any other sequence
+  sharding is gathered first (correct, not parallel);
 * the head dim (``h``) needs replication.
 
 Every argument is described by a layout string of one letter per dimension:
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jflash._src import ring as ring_lib
+from jflash._src import zigzag
 from jflash._src.backends import registry
 from jflash._src.problem import Problem
 
@@ -128,9 +132,16 @@ def _ring_pass(p: Problem | None, args, layouts, out_layouts):
   return None
 
 
-def _ring(p: Problem, axis) -> ring_lib.Ring:
+def _layout(p: Problem, n: int, t: int) -> str:
+  """The ring layout for ``n`` devices sharing a sequence of ``t`` (global) tokens."""
   m = p.mask
-  return ring_lib.Ring(axis_name=axis, layout="contiguous", causal=m.causal,
+  plain_causal = m.causal and m.window_left is None and m.window_right is None
+  return "zigzag" if plain_causal and n > 1 and t % (2 * n) == 0 else "contiguous"
+
+
+def _ring(p: Problem, axis, layout: str) -> ring_lib.Ring:
+  m = p.mask
+  return ring_lib.Ring(axis_name=axis, layout=layout, causal=m.causal,
                        window_left=m.window_left, window_right=m.window_right, scale=p.scale,
                        softcap=p.softcap, has_segment_ids=m.has_segment_ids,
                        implementation=p.implementation, interpret=p.interpret)
@@ -154,7 +165,7 @@ def _ring_axis(p: Problem, mesh, arg_shapes, taken) -> str | None:
   if n == 1 or q.shape[1] % n:
     return None
   local = lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // n) + x.shape[2:], x.dtype)
-  r = _ring(p, axis)
+  r = _ring(p, axis, _layout(p, n, q.shape[1]))
   try:  # every chunk pair's mask on the local chunk sizes
     for spec in ring_lib.pair_specs(r, n, q.shape[1] // n, k.shape[1] // n):
       registry.get(p.implementation).supports(r.problem(spec), local(q), local(k),
@@ -177,13 +188,26 @@ def _run_ring(p: Problem, axis, pass_name: str, roles, xs):
   """One device's part of the forward or backward pass, as a ring over ``axis``.
   ``xs``: the present arguments, named by ``roles``."""
   a = dict(zip(roles, xs))
-  r = _ring(p, axis)
+  n = jax.lax.axis_size(axis)
+  r = _ring(p, axis, _layout(p, n, a["q"].shape[1] * n))
+  # The sequence axis of each role that has one; lengths stay global (ring.py localises).
+  seq_axis = {"q": 1, "k": 1, "v": 1, "dout": 1, "q_ids": 1, "kv_ids": 1, "lse": 2,
+              "delta": 2}
+  if r.zigzag:
+    a = {role: x if x is None or role not in seq_axis
+         else zigzag.shard_to_zigzag(x, axis, seq_axis[role]) for role, x in a.items()}
   ids = (a["q_ids"], a["kv_ids"]) if r.has_segment_ids else None
   lengths = (a["q_valid"], a["kv_valid"])
   if pass_name == "forward":
-    return ring_lib.forward(r, _chunk_forward, a["q"], a["k"], a["v"], ids, lengths)
-  return ring_lib.backward(r, _chunk_backward, a["q"], a["k"], a["v"], ids, a["lse"],
-                           a["dout"], a["delta"], lengths)
+    outs = ring_lib.forward(r, _chunk_forward, a["q"], a["k"], a["v"], ids, lengths)
+    out_axes = (1, 2)  # out, lse
+  else:
+    outs = ring_lib.backward(r, _chunk_backward, a["q"], a["k"], a["v"], ids, a["lse"],
+                             a["dout"], a["delta"], lengths)
+    out_axes = (1, 1, 1)  # dq, dk, dv
+  if r.zigzag:
+    outs = tuple(zigzag.shard_from_zigzag(o, axis, ax) for o, ax in zip(outs, out_axes))
+  return outs
 
 
 def run_partitioned(fn, args, layouts, out_layouts, groups: int, problem: Problem | None = None):

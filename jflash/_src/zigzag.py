@@ -9,6 +9,7 @@ causal work on every device (ring.py relies on this order).
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 
 def _order(num_devices: int) -> list[int]:
@@ -55,3 +56,50 @@ def from_zigzag(x, num_devices: int, axis: int = 1):
   axis = _check(x, axis, num_devices, "from_zigzag")
   order = _order(num_devices)
   return _reorder(x, axis, [order.index(c) for c in range(len(order))])
+
+
+# ---- inside shard_map: one device's chunk, moved between the layouts with ppermute.
+
+
+def _home(half: int, n: int) -> int:
+  """The device that holds half-chunk ``half`` of ``2n`` in the zigzag layout."""
+  return half if half < n else 2 * n - 1 - half
+
+
+def _sends(n: int, parity: int) -> list[tuple[int, int]]:
+  """Device d's half-chunk ``2d + parity`` (contiguous layout) -> its zigzag home."""
+  return [(d, _home(2 * d + parity, n)) for d in range(n)]
+
+
+def _halves(x, axis: int):
+  c = x.shape[axis] // 2
+  return lax.slice_in_dim(x, 0, c, axis=axis), lax.slice_in_dim(x, c, 2 * c, axis=axis)
+
+
+def shard_to_zigzag(x, axis_name, axis: int = 1):
+  """This device's contiguous chunk (device d holds half-chunks 2d, 2d+1) -> its zigzag
+  chunk (half-chunks d, 2n-1-d), like ``to_zigzag`` on the global array. Two ppermutes,
+  one per half; every half-chunk moves at most once."""
+  n = lax.axis_size(axis_name)
+  first, second = _halves(x, axis)
+  got_even = lax.ppermute(first, axis_name, _sends(n, 0))  # half-chunks 2d travel here
+  got_odd = lax.ppermute(second, axis_name, _sends(n, 1))  # half-chunks 2d+1
+  # Device e receives half-chunks e and 2n-1-e, which have opposite parities: e's own
+  # parity says which arrival is the early one.
+  even = lax.rem(lax.axis_index(axis_name), 2) == 0
+  early = jnp.where(even, got_even, got_odd)
+  late = jnp.where(even, got_odd, got_even)
+  return jnp.concatenate([early, late], axis)
+
+
+def shard_from_zigzag(x, axis_name, axis: int = 1):
+  """The inverse of ``shard_to_zigzag``."""
+  n = lax.axis_size(axis_name)
+  early, late = _halves(x, axis)
+  even = lax.rem(lax.axis_index(axis_name), 2) == 0
+  mine_even = jnp.where(even, early, late)  # the even-numbered half-chunk this device holds
+  mine_odd = jnp.where(even, late, early)
+  back = lambda parity: [(dst, src) for src, dst in _sends(n, parity)]
+  first = lax.ppermute(mine_even, axis_name, back(0))
+  second = lax.ppermute(mine_odd, axis_name, back(1))
+  return jnp.concatenate([first, second], axis)
