@@ -320,6 +320,11 @@ VARIANTS = {
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
+    # Several q tiles per CTA: the interpret cases have 2 q tiles, so 2 runs both in one
+    # CTA (two Q buffers); 3 leaves the CTA's last tile past the end, and with overlap and
+    # 64-key tiles runs a longer ring.
+    "qtiles2": dict(q_tiles_per_cta=2),
+    "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
 }
 
 

@@ -33,7 +33,13 @@ class MosaicConfig:
   ``q_outer``: launch the q tiles outermost (every head's last q tile first), so that
   under a causal mask all the longest tiles run in the first waves.
   ``producer_regs`` / ``consumer_regs``: setmaxnreg per thread of the TMA warpgroup and
-  of each consumer warpgroup."""
+  of each consumer warpgroup.
+  ``q_tiles_per_cta``: query tiles (of ``2 * block_q`` rows) one CTA runs in turn; the
+  grid's q axis shrinks by as much (rounded up). The K/V ring runs on across the tiles,
+  so the producer loads the next tile's first keys while the consumers finish the last
+  one, and the next tile's Q loads under this one's keys where a second Q buffer fits
+  (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -44,6 +50,7 @@ class MosaicConfig:
   q_outer: bool = False
   producer_regs: int = 40
   consumer_regs: int = 232
+  q_tiles_per_cta: int = 1
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -60,6 +67,8 @@ class MosaicConfig:
       r = getattr(self, name)
       if r % 8 or not 24 <= r <= 256:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
+    if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
+      raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
     if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
@@ -80,8 +89,18 @@ class MosaicConfig:
     return cfg
 
   def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """Q (reused for O) of both warpgroups + the K and V rings + lse staging."""
-    q = CONSUMER_WGS * self.block_q * head_dim * itemsize
+    """Q (reused for O) of both warpgroups, once or twice (``q_buffers``) + the K and V
+    rings + lse staging."""
+    return self._smem_bytes(self.q_buffers(head_dim, itemsize), head_dim, itemsize)
+
+  def q_buffers(self, head_dim: int, itemsize: int = 2) -> int:
+    """Q buffers per consumer: 2 where a CTA runs several q tiles and both fit in SMEM
+    (the next tile's Q loads while this one's keys stream), else 1."""
+    two = self.q_tiles_per_cta > 1 and self._smem_bytes(2, head_dim, itemsize) <= SMEM_BYTES
+    return 2 if two else 1
+
+  def _smem_bytes(self, q_buffers: int, head_dim: int, itemsize: int) -> int:
+    q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
     return q + ring + CONSUMER_WGS * self.block_q * 4
 
