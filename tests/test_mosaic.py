@@ -403,3 +403,56 @@ def test_mosaic_config_refuses_too_many_registers():
     MosaicConfig(producer_regs=40, consumer_regs=240)
   with pytest.raises(ValueError, match="producer_regs"):
     MosaicConfig(producer_regs=20)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4])
+def test_mosaic_q_tiles_cover_every_tile_once(tiles):
+  """Each CTA's tiles (``q_tile``) are each query tile exactly once, past-the-end ones
+  last; with an even count every CTA gets the same causal work where ``tiles`` divides
+  ``nq``."""
+  for nq in range(1, 12):
+    ctas = -(-nq // tiles)
+    runs = [[mosaic_fwd.q_tile(c, j, ctas, nq) for j in range(tiles)] for c in range(ctas)]
+    seen = [t for run in runs for t in run if t >= 0]
+    assert sorted(seen) == list(range(nq)), (nq, runs)
+    for run in runs:
+      n = sum(t >= 0 for t in run)
+      assert all(t >= 0 for t in run[:n]), (nq, runs)
+    if tiles % 2 == 0 and nq % tiles == 0:
+      assert len({sum(run) for run in runs}) == 1, (nq, runs)
+    if tiles == 1:
+      assert [run[0] for run in runs] == [nq - 1 - c for c in range(ctas)]
+
+
+def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
+  """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
+  tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
+  first CTA's second tile is past the end; the second CTA's ring of 2 slots runs 6
+  steps over two tiles."""
+  case = Case(b=1, t=260, s=190, n=1, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250])
+  q, k, v, _ = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
+  cfg = dataclasses.replace(_variant_config(case, "qtiles2"), block_kv=64, stages=2)
+  jax.clear_caches()
+  try:
+    with mosaic_backend.override_config(cfg):
+      out, _ = vjp.attention(p, q, k, v, None, arrays)
+  finally:
+    jax.clear_caches()
+  np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  base_out, _ = run_reference(case, case.dtype)
+  assert_close("out", out, np_out, base_out, case.dtype)
+
+
+def test_mosaic_config_q_tiles():
+  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  with pytest.raises(ValueError, match="q_tiles_per_cta"):
+    MosaicConfig(q_tiles_per_cta=0)
+  for d in mosaic_backend.HEAD_DIMS:
+    one = MosaicConfig.for_problem(1024, 1024, d)
+    assert one.q_buffers(d) == 1
+    many = dataclasses.replace(one, q_tiles_per_cta=2)
+    assert many.smem_bytes(d) <= SMEM_BYTES
+    # d=256: two Q buffers would not fit next to the ring.
+    assert many.q_buffers(d) == (1 if d == 256 else 2), d
