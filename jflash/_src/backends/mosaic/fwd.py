@@ -1,6 +1,7 @@
 """Mosaic GPU (Hopper) forward kernel, FlashAttention-3 style.
 
-One CTA owns ``2 * block_q`` query rows of one (batch, head) and runs three warpgroups:
+One CTA owns ``q_tiles_per_cta`` query tiles of ``2 * block_q`` rows (one by default) of
+one (batch, head), run in turn (see ``q_tile``), and runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
@@ -16,6 +17,11 @@ both consumers' ranges; a consumer steps through that union too and *skips* (wai
 releases, computes nothing) the tiles outside its own range, so that both stay in step
 on the shared ring and barriers. Fully masked tiles (causal upper triangle, windows,
 padding) are never loaded.
+
+With several q tiles per CTA the ring runs on from tile to tile: its step counter (hence
+slot and barrier phase) counts over all the CTA's tiles, so the producer fills the free
+slots with the next tile's keys while the consumers still finish the last tile, and a
+consumer releases a slot only where the producer will wait for it again within the CTA.
 
 ``interpret=True`` runs the same kernel in Pallas's GPU interpreter on CPU. That
 interpreter lacks wgmma with a register operand and pre-initialised accumulators, so
