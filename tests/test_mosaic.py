@@ -321,8 +321,8 @@ VARIANTS = {
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
     # Several q tiles per CTA: the interpret cases have 2 q tiles, so 2 runs both in one
-    # CTA (two Q buffers); 3 leaves the CTA's last tile past the end, and with overlap and
-    # 64-key tiles runs a longer ring.
+    # CTA (two Q buffers); 3 (three Q buffers) leaves the CTA's last tile past the end,
+    # and with overlap and 64-key tiles runs a longer ring.
     "qtiles2": dict(q_tiles_per_cta=2),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
 }
@@ -452,7 +452,15 @@ def test_mosaic_config_q_tiles():
   for d in mosaic_backend.HEAD_DIMS:
     one = MosaicConfig.for_problem(1024, 1024, d)
     assert one.q_buffers(d) == 1
-    many = dataclasses.replace(one, q_tiles_per_cta=2)
-    assert many.smem_bytes(d) <= SMEM_BYTES
-    # d=256: two Q buffers would not fit next to the ring.
-    assert many.q_buffers(d) == (1 if d == 256 else 2), d
+    for tiles in (2, 3, 5):
+      many = dataclasses.replace(one, q_tiles_per_cta=tiles)
+      assert many.smem_bytes(d) <= SMEM_BYTES
+      # Next to the ring fit three Q buffers at d=64, two at d=128, one at d=256.
+      assert many.q_buffers(d) == min(tiles, {64: 3, 128: 2, 256: 1}[d]), (d, tiles)
+
+
+@pytest.mark.parametrize("d", mosaic_backend.HEAD_DIMS)
+def test_mosaic_q_tiles_fit_shared_memory_when_lowered(d):
+  """As many Q buffers as ``q_buffers`` allows next to the default ring: Mosaic's own
+  count of the kernel's SMEM (checked when lowering) stays within sm90's."""
+  _lower_forward_for_cuda(d, False, None, q_tiles_per_cta=3)

@@ -281,6 +281,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       live = (q_pos < q_valid) & (l > 0.0)
       l_safe = jnp.where(live, l, 1.0)
       inv = jnp.where(live, 1.0 / l_safe, 0.0)
+      if tiles > 1:
+        # The last tile's stores have had this tile's keys to read lse_smem (and older
+        # O buffers) out: this wait should find them done.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       my_q[...] = (acc * _rows(inv, acc.shape)).astype(dtype)
       my_lse = lse_smem.at[wg]
       my_lse[...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
@@ -301,18 +305,22 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O left Q's slot
         load_q(j)
       plgpu.barrier_wait(q_full.at[q_entry(j)])
-      if q_bufs == 2:
-        # The last tile's O and lse (in the other buffer, and lse_smem) are read out:
-        # the next tile's Q may load there while this tile's keys stream.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        pl.when(j + 1 < n_tiles)(lambda: load_q(j + 1))
+      if q_bufs > 1:
+        @pl.when(j + 1 < n_tiles)
+        def _prefetch():
+          # The next tile's Q loads while this one's keys stream, into the buffer of
+          # tile j + 1 - q_bufs. With 2 buffers that is the last tile, whose O store was
+          # just issued: wait for it to leave SMEM. Older ones the epilogue waited for.
+          if q_bufs == 2:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_q(j + 1)
       my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
       acc, m, l = kv_loop(my_q, q0, g, u_lo, u_hi)
       epilogue(my_q, q0, acc, m, l)
       return g + (u_hi - u_lo)
 
-    if q_bufs == 2:
-      load_q(0)
+    if q_bufs > 1:
+      load_q(0)  # later tiles' Q is prefetched by the tile before
     over_tiles(tile)
     plgpu.wait_smem_to_gmem(0)
 
