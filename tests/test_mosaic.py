@@ -228,7 +228,10 @@ BWD_INTERPRET_CASES = {
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
 def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
-  case, bwd_cfg = BWD_INTERPRET_CASES[name]
+  _check_backward_interpret(*BWD_INTERPRET_CASES[name], mosaic_bwd_calls)
+
+
+def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosaic_bwd_calls):
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
 
@@ -249,6 +252,29 @@ def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
   empty = ~case.mask().any(-1)
   if empty.any():
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
+
+
+# The fused dQ (MosaicBwdConfig.dq_mode): the interpreter has neither TMA reductions nor
+# semaphores, so there each key tile writes its own f32 slab (bwd._add_dq) and "atomic"
+# and "ordered" run the same code; the dS K matmul, the rows and heads it lands on and
+# the masking are what these check (one mode each, to save CPU time).
+FUSED_DQ_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": (
+        Case(b=1, t=150, s=200, n=4, k=2, h=64, dtype=jnp.bfloat16, is_causal=True),
+        dict(dq_mode="atomic")),
+    "f16_lengths_empty_window_d80_one_wg_bq128": (
+        Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
+             kv_lengths=[100, 140], window=(40, 10)),
+        dict(dq_mode="ordered", consumers=1, dkv_block_q=128)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_DQ_INTERPRET_CASES))
+def test_mosaic_backward_fused_dq_interpret_against_reference(name, mosaic_bwd_calls):
+  case, fields = FUSED_DQ_INTERPRET_CASES[name]
+  d = mosaic_backend.padded_head_dim(case.h)
+  bwd_cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), **fields)
+  _check_backward_interpret(case, bwd_cfg, mosaic_bwd_calls)
 
 
 @pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),

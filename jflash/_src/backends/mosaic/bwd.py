@@ -149,10 +149,57 @@ def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry):
   return lax.fori_loop(hi, u_hi, skip, carry)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dk_ref, dv_ref,
-                k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, kv_full, full,
-                consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
-                interpret: bool):
+def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
+  """``"ordered"``: how many 64-key tiles add into query tile ``i`` before ``k_tile``.
+
+  The key tiles that visit query tile ``i`` (``i`` in their mask.q_block_range) are the
+  consecutive ``[first, ...)``: both ends of a key tile's query range grow with the key
+  tile (a band), and the empty ranges (keys past kv_valid) come last. ``first`` is the
+  ``lo`` of mask.kv_block_range for that query tile over 64-key blocks: the same band
+  seen from the query side (tests/test_mosaic.py checks the two agree)."""
+  first = mask_lib.kv_block_range(p.mask, i * bq, bq, WG_ROWS, nk, q_valid, kv_valid)[0]
+  return k_tile - first
+
+
+def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, *, b, h, i, k_tile,
+            nk: int, q_valid, kv_valid, interpret: bool):
+  """Adds ``dS K`` (``ds_s``: dS^T [64 keys, bq] in SMEM; ``k_s``: K [64, D]; key tile
+  ``k_tile`` of ``nk``) into rows ``i * bq ...`` of query head ``h`` of the f32 ``dq_acc``.
+
+  On the GPU: a TMA reduce-add of the partial, staged in ``dq_s`` (one buffer: the wait
+  for the previous add's read comes a whole step after it was issued). ``"ordered"``
+  waits for its turn on a semaphore per (b, h, i), lets the add land, then passes the
+  turn on. In the interpreter, which has neither TMA reductions nor semaphores, each key
+  tile writes its own slab ``dq_acc[k_tile]`` (summed in key order by ``backward``)."""
+  bq, d = dq_s.shape
+  (dq,) = _matmuls((bq, d), (ds_s.T, k_s))
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
+  dq_s[...] = dq
+  plgpu.commit_smem()
+  rows = pl.ds(i * bq, bq)
+  if interpret:
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[k_tile, b, rows, h])
+    return
+  if cfg.dq_mode == "atomic":
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
+    return
+  _, tp, n, _ = dq_acc.shape
+  nq = tp // bq
+  sems = pl.get_global(plgpu.SemaphoreType.REGULAR((dq_acc.shape[0] * n * nq,)))
+  sem = sems.at[(b * n + h) * nq + i]
+  turn = _dq_turn(p, bq, nk, i, k_tile, q_valid, kv_valid)
+  plgpu.semaphore_wait(sem, turn, decrement=False)  # every earlier key tile has added
+  plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
+  plgpu.wait_smem_to_gmem(0)  # landed in HBM, not only read from SMEM
+  plgpu.semaphore_signal(sem, 1)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
+                p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
+  """``refs``: [dq_acc (fused dQ only)], dk, dv, then the scratch of ``backward``."""
+  dq_acc = refs[0] if cfg.fused_dq else None
+  (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
+   dq_smem, kv_full, full, consumed) = refs[cfg.fused_dq:]
   bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
@@ -191,7 +238,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
     plgpu.barrier_wait(kv_full.at[wg])
 
-    def step(c, slot, i, carry, masked: bool):
+    def step(c, slot, i, carry, masked: bool, g):
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       st, dpt = _matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
@@ -202,11 +249,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
+      dst = dst.astype(dtype)
+      if cfg.fused_dq:
+        ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
+        plgpu.commit_smem()
       stage = stage_smem.at[wg] if interpret else None
-      return _mmas((dk, dv), ((dst.astype(dtype), q_s), (pt.astype(dtype), do_s)), stage)
+      dk, dv = _mmas((dk, dv), ((dst, q_s), (pt.astype(dtype), do_s)), stage)
+      if cfg.fused_dq:
+        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, b=b, h=kh * groups + g,
+                i=i, k_tile=lax.axis_index("k") * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+                q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+      return dk, dv
 
     def head(g, carry):
-      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges, step, carry)
+      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
+                    functools.partial(step, g=g), carry)
 
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -298,7 +355,13 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   )
   args = (q, k, v, dout, lse, delta, q_valid, kv_valid)
 
-  bq, stages = cfg.dkv_block_q, cfg.dkv_stages
+  bq, stages, fused = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq
+  dq_acc = ()
+  if fused:
+    # f32 dQ, zeroed, that the kernel adds into in place; in the interpreter one slab
+    # per 64-key tile instead (see _add_dq).
+    slabs = (sp // WG_ROWS,) if interpret else ()
+    dq_acc = (jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32)),)
   dk, dv = plgpu.kernel(
       functools.partial(_dkv_kernel, p=p, cfg=cfg, nq=tp // bq, groups=groups,
                         interpret=interpret),
@@ -311,6 +374,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
           _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
+          _smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None,  # dS^T for dQ
+          _smem_tile((wgs, bq, d), jnp.float32) if fused else None,  # dQ partial
           plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=4, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -319,7 +384,11 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       grid_names=("k", "k_head", "b"),
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
-  )(*args)
+  )(*args, *dq_acc)
+  if fused:
+    dq = jax.freeze(dq_acc[0])
+    dq = dq.sum(0) if interpret else dq  # the slabs, in key order: deterministic
+    return (dq * p.scale).astype(q.dtype), dk, dv
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
   nq = tp // (wgs * WG_ROWS)
