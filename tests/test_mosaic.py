@@ -21,6 +21,7 @@ import pytest
 import jflash
 import reference
 from helpers import Case, assert_close, assert_lse_close
+from jflash._src import mask as mask_lib
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import bwd as mosaic_bwd
@@ -277,9 +278,46 @@ def test_mosaic_backward_fused_dq_interpret_against_reference(name, mosaic_bwd_c
   _check_backward_interpret(case, bwd_cfg, mosaic_bwd_calls)
 
 
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (40, 10)),
+                                            (True, (100, None)), (False, (0, 200))])
+@pytest.mark.parametrize("bq", [64, 128])
+def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
+  """"ordered" dQ (bwd._dq_turn): the 64-key tiles that visit query tile i (by
+  mask.q_block_range, as the dK/dV kernel loops) must get the turns 0, 1, ..., in key
+  order, or a CTA waits forever (a turn too high) or two add at once (a repeat)."""
+  left, right = window or (None, None)
+  for t, s, q_valid, kv_valid in [(700, 900, 700, 900), (700, 900, 123, 301), (260, 900, 0, 900),
+                                  (900, 260, 900, 0), (1000, 1000, 1000, 999)]:
+    spec = MaskSpec(q_len=t, kv_len=s, causal=causal, window_left=left, window_right=right)
+    p = Problem(mask=spec, scale=1.0, implementation="mosaic")
+    nq, nk = -(-t // 128) * 128 // bq, -(-s // 128) * 128 // 64
+    visitors = {i: [] for i in range(nq)}
+    for j in range(nk):
+      lo, _, _, hi = mask_lib.q_block_range(spec, j * 64, 64, bq, nq, q_valid, kv_valid)
+      for i in range(lo, hi):
+        visitors[i].append(j)
+    for i, js in visitors.items():
+      turns = [mosaic_bwd._dq_turn(p, bq, nk, i, j, q_valid, kv_valid) for j in js]
+      assert turns == list(range(len(js))), (t, s, q_valid, kv_valid, i, js, turns)
+
+
 @pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),
                                                      (128, False, 30.0, 1)])
 def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
+  _lower_backward_for_cuda(d, causal, softcap, kh)
+
+
+@pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])
+@pytest.mark.parametrize("d, causal, kh, fields", [
+    (64, False, 2, {}), (64, True, 4, {}), (128, True, 1, {}), (128, False, 2, {}),
+    (64, True, 2, dict(consumers=1, dkv_block_q=64))])
+def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields):
+  _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
+
+
+def _lower_backward_for_cuda(d, causal, softcap, kh, **fields):
+  """The full Pallas -> Mosaic GPU compile of the backward kernels (no GPU needed), with
+  the default MosaicBwdConfig for ``d`` updated by ``fields``."""
   b, t, n = 2, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
@@ -287,18 +325,24 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
   p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
               softcap=softcap, implementation="mosaic")
-  cfg = MosaicBwdConfig.for_problem(t, t, d)
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(t, t, d), **fields)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
   f.trace(q, kv, kv, q, rows, rows, lens, lens).lower(lowering_platforms=("cuda",))
 
 
+def test_mosaic_bwd_config_refuses_unknown_dq_mode():
+  with pytest.raises(ValueError, match="dq_mode='fused'"):
+    MosaicBwdConfig(dq_mode="fused")
+
+
 def test_mosaic_bwd_config_fits_shared_memory():
-  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  from jflash._src.backends.mosaic.config import DQ_MODES, SMEM_BYTES
   for d in mosaic_bwd.HEAD_DIMS:
     for s in (64, 1000, 16384):
-      cfg = MosaicBwdConfig.for_problem(s, s, d)
-      assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
-      assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+      for dq_mode in DQ_MODES:
+        cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), dq_mode=dq_mode)
+        assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+        assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
 
 
 # The Mosaic backward is the default for padded head dims <= 128 without a bias, so every
@@ -324,16 +368,43 @@ def test_mosaic_backward_against_reference(name, mosaic_bwd_calls):
 
 
 @pytest.mark.gpu
-def test_mosaic_backward_rerun_is_bitwise_identical(mosaic_bwd_calls):
+@pytest.mark.parametrize("dq_mode", ["separate", "ordered"])
+def test_mosaic_backward_rerun_is_bitwise_identical(dq_mode, mosaic_bwd_calls):
   case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
   q, k, v, do = case.inputs()
-  with _mosaic_backward(case):
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
     f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
         q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
     a, b = f(q, k, v), f(q, k, v)
   assert mosaic_bwd_calls
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def _fused_dq_config(case: Case, dq_mode: str) -> MosaicBwdConfig:
+  d = mosaic_backend.padded_head_dim(case.h)
+  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode=dq_mode)
+
+
+# The fused dQ modes on the GPU: every BWD_GPU_CASES shape plus the ones with empty rows,
+# a window and a long causal run (many key tiles take turns on one query tile).
+FUSED_DQ_GPU_CASES = {
+    **BWD_GPU_CASES,
+    "bf16_lengths_empty_rows": GPU_CASES["bf16_lengths_empty_rows"],
+    "bf16_window": GPU_CASES["bf16_window"],
+    "bf16_d128_causal_4k": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                                is_causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])
+@pytest.mark.parametrize("name", list(FUSED_DQ_GPU_CASES))
+def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_calls):
+  case = FUSED_DQ_GPU_CASES[name]
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
+    check_case(case, "mosaic")
+  assert mosaic_bwd_calls
 
 
 # ---- Forward variants (MosaicConfig flags, off by default until timed on the GPU): each
