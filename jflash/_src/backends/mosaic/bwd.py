@@ -2,11 +2,12 @@
 
 Both recompute ``p = exp2(s * log2e - lse * log2e)`` tile by tile from the natural-log
 lse of the forward (+inf on empty rows, so p = 0 there with no mask); ``delta =
-rowsum(dO * O) - dlse`` comes precomputed. No atomics: every output tile is owned by one
-CTA, so results are bitwise reproducible. Each CTA runs ``cfg.consumers`` consumer
-warpgroups of 64 rows (the M of one wgmma) and one TMA producer warpgroup that streams
-the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA arrival;
-"consumed" barriers: every consumer is done with the slot).
+rowsum(dO * O) - dlse`` comes precomputed. By default (``cfg.dq_mode="separate"``) no
+atomics: every output tile is owned by one CTA, so results are bitwise reproducible.
+Each CTA runs ``cfg.consumers`` consumer warpgroups of 64 rows (the M of one wgmma) and
+one TMA producer warpgroup that streams the other operand through a ring of ``stages``
+SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
+with the slot).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -14,6 +15,19 @@ the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA 
   ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``.
 * dQ: consumers own 64 query rows each (Q, dO in SMEM, lse, delta in registers); the
   ring streams K, V tiles over mask.kv_block_range. ``dQ += dS K``.
+* Fused dQ (``dq_mode`` "atomic" or "ordered", no dQ kernel): the dK/dV consumers also
+  compute ``dS K`` for each query tile they visit and add it into an f32 dQ in HBM with
+  a TMA reduce-add (``_add_dq``): 5 matmuls per pair of tiles instead of 7. "atomic"
+  adds in whatever order the CTAs reach a tile (not reproducible); "ordered" makes the
+  64-key tiles take turns in key order on a semaphore per (b, head, query tile).
+  Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
+  (b, key head): the other consumer of its own CTA, or CTAs of a lower "k", which is the
+  outermost grid axis and so CUDA's slowest block index (Mosaic reverses the grid).
+  CTAs are dispatched in block order (as FA3's deterministic mode also assumes), so
+  every CTA waited for has started; the lowest unfinished key tile never waits, and by
+  induction every wait ends. A consumer waiting for its turn at ring step c blocks
+  nothing the lower consumer of its CTA needs: that one reaches step c, since the
+  producer only waits for slots that both consumers have released.
 
 As in fwd.py, the producer loads the union of the consumers' ranges and a consumer
 *skips* (waits, releases, computes nothing) the tiles outside its own; masked tiles call
