@@ -311,8 +311,14 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
 @pytest.mark.parametrize("d, causal, kh, fields", [
     (64, False, 2, {}), (64, True, 4, {}), (128, True, 1, {}), (128, False, 2, {}),
     (64, True, 2, dict(consumers=1, dkv_block_q=64))])
-def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields):
+def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields, monkeypatch):
+  # "ordered": one semaphore array for the whole kernel (each get_global is a new one; a
+  # step traced per loop with its own would wait for turns nobody passes).
+  calls = []
+  real = mosaic_bwd.pl.get_global
+  monkeypatch.setattr(mosaic_bwd.pl, "get_global", lambda *a: calls.append(a) or real(*a))
   _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
+  assert len(calls) == (dq_mode == "ordered"), calls
 
 
 def _lower_backward_for_cuda(d, causal, softcap, kh, **fields):

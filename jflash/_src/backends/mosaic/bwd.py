@@ -175,15 +175,15 @@ def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
   return k_tile - first
 
 
-def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, *, b, h, i, k_tile,
-            nk: int, q_valid, kv_valid, interpret: bool):
+def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, b, h, i,
+            k_tile, nk: int, q_valid, kv_valid, interpret: bool):
   """Adds ``dS K`` (``ds_s``: dS^T [64 keys, bq] in SMEM; ``k_s``: K [64, D]; key tile
   ``k_tile`` of ``nk``) into rows ``i * bq ...`` of query head ``h`` of the f32 ``dq_acc``.
 
   On the GPU: a TMA reduce-add of the partial, staged in ``dq_s`` (one buffer: the wait
   for the previous add's read comes a whole step after it was issued). ``"ordered"``
-  waits for its turn on a semaphore per (b, h, i), lets the add land, then passes the
-  turn on. In the interpreter, which has neither TMA reductions nor semaphores, each key
+  waits for its turn on ``sems[b, h, i]``, lets the add land, then passes the turn on.
+  In the interpreter, which has neither TMA reductions nor semaphores, each key
   tile writes its own slab ``dq_acc[k_tile]`` (summed in key order by ``backward``)."""
   bq, d = dq_s.shape
   (dq,) = _matmuls((bq, d), (ds_s.T, k_s))
@@ -198,9 +198,7 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, *, b, h, 
     plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
     return
   _, tp, n, _ = dq_acc.shape
-  nq = tp // bq
-  sems = pl.get_global(plgpu.SemaphoreType.REGULAR((dq_acc.shape[0] * n * nq,)))
-  sem = sems.at[(b * n + h) * nq + i]
+  sem = sems.at[(b * n + h) * (tp // bq) + i]
   turn = _dq_turn(p, bq, nk, i, k_tile, q_valid, kv_valid)
   plgpu.semaphore_wait(sem, turn, decrement=False)  # every earlier key tile has added
   plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
@@ -214,6 +212,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   dq_acc = refs[0] if cfg.fused_dq else None
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
    dq_smem, kv_full, full, consumed) = refs[cfg.fused_dq:]
+  sems = None
+  if cfg.dq_mode == "ordered" and not interpret:
+    # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
+    # step is traced once per loop (masked, unmasked), which must share the turns.
+    batch, tp, n, _ = dq_acc.shape
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * (tp // cfg.dkv_block_q),)))
   bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
@@ -270,8 +274,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       stage = stage_smem.at[wg] if interpret else None
       dk, dv = _mmas((dk, dv), ((dst, q_s), (pt.astype(dtype), do_s)), stage)
       if cfg.fused_dq:
-        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, b=b, h=kh * groups + g,
-                i=i, k_tile=lax.axis_index("k") * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b,
+                h=kh * groups + g, i=i, k_tile=lax.axis_index("k") * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
                 q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
       return dk, dv
 
