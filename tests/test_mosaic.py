@@ -115,18 +115,44 @@ def _problem(case: Case, q_len: int, kv_len: int) -> tuple[Problem, MaskArrays]:
   """What jflash.dot_product_attention would build for ``case``, with interpret=True."""
   left, right = (None, None) if case.window is None else (
       (case.window, case.window) if isinstance(case.window, int) else case.window)
+  ids = case.segment_ids()
+  q_ids, kv_ids = (None, None) if ids is None else ids if isinstance(ids, tuple) else (ids, ids)
   spec = MaskSpec(q_len=q_len, kv_len=kv_len, causal=case.is_causal, window_left=left,
-                  window_right=right)
+                  window_right=right, has_segment_ids=ids is not None)
   scale = case.scale if case.scale is not None else 1.0 / np.sqrt(case.h)
   p = Problem(mask=spec, scale=scale, softcap=case.softcap, implementation="mosaic",
               interpret=True)
   lengths = lambda x, n: jnp.asarray([n] * case.b if x is None else x, jnp.int32)
-  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len))
+  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len),
+                       q_ids, kv_ids)
 
 
-@pytest.mark.parametrize("name", list(INTERPRET_CASES))
+# Packed documents (segment ids): the Mosaic forward, the Triton backward.
+SEGMENT_INTERPRET_CASES = {
+    # Self attention, causal, GQA; 300 tokens = 3 CTAs of 128 rows, 3 key tiles of 128.
+    "segment_packed_causal_gqa": Case(b=2, t=300, s=300, n=2, k=1, h=64, dtype=jnp.bfloat16,
+                                      is_causal=True, segments="packed", seed=3),
+    # (q_ids, kv_ids) of random ids (no order): every tile is masked; lengths empty a
+    # batch row's keys and cut another's queries.
+    "segment_pair_lengths_empty": Case(b=2, t=130, s=200, n=2, k=2, h=64,
+                                       dtype=jnp.float16, segments="pair",
+                                       q_lengths=[100, 130], kv_lengths=[150, 0]),
+}
+
+
+def test_mosaic_segment_ranges_cover_each_half():
+  """The CTA's union row spans both consumers' rows; empty halves add nothing."""
+  cfg = MosaicConfig(block_kv=64)
+  q_seg = jnp.asarray([[0] * 64 + [5] * 64 + [1] * 128], jnp.int32)  # 2 CTAs
+  kv_seg = jnp.asarray([[0] * 64 + [1] * 64 + [2] * 64 + [3] * 64], jnp.int32)
+  r = np.asarray(mosaic_fwd.segment_ranges(q_seg, kv_seg, cfg))
+  np.testing.assert_array_equal(r[0, 0], [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(r[0, 1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 2]])
+
+
+@pytest.mark.parametrize("name", list(INTERPRET_CASES) + list(SEGMENT_INTERPRET_CASES))
 def test_mosaic_interpret_against_reference(name):
-  case = INTERPRET_CASES[name]
+  case = {**INTERPRET_CASES, **SEGMENT_INTERPRET_CASES}[name]
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   (out, lse), pullback = jax.vjp(lambda q, k, v: vjp.attention(p, q, k, v, None, arrays), q, k, v)

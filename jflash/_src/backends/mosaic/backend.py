@@ -4,6 +4,8 @@ The forward pass is the FA3-style kernel of fwd.py. The backward pass is the Tri
 and dQ kernels (backends/triton), or with ``MosaicConfig.mosaic_backward`` the Mosaic ones
 of bwd.py where they support the call (head dims up to 128): both need nothing from the
 forward but the natural-log lse, which this forward writes with the same contract.
+Segment ids (packed documents) always take the Triton backward: the Mosaic backward
+kernels do not read them yet.
 
 ``supports`` refuses (NotImplementedError, naming what is missing) anything the forward
 kernel does not do, so that ``implementation=None`` falls back to "triton".
@@ -54,7 +56,6 @@ def supports(p: Problem, q, k, v, bias) -> None:
   missing = [name for name, used in (
       ("bias", bias is not None),
       ("a dense mask", p.mask.has_dense_mask),
-      ("segment_ids", p.mask.has_segment_ids),
       ("dropout", p.dropout_rate > 0),
   ) if used]
   if missing:
@@ -78,8 +79,11 @@ def forward(p: Problem, q, k, v, bias, arrays):
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
+  # Padding ids differ on the two sides (as in the Triton backend): they never match.
+  q_seg = pad_axis(arrays.q_segment_ids, 1, tp, -1)
+  kv_seg = pad_axis(arrays.kv_segment_ids, 1, sp, -2)
   out, lse = fwd_lib.forward(p, cfg, pad(q, tp), pad(k, sp), pad(v, sp), arrays.q_valid,
-                             arrays.kv_valid)
+                             arrays.kv_valid, q_seg, kv_seg)
   return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
 
 
@@ -88,7 +92,8 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   d = padded_head_dim(h)
   itemsize = jnp.dtype(q.dtype).itemsize
   cfg = override_config.value or MosaicConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
-  if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None):
+  if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None
+          and not p.mask.has_segment_ids):
     # The Triton kernels only need the lse, which the forward above writes with the
     # same contract (natural log, +inf on empty rows).
     return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
