@@ -230,7 +230,7 @@ def test_fuzz_triton_gpu(case):
 def _mosaic_case(case: Case) -> Case:
   """The same draw without what "mosaic" refuses (bias, dense mask, f32): half
   precision, head dims up to 128 (padded to 64/128 by the backend). Segment ids stay:
-  the Mosaic forward serves them, the Triton backward their gradients."""
+  the Mosaic forward and backward kernels serve them."""
   dtype = case.dtype if case.dtype != jnp.float32 else jnp.bfloat16
   return dataclasses.replace(case, bias=None, dense=None, dtype=dtype)
 

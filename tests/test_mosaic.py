@@ -52,8 +52,8 @@ GPU_CASES = {
     "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
                              softcap=20.0, is_causal=True),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
-    # Packed documents: the Mosaic forward (segment ranges, ids on masked tiles) and the
-    # Triton backward.
+    # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
+    # d <= 128, the Triton one for d = 256.
     "segment_bf16_d128_packed_causal_gqa": Case(b=2, t=1024, s=1024, n=4, k=2, h=128,
                                                 dtype=jnp.bfloat16, is_causal=True,
                                                 segments="packed"),
@@ -145,7 +145,8 @@ def _problem(case: Case, q_len: int, kv_len: int) -> tuple[Problem, MaskArrays]:
                        q_ids, kv_ids)
 
 
-# Packed documents (segment ids): the Mosaic forward, the Triton backward.
+# Packed documents (segment ids): the Mosaic forward and (default config, d <= 128) the
+# Mosaic backward.
 SEGMENT_INTERPRET_CASES = {
     # Self attention, causal, GQA; 300 tokens = 3 CTAs of 128 rows, 3 key tiles of 128.
     "segment_packed_causal_gqa": Case(b=2, t=300, s=300, n=2, k=1, h=64, dtype=jnp.bfloat16,
@@ -279,6 +280,12 @@ BWD_INTERPRET_CASES = {
              kv_lengths=[90, 0]),
         MosaicBwdConfig(dkv_block_q=64, dkv_stages=3, dq_block_kv=64, dq_stages=3,
                         consumers=1)),
+    # Segment ids: ranges per consumer over key tiles (dQ) and query tiles (dK/dV), here
+    # with one consumer and 128-wide streamed tiles (the default config runs the Mosaic
+    # backward of test_mosaic_interpret_against_reference's segment cases).
+    "segment_pair_lengths_empty_one_wg": (
+        SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+        MosaicBwdConfig(dkv_block_q=128, dq_block_kv=128, consumers=1)),
 }
 
 
@@ -307,19 +314,22 @@ def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
 
 
-@pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),
-                                                     (128, False, 30.0, 1)])
-def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
+@pytest.mark.parametrize("d, causal, softcap, kh, segments", [
+    (64, False, None, 2, False), (128, True, None, 4, False), (128, False, 30.0, 1, False),
+    (64, True, None, 2, True), (128, False, None, 4, True)])
+def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
   b, t, n = 2, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   rows = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
+  ids = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 2 if segments else []
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
+                            has_segment_ids=segments),
+              scale=0.1, softcap=softcap, implementation="mosaic")
   cfg = MosaicBwdConfig.for_problem(t, t, d)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
-  f.trace(q, kv, kv, q, rows, rows, lens, lens).lower(lowering_platforms=("cuda",))
+  f.trace(q, kv, kv, q, rows, rows, lens, lens, *ids).lower(lowering_platforms=("cuda",))
 
 
 def test_mosaic_bwd_config_fits_shared_memory():
@@ -341,6 +351,10 @@ BWD_GPU_CASES = {
                                     dtype=jnp.bfloat16),
     "bf16_d64_causal_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=1, h=64,
                                       dtype=jnp.bfloat16, is_causal=True),
+    "segment_bf16_d64_s4096_8docs_causal_gqa": Case(b=1, t=4096, s=4096, n=4, k=2, h=64,
+                                                    dtype=jnp.bfloat16, is_causal=True,
+                                                    segments="packed", docs=8, seed=2),
+    "segment_f16_d128_pair_lengths_empty": GPU_CASES["segment_f16_d64_pair_lengths_empty"],
 }
 
 

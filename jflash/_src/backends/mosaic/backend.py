@@ -4,8 +4,6 @@ The forward pass is the FA3-style kernel of fwd.py. The backward pass is the Tri
 and dQ kernels (backends/triton), or with ``MosaicConfig.mosaic_backward`` the Mosaic ones
 of bwd.py where they support the call (head dims up to 128): both need nothing from the
 forward but the natural-log lse, which this forward writes with the same contract.
-Segment ids (packed documents) always take the Triton backward: the Mosaic backward
-kernels do not read them yet.
 
 ``supports`` refuses (NotImplementedError, naming what is missing) anything the forward
 kernel does not do, so that ``implementation=None`` falls back to "triton".
@@ -92,8 +90,7 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   d = padded_head_dim(h)
   itemsize = jnp.dtype(q.dtype).itemsize
   cfg = override_config.value or MosaicConfig.for_problem(p.q_len, p.kv_len, d, itemsize)
-  if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None
-          and not p.mask.has_segment_ids):
+  if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None):
     # The Triton kernels only need the lse, which the forward above writes with the
     # same contract (natural log, +inf on empty rows).
     return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
@@ -105,6 +102,7 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   rows = lambda x, fill: pad_axis(x, 2, tp, fill)
   dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q, tp), pad(k, sp), pad(v, sp), pad(dout, tp),
                                 rows(lse, jnp.inf), rows(delta, 0.0), arrays.q_valid,
-                                arrays.kv_valid)
+                                arrays.kv_valid, pad_axis(arrays.q_segment_ids, 1, tp, -1),
+                                pad_axis(arrays.kv_segment_ids, 1, sp, -2))
   s = p.kv_len
   return dq[:, :p.q_len, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h], None

@@ -351,25 +351,32 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, s
   return acc, m, l
 
 
-def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
-  """int32 ``[B, nq, 3, 4]``: for each CTA's query tile, the ``(lo, full_lo, full_hi,
-  hi)`` key tiles of its two consumers' ``block_q`` rows (mask.segment_tile_ranges),
-  then their union ``(lo, lo, lo, hi)`` for the producer.
+def cta_segment_ranges(q_seg, kv_seg, block_q: int, block_k: int, consumers: int, *,
+                       by_rows: bool):
+  """int32 ``[B, n_cta, consumers + 1, 4]``: for each CTA (``consumers`` consecutive
+  tiles of this axis), each consumer's ``(lo, full_lo, full_hi, hi)`` over the other
+  axis's tiles (mask.segment_tile_ranges), then their union ``(lo, lo, lo, hi)`` for
+  the producer.
 
-  Ranges per ``block_q`` rows rather than per CTA: the CTA's span is exactly the union
-  of its halves', and each consumer skips what only the other half's documents meet."""
-  halves = mask_lib.segment_tile_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv,
-                                        by_rows=True)
-  b, n2, _ = halves.shape
-  halves = halves.reshape(b, n2 // CONSUMER_WGS, CONSUMER_WGS, 4)
-  lo, hi = halves[..., 0], halves[..., 3]
-  empty = hi <= lo  # a half whose documents meet no key tile: (0, 0, 0, 0)
-  nk = kv_seg.shape[1] // cfg.block_kv
-  u_lo = jnp.where(empty, nk, lo).min(-1)
+  Ranges per consumer rather than per CTA: the CTA's span is exactly the union of its
+  consumers', and each consumer skips what only the others' documents meet."""
+  own = mask_lib.segment_tile_ranges(q_seg, kv_seg, block_q, block_k, by_rows=by_rows)
+  b, n, _ = own.shape
+  own = own.reshape(b, n // consumers, consumers, 4)
+  lo, hi = own[..., 0], own[..., 3]
+  empty = hi <= lo  # documents that meet no tile: (0, 0, 0, 0)
+  n_other = (kv_seg.shape[1] // block_k) if by_rows else (q_seg.shape[1] // block_q)
+  u_lo = jnp.where(empty, n_other, lo).min(-1)
   u_hi = jnp.where(empty, 0, hi).max(-1)
-  u_lo = jnp.minimum(u_lo, u_hi)  # both halves empty: an empty range
+  u_lo = jnp.minimum(u_lo, u_hi)  # every consumer empty: an empty range
   union = jnp.stack([u_lo, u_lo, u_lo, u_hi], axis=-1)[:, :, None]
-  return jnp.concatenate([halves, union], axis=2).astype(jnp.int32)
+  return jnp.concatenate([own, union], axis=2).astype(jnp.int32)
+
+
+def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
+  """``cta_segment_ranges`` of this kernel: ``[B, nq, 3, 4]``, per ``block_q`` rows."""
+  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, CONSUMER_WGS,
+                            by_rows=True)
 
 
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
