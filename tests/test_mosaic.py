@@ -354,7 +354,9 @@ BWD_GPU_CASES = {
     "segment_bf16_d64_s4096_8docs_causal_gqa": Case(b=1, t=4096, s=4096, n=4, k=2, h=64,
                                                     dtype=jnp.bfloat16, is_causal=True,
                                                     segments="packed", docs=8, seed=2),
-    "segment_f16_d128_pair_lengths_empty": GPU_CASES["segment_f16_d64_pair_lengths_empty"],
+    "segment_f16_d128_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=128,
+                                                dtype=jnp.float16, segments="pair",
+                                                q_lengths=[700, 100], kv_lengths=[0, 900]),
 }
 
 
