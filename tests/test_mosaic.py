@@ -52,6 +52,25 @@ GPU_CASES = {
     "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
                              softcap=20.0, is_causal=True),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
+    # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
+    # d <= 128, the Triton one for d = 256.
+    "segment_bf16_d128_packed_causal_gqa": Case(b=2, t=1024, s=1024, n=4, k=2, h=128,
+                                                dtype=jnp.bfloat16, is_causal=True,
+                                                segments="packed"),
+    "segment_f16_d64_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=64,
+                                               dtype=jnp.float16, segments="pair",
+                                               q_lengths=[700, 100], kv_lengths=[0, 900]),
+    "segment_bf16_d256_packed": Case(b=1, t=640, s=640, n=2, k=1, h=256, dtype=jnp.bfloat16,
+                                     segments="packed"),
+    "segment_bf16_d80_packed_window_softcap": Case(b=2, t=1000, s=1000, n=2, k=2, h=80,
+                                                   dtype=jnp.bfloat16, segments="packed",
+                                                   window=(100, 0), softcap=20.0),
+    # Long rows: 8 documents of random length over 4096 tokens.
+    "segment_bf16_d128_s4096_8docs_causal": Case(b=1, t=4096, s=4096, n=4, k=1, h=128,
+                                                 dtype=jnp.bfloat16, is_causal=True,
+                                                 segments="packed", docs=8, seed=1),
+    "segment_bf16_d64_s4096_8docs": Case(b=2, t=4096, s=4096, n=2, k=2, h=64,
+                                         dtype=jnp.bfloat16, segments="packed", docs=8),
 }
 
 
@@ -75,7 +94,6 @@ def test_mosaic_rerun_is_bitwise_identical():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw, what", [
     (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "dropout"),
-    (dict(segment_ids=jnp.zeros((1, 256), jnp.int32)), "segment_ids"),
     (dict(mask=jnp.ones((1, 1, 256, 256), bool)), "dense mask"),
 ])
 def test_mosaic_refuses_what_it_lacks_and_none_falls_back(kw, what):
@@ -115,18 +133,48 @@ def _problem(case: Case, q_len: int, kv_len: int) -> tuple[Problem, MaskArrays]:
   """What jflash.dot_product_attention would build for ``case``, with interpret=True."""
   left, right = (None, None) if case.window is None else (
       (case.window, case.window) if isinstance(case.window, int) else case.window)
+  ids = case.segment_ids()
+  q_ids, kv_ids = (None, None) if ids is None else ids if isinstance(ids, tuple) else (ids, ids)
   spec = MaskSpec(q_len=q_len, kv_len=kv_len, causal=case.is_causal, window_left=left,
-                  window_right=right)
+                  window_right=right, has_segment_ids=ids is not None)
   scale = case.scale if case.scale is not None else 1.0 / np.sqrt(case.h)
   p = Problem(mask=spec, scale=scale, softcap=case.softcap, implementation="mosaic",
               interpret=True)
   lengths = lambda x, n: jnp.asarray([n] * case.b if x is None else x, jnp.int32)
-  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len))
+  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len),
+                       q_ids, kv_ids)
 
 
-@pytest.mark.parametrize("name", list(INTERPRET_CASES))
+# Packed documents (segment ids): the Mosaic forward and (default config, d <= 128) the
+# Mosaic backward.
+SEGMENT_INTERPRET_CASES = {
+    # Self attention, causal, GQA; 300 tokens = 3 CTAs of 128 rows, 3 key tiles of 128.
+    "segment_packed_causal_gqa": Case(b=2, t=300, s=300, n=2, k=1, h=64, dtype=jnp.bfloat16,
+                                      is_causal=True, segments="packed", seed=3),
+    # (q_ids, kv_ids) of random ids (no order): every tile is masked; lengths empty a
+    # batch row's keys and cut another's queries.
+    "segment_pair_lengths_empty": Case(b=2, t=130, s=200, n=2, k=2, h=64,
+                                       dtype=jnp.float16, segments="pair",
+                                       q_lengths=[100, 130], kv_lengths=[150, 0]),
+}
+
+
+def test_mosaic_segment_ranges_cover_each_half():
+  """The CTA's union row spans both consumers' rows; empty halves add nothing."""
+  cfg = MosaicConfig(block_kv=64)
+  q_seg = jnp.asarray([[0] * 64 + [5] * 64 + [1] * 128], jnp.int32)  # 2 CTAs
+  kv_seg = jnp.asarray([[0] * 64 + [1] * 64 + [2] * 64 + [3] * 64], jnp.int32)
+  r = np.asarray(mosaic_fwd.segment_ranges(q_seg, kv_seg, cfg))
+  np.testing.assert_array_equal(r[0, 0], [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(r[0, 1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 2]])
+
+
+ALL_INTERPRET_CASES = {**INTERPRET_CASES, **SEGMENT_INTERPRET_CASES}
+
+
+@pytest.mark.parametrize("name", list(ALL_INTERPRET_CASES))
 def test_mosaic_interpret_against_reference(name):
-  case = INTERPRET_CASES[name]
+  case = ALL_INTERPRET_CASES[name]
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   (out, lse), pullback = jax.vjp(lambda q, k, v: vjp.attention(p, q, k, v, None, arrays), q, k, v)
@@ -152,18 +200,27 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
   _lower_forward_for_cuda(d, causal, softcap)
 
 
-def _lower_forward_for_cuda(d, causal, softcap, **config):
+def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
   """Runs the full Pallas -> Mosaic GPU compile of the forward (no GPU needed), with the
-  default MosaicConfig for ``d`` updated by ``config``."""
+  default MosaicConfig for ``d`` updated by ``config`` (and segment ids if asked)."""
   b, t, n, kh = 2, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
+  ids = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 2 if segments else []
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
+                            has_segment_ids=segments),
+              scale=0.1, softcap=softcap, implementation="mosaic")
   cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d), **config)
-  f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
-  f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
+  f = jax.jit(lambda q, k, v, a, c, *ids: mosaic_fwd.forward(p, cfg, q, k, v, a, c, *ids))
+  f.trace(q, kv, kv, lens, lens, *ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("d, causal, config", [
+    (64, False, {}), (128, True, {}), (128, True, dict(overlap=True)),
+    (64, True, dict(overlap=True, block_kv=64))])
+def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
+  _lower_forward_for_cuda(d, causal, None, segments=True, **config)
 
 
 def test_mosaic_config_fits_shared_memory():
@@ -223,6 +280,12 @@ BWD_INTERPRET_CASES = {
              kv_lengths=[90, 0]),
         MosaicBwdConfig(dkv_block_q=64, dkv_stages=3, dq_block_kv=64, dq_stages=3,
                         consumers=1)),
+    # Segment ids: ranges per consumer over key tiles (dQ) and query tiles (dK/dV), here
+    # with one consumer and 128-wide streamed tiles (the default config runs the Mosaic
+    # backward of test_mosaic_interpret_against_reference's segment cases).
+    "segment_pair_lengths_empty_one_wg": (
+        SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+        MosaicBwdConfig(dkv_block_q=128, dq_block_kv=128, consumers=1)),
 }
 
 
@@ -251,19 +314,22 @@ def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
 
 
-@pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),
-                                                     (128, False, 30.0, 1)])
-def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
+@pytest.mark.parametrize("d, causal, softcap, kh, segments", [
+    (64, False, None, 2, False), (128, True, None, 4, False), (128, False, 30.0, 1, False),
+    (64, True, None, 2, True), (128, False, None, 4, True)])
+def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
   b, t, n = 2, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   rows = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
+  ids = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 2 if segments else []
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
+                            has_segment_ids=segments),
+              scale=0.1, softcap=softcap, implementation="mosaic")
   cfg = MosaicBwdConfig.for_problem(t, t, d)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
-  f.trace(q, kv, kv, q, rows, rows, lens, lens).lower(lowering_platforms=("cuda",))
+  f.trace(q, kv, kv, q, rows, rows, lens, lens, *ids).lower(lowering_platforms=("cuda",))
 
 
 def test_mosaic_bwd_config_fits_shared_memory():
@@ -285,6 +351,12 @@ BWD_GPU_CASES = {
                                     dtype=jnp.bfloat16),
     "bf16_d64_causal_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=1, h=64,
                                       dtype=jnp.bfloat16, is_causal=True),
+    "segment_bf16_d64_s4096_8docs_causal_gqa": Case(b=1, t=4096, s=4096, n=4, k=2, h=64,
+                                                    dtype=jnp.bfloat16, is_causal=True,
+                                                    segments="packed", docs=8, seed=2),
+    "segment_f16_d128_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=128,
+                                                dtype=jnp.float16, segments="pair",
+                                                q_lengths=[700, 100], kv_lengths=[0, 900]),
 }
 
 
@@ -330,7 +402,8 @@ def _variant_config(case: Case, variant: str) -> MosaicConfig:
 
 # The default configuration runs every GPU case above; a variant (a flag that is off by
 # default) runs the three that cover tails, empty rows and soft-cap, to stay in budget.
-VARIANT_GPU_CASES = ["bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_d80_softcap"]
+VARIANT_GPU_CASES = ["bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_d80_softcap",
+                     "segment_bf16_d128_packed_causal_gqa"]
 
 
 @pytest.mark.gpu
@@ -370,7 +443,7 @@ def test_mosaic_variant_long_causal_and_full(variant):
 @pytest.mark.parametrize("name", list(INTERPRET_CASES))
 def test_mosaic_variant_interpret_against_reference(name, variant):
   """The forward only (a variant changes nothing else), in Pallas's GPU interpreter."""
-  case = INTERPRET_CASES[name]
+  case = ALL_INTERPRET_CASES[name]
   q, k, v, _ = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   with mosaic_backend.override_config(_variant_config(case, variant)):
@@ -398,3 +471,12 @@ def test_mosaic_config_refuses_too_many_registers():
     MosaicConfig(producer_regs=40, consumer_regs=240)
   with pytest.raises(ValueError, match="producer_regs"):
     MosaicConfig(producer_regs=20)
+
+
+# The overlap schedule with segment ids: K's slot (holding the key ids) is released only
+# after the softmax has read them.
+@pytest.mark.parametrize("name, variant", [
+    ("segment_packed_causal_gqa", "overlap"),
+    ("segment_pair_lengths_empty", "overlap_no_pingpong_bkv64")])
+def test_mosaic_segment_variant_interpret_against_reference(name, variant):
+  test_mosaic_variant_interpret_against_reference(name, variant)

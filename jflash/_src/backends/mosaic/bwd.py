@@ -17,7 +17,9 @@ the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA 
 
 As in fwd.py, the producer loads the union of the consumers' ranges and a consumer
 *skips* (waits, releases, computes nothing) the tiles outside its own; masked tiles call
-mask.visible, fully visible ones skip it. ``interpret=True`` runs in Pallas's GPU
+mask.visible, fully visible ones skip it. Segment ids narrow the ranges per consumer
+(fwd.cta_segment_ranges); the ids of the streamed tiles ride in the ring with them, a
+consumer's own once with its K/V or Q. ``interpret=True`` runs in Pallas's GPU
 interpreter, which lacks wgmma with a register operand and pre-initialised
 accumulators: there, and only there, P^T, dS^T and dS go through SMEM.
 """
@@ -35,6 +37,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
+from jflash._src.backends.mosaic.fwd import cta_segment_ranges
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
@@ -149,17 +152,38 @@ def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry):
   return lax.fori_loop(hi, u_hi, skip, carry)
 
 
+def _with_segments(kernel, has_segments: bool):
+  """plgpu.kernel's body for ``kernel``: 8 inputs, then (with segment ids) the q ids, kv
+  ids and cta_segment_ranges, passed on as ``segs`` (None without them)."""
+  n_in = 11 if has_segments else 8
+
+  def body(*refs, **kw):
+    segs = refs[8:n_in] if has_segments else None
+    return kernel(*refs[:8], *refs[n_in:], segs=segs, **kw)
+
+  return body
+
+
+def _range_row(segs, b, tile, wg):
+  """Row ``wg`` of this CTA's cta_segment_ranges (``wg`` = consumers: the union)."""
+  return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dk_ref, dv_ref,
                 k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, kv_full, full,
-                consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
-                interpret: bool):
+                consumed, kseg_smem, qseg_smem, *, segs, p: Problem, cfg: MosaicBwdConfig,
+                nq: int, groups: int, interpret: bool):
+  """``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query ids): None
+  without segment ids."""
   bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
-  cta_k0 = lax.axis_index("k") * (wgs * bk)
+  kt = lax.axis_index("k")
+  cta_k0 = kt * (wgs * bk)
   # Query tiles any consumer may need: what the producer loads, for every query head.
-  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid)
+  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid,
+                                            _range_row(segs, b, kt, wgs))
   per_head = u_hi - u_lo
   ring = _Ring(cfg.dkv_stages, groups * per_head, full, consumed)
 
@@ -175,6 +199,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -185,11 +211,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[wg])
+    if segs is not None:
+      plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(k0, bk)], kseg_smem.at[wg], kv_full.at[wg])
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid))
+        for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
+                                        _range_row(segs, b, kt, wg)))
     k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
     plgpu.barrier_wait(kv_full.at[wg])
+    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[wg], layout=_ROW)
 
     def step(c, slot, i, carry, masked: bool):
       dk, dv = carry
@@ -200,7 +230,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       vis = None
       if masked:
         q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, transpose=True)
+        q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
+                               transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       stage = stage_smem.at[wg] if interpret else None
       return _mmas((dk, dv), ((dst.astype(dtype), q_s), (pt.astype(dtype), do_s)), stage)
@@ -221,8 +253,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, q_full, full,
-               consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, nk: int, groups: int,
-               interpret: bool):
+               consumed, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicBwdConfig,
+               nq: int, nk: int, groups: int, interpret: bool):
+  """``qseg_smem`` (a consumer's query ids), ``kseg_smem`` (the ring's key ids): None
+  without segment ids."""
   bq, bk, wgs = WG_ROWS, cfg.dq_block_kv, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   # The last query tiles first: under a causal mask they have the most keys.
@@ -230,7 +264,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   cta_q0 = qt * (wgs * bq)
-  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid)
+  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid,
+                                             _range_row(segs, b, qt, wgs))
   ring = _Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
 
   @pl.when(wg == wgs)
@@ -242,6 +277,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       cols = (b, pl.ds((u_lo + c) * bk, bk), kh)
       plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[1].at[cols[:2]], kseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -255,11 +292,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[wg])
     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], q_full.at[wg])
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], q_full.at[wg])
+    if segs is not None:
+      plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[wg], q_full.at[wg])
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid))
+        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                         _range_row(segs, b, qt, wg)))
     q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
     plgpu.barrier_wait(q_full.at[wg])
+    q_seg = None if segs is None else plgpu.load(qseg_smem.at[wg], layout=_ROW)
     lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
     delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
 
@@ -269,7 +310,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid)
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       return _mmas((dq,), ((ds.astype(dtype), k_smem.at[slot]),), stage)[0]
@@ -282,11 +324,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid):
+def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
+             q_seg=None, kv_seg=None):
   """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
   ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in {64, 128}), ``lse, delta [B, N, Tp]``
-  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``.
-  Returns ``dq, dk, dv`` (padded)."""
+  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``,
+  segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff ``p.mask.has_segment_ids``;
+  padding ids never equal). Returns ``dq, dk, dv`` (padded)."""
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
   groups, wgs, interpret = n // kh, cfg.consumers, p.interpret
@@ -297,11 +341,16 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       thread_name="wg",
   )
   args = (q, k, v, dout, lse, delta, q_valid, kv_valid)
+  seg = p.mask.has_segment_ids
+  ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
 
   bq, stages = cfg.dkv_block_q, cfg.dkv_stages
+  # Per consumer's 64 keys, over query tiles of bq rows.
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, wgs, by_rows=False)
+           ) if seg else ()
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, p=p, cfg=cfg, nq=tp // bq, groups=groups,
-                        interpret=interpret),
+      functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
+                        groups=groups, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
           _smem_tile((wgs, WG_ROWS, d), k.dtype),
@@ -311,21 +360,26 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
           _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
-          plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
-          plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+          # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          ids((wgs, WG_ROWS)),  # the consumers' key ids
+          ids((stages, bq)),  # the ring's query ids
       ],
       grid=(sp // (wgs * WG_ROWS), kh, b),
       grid_names=("k", "k_head", "b"),
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
-  )(*args)
+  )(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
   nq = tp // (wgs * WG_ROWS)
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, wgs, by_rows=True)
+           ) if seg else ()
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=groups,
-                        interpret=interpret),
+      functools.partial(_with_segments(_dq_kernel, seg), p=p, cfg=cfg, nq=nq,
+                        nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
           _smem_tile((wgs, WG_ROWS, d), q.dtype),
@@ -335,13 +389,16 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           _smem_tile((stages, bk, d), k.dtype),
           _smem_tile((stages, bk, d), v.dtype),
           _smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
-          plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
-          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+          # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          ids((wgs, WG_ROWS)),  # the consumers' query ids
+          ids((stages, bk)),  # the ring's key ids
       ],
       grid=(nq, n, b),
       grid_names=("q", "h", "b"),
       kernel_name="jflash_mosaic_bwd_dq",
       **params,
-  )(*args)
+  )(*args, *extra)
   return dq, dk, dv

@@ -17,6 +17,12 @@ releases, computes nothing) the tiles outside its own range, so that both stay i
 on the shared ring and barriers. Fully masked tiles (causal upper triangle, windows,
 padding) are never loaded.
 
+Segment ids (packed documents) narrow both: ``segment_ranges`` gives, per query tile
+of ``block_q`` rows, the key tiles its documents can meet (mask.segment_tile_ranges),
+plus their union over the CTA for the producer. The key ids ride into SMEM with each K
+tile (on its "full" barrier), the query ids once with Q; masked tiles compare them in
+mask.visible.
+
 ``interpret=True`` runs the same kernel in Pallas's GPU interpreter on CPU. That
 interpreter lacks wgmma with a register operand and pre-initialised accumulators, so
 there, and only there, P goes through SMEM and PV accumulates into a fresh accumulator.
@@ -54,12 +60,23 @@ def _rows(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
 
 
+def _unpack(*refs, p: Problem, **kw):
+  """Splits the refs of plgpu.kernel: segment ids come as three more inputs (q ids, kv
+  ids, segment_ranges) only when the problem has them."""
+  n_in = 8 if p.mask.has_segment_ids else 5
+  ins, outs, scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+  segs = ins[5:] if p.mask.has_segment_ids else None
+  return _kernel(*ins[:5], *outs, *scratch, segs=segs, p=p, **kw)
+
+
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
-            v_consumed, sched, *, p: Problem, cfg: MosaicConfig, nq: int, nk: int, groups: int,
-            interpret: bool):
+            v_consumed, sched, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
+            nq: int, nk: int, groups: int, interpret: bool):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
-  separately; otherwise ``k_consumed`` guards both halves of a slot."""
+  separately; otherwise ``k_consumed`` guards both halves of a slot. ``segs``: refs of
+  the q ids ``[B, Tp]``, kv ids ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or
+  None; ``qseg_smem`` / ``kseg_smem`` stage the ids (None without them)."""
   bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
   d = q_smem.shape[-1]
   dtype = q_smem.dtype
@@ -68,9 +85,13 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   cta_q0 = qt * (CONSUMER_WGS * bq)
+  qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
+  # Row ``wg`` of this CTA's segment ranges: a consumer's own, or (wg = 2) their union.
+  seg_range = lambda wg: None if segs is None else tuple(
+      range_ref[b, qt, wg, j] for j in range(4))
   # Key tiles either consumer may need: what the producer loads, what both step through.
   u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, CONSUMER_WGS * bq, bk, nk,
-                                             q_valid, kv_valid)
+                                             q_valid, kv_valid, seg_range(CONSUMER_WGS))
   slot_of = lambda i: lax.rem(i - u_lo, stages)
   split = v_consumed is not None
 
@@ -91,6 +112,9 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       if wait:
         plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
+      if segs is not None:  # the tile's key ids share K's slot and barrier
+        plgpu.copy_gmem_to_smem(kseg_ref.at[b, pl.ds(i * bk, bk)], kseg_smem.at[slot],
+                                k_full.at[slot])
       if wait and split:
         plgpu.barrier_wait(v_consumed.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot])
@@ -105,11 +129,15 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     q0 = cta_q0 + wg * bq
     lo, full_lo, full_hi, hi = (
         jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid))
+        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                         seg_range(wg)))
     my_q = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], my_q, q_full.at[wg])
+    if segs is not None:
+      plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q0, bq)], qseg_smem.at[wg], q_full.at[wg])
     plgpu.barrier_wait(q_full.at[wg])
     q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+    q_seg = None if segs is None else plgpu.load(qseg_smem.at[wg], layout=_ROW)
 
     def release(i, barrier):
       # Arrive only where the producer will wait for this slot again: a barrier phase
@@ -142,7 +170,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
-        s = jnp.where(mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid), s, -jnp.inf)
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)],
+                                                      layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+        s = jnp.where(vis, s, -jnp.inf)
       c = p.scale * logits_lib.LOG2E if fold else 1.0
       m_new = jnp.maximum(m, s.max(axis=1) * c)
       # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
@@ -199,6 +230,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     carry = lax.fori_loop(u_lo, lo, skip, init)
     if cfg.overlap:
       acc, m, l = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=softmax,
+                              k_late=segs is not None,
                               pv=pv, slot_of=slot_of, release_k=release_k,
                               release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
                               k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
@@ -223,8 +255,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, release_k,
-                release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
+def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, slot_of,
+                release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
   """The key tiles ``[lo, hi)`` of one consumer with FA3's intra-warpgroup overlap.
 
   Step i issues QK^T of tile i, then PV of tile i-1 (P from the step before), and runs
@@ -236,6 +268,7 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
   where ``lo == hi``, as ``skip`` does two per tile: both warpgroups stay in step. In
   the phase between two points one warpgroup issues its matmuls while the other runs
   its softmax. ``p_smem`` (interpret mode only) stages P for a wgmma from SMEM.
+  ``k_late``: release K's slot only after the softmax (which reads the key ids there).
   """
   acc0, m0, l0 = carry
   bq, bk = m0.shape[0], k_smem.shape[1]
@@ -250,9 +283,13 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
       return ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    release_k(lo)
+    if not k_late:
+      release_k(lo)
     # Tile lo may or may not need the predicate: the masked path is right for both.
-    return softmax(s, lo, m0, l0, masked=True)
+    new = softmax(s, lo, m0, l0, masked=True)
+    if k_late:
+      release_k(lo)
+    return new
 
   def nothing():
     return (plgpu.layout_cast(jnp.zeros((bq, bk), dtype), plgpu.Layout.WGMMA), m0, l0,
@@ -281,8 +318,11 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
         plgpu.wgmma(pv_ref, p_smem, v_smem.at[prev])
       sync()  # both our matmuls are issued: the other warpgroup's turn
       s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK done; PV may still run
-      release_k(i)
+      if not k_late:
+        release_k(i)
       new = softmax(s, i, m, l, masked)
+      if k_late:
+        release_k(i)
       out = pv_ref[...]  # waits for PV
       release_v(i - 1)
       return (out if p_smem is None else scaled + out), *new
@@ -311,30 +351,66 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
   return acc, m, l
 
 
-def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
+def cta_segment_ranges(q_seg, kv_seg, block_q: int, block_k: int, consumers: int, *,
+                       by_rows: bool):
+  """int32 ``[B, n_cta, consumers + 1, 4]``: for each CTA (``consumers`` consecutive
+  tiles of this axis), each consumer's ``(lo, full_lo, full_hi, hi)`` over the other
+  axis's tiles (mask.segment_tile_ranges), then their union ``(lo, lo, lo, hi)`` for
+  the producer.
+
+  Ranges per consumer rather than per CTA: the CTA's span is exactly the union of its
+  consumers', and each consumer skips what only the others' documents meet."""
+  own = mask_lib.segment_tile_ranges(q_seg, kv_seg, block_q, block_k, by_rows=by_rows)
+  b, n, _ = own.shape
+  own = own.reshape(b, n // consumers, consumers, 4)
+  lo, hi = own[..., 0], own[..., 3]
+  empty = hi <= lo  # documents that meet no tile: (0, 0, 0, 0)
+  n_other = (kv_seg.shape[1] // block_k) if by_rows else (q_seg.shape[1] // block_q)
+  u_lo = jnp.where(empty, n_other, lo).min(-1)
+  u_hi = jnp.where(empty, 0, hi).max(-1)
+  u_lo = jnp.minimum(u_lo, u_hi)  # every consumer empty: an empty range
+  union = jnp.stack([u_lo, u_lo, u_lo, u_hi], axis=-1)[:, :, None]
+  return jnp.concatenate([own, union], axis=2).astype(jnp.int32)
+
+
+def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
+  """``cta_segment_ranges`` of this kernel: ``[B, nq, 3, 4]``, per ``block_q`` rows."""
+  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, CONSUMER_WGS,
+                            by_rows=True)
+
+
+def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
+            kv_seg=None):
   """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
   ``cfg.q_multiple``, Sp of ``cfg.block_kv``, D in {64, 128, 256}), ``q_valid,
-  kv_valid [B]`` -> ``out [B, Tp, N, D]``, ``lse [B, N, Tp]`` (f32, natural log)."""
+  kv_valid [B]``, segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff
+  ``p.mask.has_segment_ids``; padding ids never equal) -> ``out [B, Tp, N, D]``,
+  ``lse [B, N, Tp]`` (f32, natural log)."""
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
   bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
   nq = tp // cfg.q_multiple
   interpret = p.interpret
+  seg = p.mask.has_segment_ids
   scratch = [
       _smem_tile((CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
       _smem_tile((stages, bk, d), k.dtype),
       _smem_tile((stages, bk, d), v.dtype),
       plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32),  # lse staging for its TMA store
       _smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
-      plgpu.Barrier(num_barriers=CONSUMER_WGS),
-      plgpu.Barrier(num_barriers=stages),
+      # Q's and K's copies arrive once each, and once more for their ids.
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=CONSUMER_WGS),
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
-  kernel = functools.partial(_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
+  scratch += [plgpu.SMEM((CONSUMER_WGS, bq), jnp.int32) if seg else None,  # query ids
+              plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
+  extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
+  kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              interpret=interpret)
   # The first grid axis varies fastest in launch order. q innermost: the CTAs of one wave
   # share a head's K/V in L2. q outermost: every head's longest causal tiles go first.
@@ -351,4 +427,4 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="jflash_mosaic_fwd",
-  )(q, k, v, q_valid, kv_valid)
+  )(q, k, v, q_valid, kv_valid, *extra)
