@@ -7,6 +7,8 @@
       --variants overlap=1 overlap=1,fold_scale=1   # named variants next to the default
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwdbwd --mosaic-bwd \
       --sweep-bwd dkv_block_q=64,dq_block_kv=64 dkv_block_q=128,dkv_stages=3  # Mosaic backward
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 16384 --modes fwdbwd --mosaic-bwd \
+      --impls cudnn --sweep-bwd "" dq_mode=atomic dq_mode=ordered   # fused dQ vs the dQ kernel
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -85,7 +87,8 @@ def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
   cfg = MosaicBwdConfig.for_problem(s, s, d)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
-  return dataclasses.replace(cfg, **{k: int(v) for k, v in fields.items()})
+  # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
+  return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in fields.items()})
 
 
 def fwd_config(base: MosaicConfig, spec: str) -> MosaicConfig:

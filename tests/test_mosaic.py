@@ -21,6 +21,7 @@ import pytest
 import jflash
 import reference
 from helpers import Case, assert_close, assert_lse_close
+from jflash._src import mask as mask_lib
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import bwd as mosaic_bwd
@@ -291,7 +292,10 @@ BWD_INTERPRET_CASES = {
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
 def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
-  case, bwd_cfg = BWD_INTERPRET_CASES[name]
+  _check_backward_interpret(*BWD_INTERPRET_CASES[name], mosaic_bwd_calls)
+
+
+def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosaic_bwd_calls):
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
 
@@ -314,10 +318,101 @@ def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
 
 
+# The fused dQ (MosaicBwdConfig.dq_mode): the interpreter has neither TMA reductions nor
+# semaphores, so there each key tile writes its own f32 slab (bwd._add_dq) and "atomic"
+# and "ordered" run the same code; the dS K matmul, the rows and heads it lands on and
+# the masking are what these check (one mode each, to save CPU time).
+FUSED_DQ_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": (
+        Case(b=1, t=150, s=200, n=4, k=2, h=64, dtype=jnp.bfloat16, is_causal=True),
+        dict(dq_mode="atomic")),
+    "f16_lengths_empty_window_d80_one_wg_bq128": (
+        Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
+             kv_lengths=[100, 140], window=(40, 10)),
+        dict(dq_mode="ordered", consumers=1, dkv_block_q=128)),
+    # Segment ids: the dQ partials of the query tiles each consumer's ranges visit.
+    "segment_packed_causal_gqa_atomic": (
+        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
+    "segment_pair_lengths_empty_atomic_one_wg": (
+        SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+        dict(dq_mode="atomic", consumers=1, dkv_block_q=128)),
+}
+
+
+def test_mosaic_ordered_dq_refuses_segment_ids():
+  """"ordered" takes turns by the band's first key tile (bwd._dq_turn), which segment
+  ranges do not follow: refused, naming both, rather than left to hang."""
+  case = SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"]
+  d = mosaic_backend.padded_head_dim(case.h)
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode="ordered")
+  with pytest.raises(NotImplementedError, match="dq_mode='ordered'.*segment_ids"):
+    _lower_backward_for_cuda(64, True, None, 2, segments=True, dq_mode="ordered")
+  p, _ = _problem(case, case.t, case.s)
+  with mosaic_backend.override_bwd_config(cfg):
+    with pytest.raises(NotImplementedError, match="dq_mode='ordered'.*segment_ids"):
+      mosaic_backend.supports(p, *case.inputs()[:3], None)
+
+
+@pytest.mark.parametrize("name", list(FUSED_DQ_INTERPRET_CASES))
+def test_mosaic_backward_fused_dq_interpret_against_reference(name, mosaic_bwd_calls):
+  case, fields = FUSED_DQ_INTERPRET_CASES[name]
+  d = mosaic_backend.padded_head_dim(case.h)
+  bwd_cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), **fields)
+  _check_backward_interpret(case, bwd_cfg, mosaic_bwd_calls)
+
+
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (40, 10)),
+                                            (True, (100, None)), (False, (0, 200))])
+@pytest.mark.parametrize("bq", [64, 128])
+def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
+  """"ordered" dQ (bwd._dq_turn): the 64-key tiles that visit query tile i (by
+  mask.q_block_range, as the dK/dV kernel loops) must get the turns 0, 1, ..., in key
+  order, or a CTA waits forever (a turn too high) or two add at once (a repeat)."""
+  left, right = window or (None, None)
+  for t, s, q_valid, kv_valid in [(700, 900, 700, 900), (700, 900, 123, 301), (260, 900, 0, 900),
+                                  (900, 260, 900, 0), (1000, 1000, 1000, 999)]:
+    spec = MaskSpec(q_len=t, kv_len=s, causal=causal, window_left=left, window_right=right)
+    p = Problem(mask=spec, scale=1.0, implementation="mosaic")
+    nq, nk = -(-t // 128) * 128 // bq, -(-s // 128) * 128 // 64
+    visitors = {i: [] for i in range(nq)}
+    for j in range(nk):
+      lo, _, _, hi = mask_lib.q_block_range(spec, j * 64, 64, bq, nq, q_valid, kv_valid)
+      for i in range(lo, hi):
+        visitors[i].append(j)
+    for i, js in visitors.items():
+      turns = [mosaic_bwd._dq_turn(p, bq, nk, i, j, q_valid, kv_valid) for j in js]
+      assert turns == list(range(len(js))), (t, s, q_valid, kv_valid, i, js, turns)
+
+
 @pytest.mark.parametrize("d, causal, softcap, kh, segments", [
     (64, False, None, 2, False), (128, True, None, 4, False), (128, False, 30.0, 1, False),
     (64, True, None, 2, True), (128, False, None, 4, True)])
 def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
+  _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
+
+
+@pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])
+@pytest.mark.parametrize("d, causal, kh, fields", [
+    (64, False, 2, {}), (64, True, 4, {}), (128, True, 1, {}), (128, False, 2, {}),
+    (64, True, 2, dict(consumers=1, dkv_block_q=64))])
+def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields, monkeypatch):
+  # "ordered": one semaphore array for the whole kernel (each get_global is a new one; a
+  # step traced per loop with its own would wait for turns nobody passes).
+  calls = []
+  real = mosaic_bwd.pl.get_global
+  monkeypatch.setattr(mosaic_bwd.pl, "get_global", lambda *a: calls.append(a) or real(*a))
+  _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
+  assert len(calls) == (dq_mode == "ordered"), calls
+
+
+@pytest.mark.parametrize("d, causal, kh", [(64, True, 2), (128, False, 4)])
+def test_mosaic_backward_fused_dq_with_segments_lowers_for_cuda(d, causal, kh):
+  _lower_backward_for_cuda(d, causal, None, kh, segments=True, dq_mode="atomic")
+
+
+def _lower_backward_for_cuda(d, causal, softcap, kh, segments=False, **fields):
+  """The full Pallas -> Mosaic GPU compile of the backward kernels (no GPU needed), with
+  the default MosaicBwdConfig for ``d`` updated by ``fields``."""
   b, t, n = 2, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
@@ -327,18 +422,24 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments
   p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
                             has_segment_ids=segments),
               scale=0.1, softcap=softcap, implementation="mosaic")
-  cfg = MosaicBwdConfig.for_problem(t, t, d)
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(t, t, d), **fields)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
   f.trace(q, kv, kv, q, rows, rows, lens, lens, *ids).lower(lowering_platforms=("cuda",))
 
 
+def test_mosaic_bwd_config_refuses_unknown_dq_mode():
+  with pytest.raises(ValueError, match="dq_mode='fused'"):
+    MosaicBwdConfig(dq_mode="fused")
+
+
 def test_mosaic_bwd_config_fits_shared_memory():
-  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  from jflash._src.backends.mosaic.config import DQ_MODES, SMEM_BYTES
   for d in mosaic_bwd.HEAD_DIMS:
     for s in (64, 1000, 16384):
-      cfg = MosaicBwdConfig.for_problem(s, s, d)
-      assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
-      assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+      for dq_mode in DQ_MODES:
+        cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), dq_mode=dq_mode)
+        assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+        assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
 
 
 # The Mosaic backward is the default for padded head dims <= 128 without a bias, so every
@@ -370,16 +471,45 @@ def test_mosaic_backward_against_reference(name, mosaic_bwd_calls):
 
 
 @pytest.mark.gpu
-def test_mosaic_backward_rerun_is_bitwise_identical(mosaic_bwd_calls):
+@pytest.mark.parametrize("dq_mode", ["separate", "ordered"])
+def test_mosaic_backward_rerun_is_bitwise_identical(dq_mode, mosaic_bwd_calls):
   case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
   q, k, v, do = case.inputs()
-  with _mosaic_backward(case):
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
     f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
         q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
     a, b = f(q, k, v), f(q, k, v)
   assert mosaic_bwd_calls
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def _fused_dq_config(case: Case, dq_mode: str) -> MosaicBwdConfig:
+  d = mosaic_backend.padded_head_dim(case.h)
+  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode=dq_mode)
+
+
+# The fused dQ modes on the GPU: every BWD_GPU_CASES shape plus the ones with empty rows,
+# a window and a long causal run (many key tiles take turns on one query tile).
+FUSED_DQ_GPU_CASES = {
+    **BWD_GPU_CASES,
+    "bf16_lengths_empty_rows": GPU_CASES["bf16_lengths_empty_rows"],
+    "bf16_window": GPU_CASES["bf16_window"],
+    "bf16_d128_causal_4k": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                                is_causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dq_mode", [
+    (name, mode) for name in FUSED_DQ_GPU_CASES for mode in ("atomic", "ordered")
+    # "ordered" refuses segment ids (test_mosaic_ordered_dq_refuses_segment_ids).
+    if not (mode == "ordered" and FUSED_DQ_GPU_CASES[name].segments)])
+def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_calls):
+  case = FUSED_DQ_GPU_CASES[name]
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
+    check_case(case, "mosaic")
+  assert mosaic_bwd_calls
 
 
 # ---- Forward variants (MosaicConfig flags, off by default until timed on the GPU): each

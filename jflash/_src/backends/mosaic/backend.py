@@ -58,6 +58,10 @@ def supports(p: Problem, q, k, v, bias) -> None:
   ) if used]
   if missing:
     _refuse(f"does not support {', '.join(missing)} yet")
+  bcfg = override_bwd_config.value
+  if bcfg is not None and bcfg.dq_mode == "ordered" and p.mask.has_segment_ids:
+    _refuse("with MosaicBwdConfig.dq_mode='ordered' does not support segment_ids yet "
+            "(dq_mode='atomic' or 'separate' does)")
 
 
 override_config = tuning.Override[MosaicConfig]()  # for tuning scripts and tests

@@ -15,6 +15,8 @@ SMEM_BYTES = 227 * 1024 - 1024
 # 64K registers per SM over 128 threads per warpgroup: the per-thread register counts of
 # the producer and the consumers (setmaxnreg) may add up to at most this.
 REGISTERS_PER_THREAD_SLOT = 65536 // 128
+# MosaicBwdConfig.dq_mode: see its docstring.
+DQ_MODES = ("separate", "atomic", "ordered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +103,25 @@ class MosaicBwdConfig:
 
   ``dkv_block_q``, ``dkv_stages``: query rows per step, and steps in flight, of the dK/dV
   kernel's Q/dO/lse/delta ring; ``dq_block_kv``, ``dq_stages``: the same for the dQ
-  kernel's K/V ring."""
+  kernel's K/V ring.
+
+  ``dq_mode``: how dQ is made.
+  * ``"separate"`` (default): a dQ kernel of its own, a query tile per CTA, which
+    recomputes S and dP (7 matmuls per pair of tiles). Bitwise deterministic.
+  * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
+    and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
+    dQ kernel). NOT bitwise deterministic: the order of the adds into a row varies from
+    run to run. Opt-in only, against jflash's deterministic default.
+  * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
+    turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
+    the same every run. Deterministic, at the cost of waiting for the turn."""
 
   dkv_block_q: int = 64
   dkv_stages: int = 2
   dq_block_kv: int = 64
   dq_stages: int = 2
   consumers: int = 2
+  dq_mode: str = "separate"
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -119,6 +133,13 @@ class MosaicBwdConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
     if not 1 <= self.consumers <= 2:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
+    if self.dq_mode not in DQ_MODES:
+      raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
+
+  @property
+  def fused_dq(self) -> bool:
+    """dQ made inside the dK/dV kernel (no dQ kernel)."""
+    return self.dq_mode != "separate"
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
@@ -137,10 +158,14 @@ class MosaicBwdConfig:
     return cfg
 
   def dkv_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring."""
+    """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring; with a
+    fused dQ, each consumer's dS^T tile and its f32 dQ partial (staged for the TMA add)."""
     kv = 2 * self.consumers * WG_ROWS * head_dim * itemsize
     ring = self.dkv_stages * self.dkv_block_q * (2 * head_dim * itemsize + 2 * 4)
-    return kv + ring
+    dq = 0
+    if self.fused_dq:
+      dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
+    return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """Q and dO of every consumer (Q reused for dQ), their lse/delta + the K/V ring."""
