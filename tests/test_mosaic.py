@@ -219,7 +219,11 @@ def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
 
 @pytest.mark.parametrize("d, causal, config", [
     (64, False, {}), (128, True, {}), (128, True, dict(overlap=True)),
-    (64, True, dict(overlap=True, block_kv=64))])
+    (64, True, dict(overlap=True, block_kv=64)),
+    # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
+    (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
+    (128, True, dict(q_tiles_per_cta=2, overlap=True)),
+    (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
 
@@ -522,6 +526,11 @@ VARIANTS = {
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
+    # Several q tiles per CTA: the interpret cases have 2 q tiles, so 2 runs both in one
+    # CTA (two Q buffers); 3 (three Q buffers) leaves the CTA's last tile past the end,
+    # and with overlap and 64-key tiles runs a longer ring.
+    "qtiles2": dict(q_tiles_per_cta=2),
+    "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
 }
 
 
@@ -607,6 +616,75 @@ def test_mosaic_config_refuses_too_many_registers():
 # after the softmax has read them.
 @pytest.mark.parametrize("name, variant", [
     ("segment_packed_causal_gqa", "overlap"),
-    ("segment_pair_lengths_empty", "overlap_no_pingpong_bkv64")])
+    ("segment_pair_lengths_empty", "overlap_no_pingpong_bkv64"),
+    # Several q tiles per CTA: each tile reads its own rows of the segment ranges (by
+    # q_tile). Packed, 3 q tiles: 2 per CTA, the second CTA's last past the end; the
+    # pair, 2 q tiles in one CTA of 3 with the overlap schedule and 64-key tiles.
+    ("segment_packed_causal_gqa", "qtiles2"),
+    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4])
+def test_mosaic_q_tiles_cover_every_tile_once(tiles):
+  """Each CTA's tiles (``q_tile``) are each query tile exactly once, past-the-end ones
+  last; with an even count every CTA gets the same causal work where ``tiles`` divides
+  ``nq``."""
+  for nq in range(1, 12):
+    ctas = -(-nq // tiles)
+    runs = [[mosaic_fwd.q_tile(c, j, ctas, nq) for j in range(tiles)] for c in range(ctas)]
+    seen = [t for run in runs for t in run if t >= 0]
+    assert sorted(seen) == list(range(nq)), (nq, runs)
+    for run in runs:
+      n = sum(t >= 0 for t in run)
+      assert all(t >= 0 for t in run[:n]), (nq, runs)
+    if tiles % 2 == 0 and nq % tiles == 0:
+      assert len({sum(run) for run in runs}) == 1, (nq, runs)
+    if tiles == 1:
+      assert [run[0] for run in runs] == [nq - 1 - c for c in range(ctas)]
+
+
+def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
+  """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
+  tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
+  first CTA's second tile is past the end; the second CTA's ring of 2 slots runs 6
+  steps over two tiles."""
+  case = Case(b=1, t=260, s=190, n=1, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250])
+  q, k, v, _ = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
+  cfg = dataclasses.replace(_variant_config(case, "qtiles2"), block_kv=64, stages=2)
+  jax.clear_caches()
+  try:
+    with mosaic_backend.override_config(cfg):
+      out, _ = vjp.attention(p, q, k, v, None, arrays)
+  finally:
+    jax.clear_caches()
+  np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  base_out, _ = run_reference(case, case.dtype)
+  assert_close("out", out, np_out, base_out, case.dtype)
+
+
+def test_mosaic_config_q_tiles():
+  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  with pytest.raises(ValueError, match="q_tiles_per_cta"):
+    MosaicConfig(q_tiles_per_cta=0)
+  for d in mosaic_backend.HEAD_DIMS:
+    one = MosaicConfig.for_problem(1024, 1024, d)
+    assert one.q_buffers(d) == 1
+    for tiles in (2, 3, 5):
+      many = dataclasses.replace(one, q_tiles_per_cta=tiles)
+      assert many.smem_bytes(d) <= SMEM_BYTES
+      # Next to the ring fit three Q buffers at d=64, two at d=128, one at d=256.
+      assert many.q_buffers(d) == min(tiles, {64: 3, 128: 2, 256: 1}[d]), (d, tiles)
+      # Segment ids add their int32 staging next to each Q buffer and K slot.
+      assert many.smem_bytes(d, segments=True) <= SMEM_BYTES
+      assert many.smem_bytes(d, segments=True) > many.smem_bytes(d)
+
+
+@pytest.mark.parametrize("d", mosaic_backend.HEAD_DIMS)
+def test_mosaic_q_tiles_fit_shared_memory_when_lowered(d):
+  """As many Q buffers as ``q_buffers`` allows next to the default ring: Mosaic's own
+  count of the kernel's SMEM (checked when lowering) stays within sm90's."""
+  _lower_forward_for_cuda(d, False, None, q_tiles_per_cta=3)

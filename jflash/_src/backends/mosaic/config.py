@@ -10,8 +10,11 @@ WG_ROWS = 64
 # Two consumer warpgroups per CTA (FA3): they share one K/V ring and take turns on the
 # tensor cores (ping-pong), so one's softmax hides behind the other's matmuls.
 CONSUMER_WGS = 2
-# Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers.
-SMEM_BYTES = 227 * 1024 - 1024
+# Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers and
+# what Mosaic adds to the scratch buffers counted here: its lowering reports 2.6 KiB more
+# than smem_bytes (d=128: 232552 against 229888 with three Q buffers, 232544 with one Q
+# buffer and stages=3), over 227 KiB, where a 1 KiB margin had passed both.
+SMEM_BYTES = 227 * 1024 - 4 * 1024
 # 64K registers per SM over 128 threads per warpgroup: the per-thread register counts of
 # the producer and the consumers (setmaxnreg) may add up to at most this.
 REGISTERS_PER_THREAD_SLOT = 65536 // 128
@@ -35,7 +38,13 @@ class MosaicConfig:
   ``q_outer``: launch the q tiles outermost (every head's last q tile first), so that
   under a causal mask all the longest tiles run in the first waves.
   ``producer_regs`` / ``consumer_regs``: setmaxnreg per thread of the TMA warpgroup and
-  of each consumer warpgroup."""
+  of each consumer warpgroup.
+  ``q_tiles_per_cta``: query tiles (of ``2 * block_q`` rows) one CTA runs in turn; the
+  grid's q axis shrinks by as much (rounded up). The K/V ring runs on across the tiles,
+  so the producer loads the next tile's first keys while the consumers finish the last
+  one, and the next tile's Q loads under this one's keys where a second Q buffer fits
+  (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -46,6 +55,7 @@ class MosaicConfig:
   q_outer: bool = False
   producer_regs: int = 40
   consumer_regs: int = 232
+  q_tiles_per_cta: int = 1
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -62,6 +72,8 @@ class MosaicConfig:
       r = getattr(self, name)
       if r % 8 or not 24 <= r <= 256:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
+    if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
+      raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
     if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
@@ -81,11 +93,26 @@ class MosaicConfig:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
-  def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """Q (reused for O) of both warpgroups + the K and V rings + lse staging."""
-    q = CONSUMER_WGS * self.block_q * head_dim * itemsize
+  def smem_bytes(self, head_dim: int, itemsize: int = 2, *, segments: bool = False) -> int:
+    """Q (reused for O) of both warpgroups, ``q_buffers`` times + the K and V rings + lse
+    staging (+ with ``segments``, the int32 ids staged with each Q buffer and K slot)."""
+    n = self.q_buffers(head_dim, itemsize, segments=segments)
+    return self._smem_bytes(n, head_dim, itemsize, segments)
+
+  def q_buffers(self, head_dim: int, itemsize: int = 2, *, segments: bool = False) -> int:
+    """Q buffers per consumer: with several q tiles per CTA, as many as fit of
+    ``min(q_tiles_per_cta, 3)``. Two let the next tile's Q load while this one's keys
+    stream; a third spares that load the wait for the last tile's O to leave the
+    buffer (its store was issued just before)."""
+    want = min(self.q_tiles_per_cta, 3)
+    return next(n for n in range(want, 0, -1)
+                if n == 1 or self._smem_bytes(n, head_dim, itemsize, segments) <= SMEM_BYTES)
+
+  def _smem_bytes(self, q_buffers: int, head_dim: int, itemsize: int, segments: bool) -> int:
+    q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
-    return q + ring + CONSUMER_WGS * self.block_q * 4
+    ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
+    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:
