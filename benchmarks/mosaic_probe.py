@@ -5,8 +5,12 @@
       --sweep-block-kv 64 128 --sweep-stages 2 3 --sweep-pingpong 1 0   # MosaicConfig sweep
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwd --impls mosaic cudnn \
       --variants overlap=1 overlap=1,fold_scale=1   # named variants next to the default
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 1024 4096 --modes fwd --impls mosaic cudnn \
+      --variants q_tiles_per_cta=2 q_tiles_per_cta=4   # several q tiles per CTA
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --modes fwdbwd --mosaic-bwd \
       --sweep-bwd dkv_block_q=64,dq_block_kv=64 dkv_block_q=128,dkv_stages=3  # Mosaic backward
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 16384 --modes fwdbwd --mosaic-bwd \
+      --impls cudnn --sweep-bwd "" dq_mode=atomic dq_mode=ordered   # fused dQ vs the dQ kernel
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -85,7 +89,8 @@ def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
   cfg = MosaicBwdConfig.for_problem(s, s, d)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
-  return dataclasses.replace(cfg, **{k: int(v) for k, v in fields.items()})
+  # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
+  return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in fields.items()})
 
 
 def fwd_config(base: MosaicConfig, spec: str) -> MosaicConfig:
@@ -99,6 +104,8 @@ def sweep_label(cfg: MosaicConfig) -> str:
   """The sweep's label: block_kv, stages, pingpong, and the variant flags that are on."""
   extra = "".join(f",{short}={int(getattr(cfg, name))}" for name, short in (
       ("overlap", "ov"), ("fold_scale", "fs"), ("q_outer", "qo")) if getattr(cfg, name))
+  if cfg.q_tiles_per_cta != 1:
+    extra += f",qt={cfg.q_tiles_per_cta}"
   if (cfg.producer_regs, cfg.consumer_regs) != (40, 232):
     extra += f",r={cfg.producer_regs}/{cfg.consumer_regs}"
   return f"mosaic[bkv={cfg.block_kv},st={cfg.stages},pp={int(cfg.pingpong)}{extra}]"
@@ -118,6 +125,8 @@ def main():
   ap.add_argument("--sweep-overlap", type=int, nargs="*", default=[])
   ap.add_argument("--sweep-fold-scale", type=int, nargs="*", default=[])
   ap.add_argument("--sweep-q-outer", type=int, nargs="*", default=[])
+  ap.add_argument("--sweep-q-tiles", type=int, nargs="*", default=[],
+                  help="MosaicConfig.q_tiles_per_cta values")
   ap.add_argument("--sweep-regs", nargs="*", default=[],
                   help="setmaxnreg splits 'producer/consumer', e.g. 40/232 24/240")
   ap.add_argument("--variants", nargs="*", default=[],
@@ -144,7 +153,7 @@ def main():
   causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
   sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong
                   or args.sweep_overlap or args.sweep_fold_scale or args.sweep_q_outer
-                  or args.sweep_regs)
+                  or args.sweep_q_tiles or args.sweep_regs)
   rows = []
   for heads, s, causal in itertools.product(args.heads, args.s, causals):
     n, d = (int(x) for x in heads.split("x"))
@@ -158,14 +167,16 @@ def main():
           (base.producer_regs, base.consumer_regs)]
       configs = [dataclasses.replace(base, block_kv=bk, stages=st, pingpong=bool(pp),
                                      overlap=bool(ov), fold_scale=bool(fs), q_outer=bool(qo),
-                                     producer_regs=r[0], consumer_regs=r[1])
-                 for bk, st, pp, ov, fs, qo, r in itertools.product(
+                                     producer_regs=r[0], consumer_regs=r[1],
+                                     q_tiles_per_cta=qt)
+                 for bk, st, pp, ov, fs, qo, r, qt in itertools.product(
                      args.sweep_block_kv or [base.block_kv],
                      args.sweep_stages or [base.stages],
                      args.sweep_pingpong or [int(base.pingpong)],
                      args.sweep_overlap or [int(base.overlap)],
                      args.sweep_fold_scale or [int(base.fold_scale)],
-                     args.sweep_q_outer or [int(base.q_outer)], regs)]
+                     args.sweep_q_outer or [int(base.q_outer)], regs,
+                     args.sweep_q_tiles or [base.q_tiles_per_cta])]
     labels = {}  # id(config) -> label, for the --variants configs
     for spec in args.variants:
       cfg = fwd_config(base, spec)

@@ -35,6 +35,7 @@ class Case:
   bias: Any = None  # None, or the shape of a bias broadcastable to [B, N, T, S]
   dense: Any = None  # None, or the shape of a random boolean mask (True = attend)
   seed: int = 0
+  docs: int = 4  # documents per batch row of segments="packed"
 
   def inputs(self):
     ks = jax.random.split(jax.random.PRNGKey(self.seed), 4)
@@ -51,7 +52,7 @@ class Case:
 
     def packed(length):
       # Sorted ids: documents of random lengths, as in packed training batches.
-      cuts = np.sort(rng.integers(0, length, size=(self.b, 3)), axis=1)
+      cuts = np.sort(rng.integers(0, length, size=(self.b, self.docs - 1)), axis=1)
       pos = np.arange(length)[None, :]
       return (pos[:, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
 

@@ -21,6 +21,7 @@ import pytest
 import jflash
 import reference
 from helpers import Case, assert_close, assert_lse_close
+from jflash._src import mask as mask_lib
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import bwd as mosaic_bwd
@@ -52,6 +53,25 @@ GPU_CASES = {
     "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
                              softcap=20.0, is_causal=True),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
+    # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
+    # d <= 128, the Triton one for d = 256.
+    "segment_bf16_d128_packed_causal_gqa": Case(b=2, t=1024, s=1024, n=4, k=2, h=128,
+                                                dtype=jnp.bfloat16, is_causal=True,
+                                                segments="packed"),
+    "segment_f16_d64_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=64,
+                                               dtype=jnp.float16, segments="pair",
+                                               q_lengths=[700, 100], kv_lengths=[0, 900]),
+    "segment_bf16_d256_packed": Case(b=1, t=640, s=640, n=2, k=1, h=256, dtype=jnp.bfloat16,
+                                     segments="packed"),
+    "segment_bf16_d80_packed_window_softcap": Case(b=2, t=1000, s=1000, n=2, k=2, h=80,
+                                                   dtype=jnp.bfloat16, segments="packed",
+                                                   window=(100, 0), softcap=20.0),
+    # Long rows: 8 documents of random length over 4096 tokens.
+    "segment_bf16_d128_s4096_8docs_causal": Case(b=1, t=4096, s=4096, n=4, k=1, h=128,
+                                                 dtype=jnp.bfloat16, is_causal=True,
+                                                 segments="packed", docs=8, seed=1),
+    "segment_bf16_d64_s4096_8docs": Case(b=2, t=4096, s=4096, n=2, k=2, h=64,
+                                         dtype=jnp.bfloat16, segments="packed", docs=8),
 }
 
 
@@ -75,7 +95,6 @@ def test_mosaic_rerun_is_bitwise_identical():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw, what", [
     (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "dropout"),
-    (dict(segment_ids=jnp.zeros((1, 256), jnp.int32)), "segment_ids"),
     (dict(mask=jnp.ones((1, 1, 256, 256), bool)), "dense mask"),
 ])
 def test_mosaic_refuses_what_it_lacks_and_none_falls_back(kw, what):
@@ -115,18 +134,48 @@ def _problem(case: Case, q_len: int, kv_len: int) -> tuple[Problem, MaskArrays]:
   """What jflash.dot_product_attention would build for ``case``, with interpret=True."""
   left, right = (None, None) if case.window is None else (
       (case.window, case.window) if isinstance(case.window, int) else case.window)
+  ids = case.segment_ids()
+  q_ids, kv_ids = (None, None) if ids is None else ids if isinstance(ids, tuple) else (ids, ids)
   spec = MaskSpec(q_len=q_len, kv_len=kv_len, causal=case.is_causal, window_left=left,
-                  window_right=right)
+                  window_right=right, has_segment_ids=ids is not None)
   scale = case.scale if case.scale is not None else 1.0 / np.sqrt(case.h)
   p = Problem(mask=spec, scale=scale, softcap=case.softcap, implementation="mosaic",
               interpret=True)
   lengths = lambda x, n: jnp.asarray([n] * case.b if x is None else x, jnp.int32)
-  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len))
+  return p, MaskArrays(lengths(case.q_lengths, q_len), lengths(case.kv_lengths, kv_len),
+                       q_ids, kv_ids)
 
 
-@pytest.mark.parametrize("name", list(INTERPRET_CASES))
+# Packed documents (segment ids): the Mosaic forward and (default config, d <= 128) the
+# Mosaic backward.
+SEGMENT_INTERPRET_CASES = {
+    # Self attention, causal, GQA; 300 tokens = 3 CTAs of 128 rows, 3 key tiles of 128.
+    "segment_packed_causal_gqa": Case(b=2, t=300, s=300, n=2, k=1, h=64, dtype=jnp.bfloat16,
+                                      is_causal=True, segments="packed", seed=3),
+    # (q_ids, kv_ids) of random ids (no order): every tile is masked; lengths empty a
+    # batch row's keys and cut another's queries.
+    "segment_pair_lengths_empty": Case(b=2, t=130, s=200, n=2, k=2, h=64,
+                                       dtype=jnp.float16, segments="pair",
+                                       q_lengths=[100, 130], kv_lengths=[150, 0]),
+}
+
+
+def test_mosaic_segment_ranges_cover_each_half():
+  """The CTA's union row spans both consumers' rows; empty halves add nothing."""
+  cfg = MosaicConfig(block_kv=64)
+  q_seg = jnp.asarray([[0] * 64 + [5] * 64 + [1] * 128], jnp.int32)  # 2 CTAs
+  kv_seg = jnp.asarray([[0] * 64 + [1] * 64 + [2] * 64 + [3] * 64], jnp.int32)
+  r = np.asarray(mosaic_fwd.segment_ranges(q_seg, kv_seg, cfg))
+  np.testing.assert_array_equal(r[0, 0], [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(r[0, 1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 2]])
+
+
+ALL_INTERPRET_CASES = {**INTERPRET_CASES, **SEGMENT_INTERPRET_CASES}
+
+
+@pytest.mark.parametrize("name", list(ALL_INTERPRET_CASES))
 def test_mosaic_interpret_against_reference(name):
-  case = INTERPRET_CASES[name]
+  case = ALL_INTERPRET_CASES[name]
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   (out, lse), pullback = jax.vjp(lambda q, k, v: vjp.attention(p, q, k, v, None, arrays), q, k, v)
@@ -152,18 +201,31 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
   _lower_forward_for_cuda(d, causal, softcap)
 
 
-def _lower_forward_for_cuda(d, causal, softcap, **config):
+def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
   """Runs the full Pallas -> Mosaic GPU compile of the forward (no GPU needed), with the
-  default MosaicConfig for ``d`` updated by ``config``."""
+  default MosaicConfig for ``d`` updated by ``config`` (and segment ids if asked)."""
   b, t, n, kh = 2, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
+  ids = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 2 if segments else []
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
+                            has_segment_ids=segments),
+              scale=0.1, softcap=softcap, implementation="mosaic")
   cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d), **config)
-  f = jax.jit(lambda q, k, v, a, c: mosaic_fwd.forward(p, cfg, q, k, v, a, c))
-  f.trace(q, kv, kv, lens, lens).lower(lowering_platforms=("cuda",))
+  f = jax.jit(lambda q, k, v, a, c, *ids: mosaic_fwd.forward(p, cfg, q, k, v, a, c, *ids))
+  f.trace(q, kv, kv, lens, lens, *ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("d, causal, config", [
+    (64, False, {}), (128, True, {}), (128, True, dict(overlap=True)),
+    (64, True, dict(overlap=True, block_kv=64)),
+    # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
+    (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
+    (128, True, dict(q_tiles_per_cta=2, overlap=True)),
+    (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
+def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
+  _lower_forward_for_cuda(d, causal, None, segments=True, **config)
 
 
 def test_mosaic_config_fits_shared_memory():
@@ -223,12 +285,21 @@ BWD_INTERPRET_CASES = {
              kv_lengths=[90, 0]),
         MosaicBwdConfig(dkv_block_q=64, dkv_stages=3, dq_block_kv=64, dq_stages=3,
                         consumers=1)),
+    # Segment ids: ranges per consumer over key tiles (dQ) and query tiles (dK/dV), here
+    # with one consumer and 128-wide streamed tiles (the default config runs the Mosaic
+    # backward of test_mosaic_interpret_against_reference's segment cases).
+    "segment_pair_lengths_empty_one_wg": (
+        SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+        MosaicBwdConfig(dkv_block_q=128, dq_block_kv=128, consumers=1)),
 }
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
 def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
-  case, bwd_cfg = BWD_INTERPRET_CASES[name]
+  _check_backward_interpret(*BWD_INTERPRET_CASES[name], mosaic_bwd_calls)
+
+
+def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosaic_bwd_calls):
   q, k, v, do = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
 
@@ -251,28 +322,128 @@ def test_mosaic_backward_interpret_against_reference(name, mosaic_bwd_calls):
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[empty], 0.0)
 
 
-@pytest.mark.parametrize("d, causal, softcap, kh", [(64, False, None, 2), (128, True, None, 4),
-                                                     (128, False, 30.0, 1)])
-def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh):
+# The fused dQ (MosaicBwdConfig.dq_mode): the interpreter has neither TMA reductions nor
+# semaphores, so there each key tile writes its own f32 slab (bwd._add_dq) and "atomic"
+# and "ordered" run the same code; the dS K matmul, the rows and heads it lands on and
+# the masking are what these check (one mode each, to save CPU time).
+FUSED_DQ_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": (
+        Case(b=1, t=150, s=200, n=4, k=2, h=64, dtype=jnp.bfloat16, is_causal=True),
+        dict(dq_mode="atomic")),
+    "f16_lengths_empty_window_d80_one_wg_bq128": (
+        Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
+             kv_lengths=[100, 140], window=(40, 10)),
+        dict(dq_mode="ordered", consumers=1, dkv_block_q=128)),
+    # Segment ids: the dQ partials of the query tiles each consumer's ranges visit.
+    "segment_packed_causal_gqa_atomic": (
+        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
+    "segment_pair_lengths_empty_atomic_one_wg": (
+        SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+        dict(dq_mode="atomic", consumers=1, dkv_block_q=128)),
+}
+
+
+def test_mosaic_ordered_dq_refuses_segment_ids():
+  """"ordered" takes turns by the band's first key tile (bwd._dq_turn), which segment
+  ranges do not follow: refused, naming both, rather than left to hang."""
+  case = SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"]
+  d = mosaic_backend.padded_head_dim(case.h)
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode="ordered")
+  with pytest.raises(NotImplementedError, match="dq_mode='ordered'.*segment_ids"):
+    _lower_backward_for_cuda(64, True, None, 2, segments=True, dq_mode="ordered")
+  p, _ = _problem(case, case.t, case.s)
+  with mosaic_backend.override_bwd_config(cfg):
+    with pytest.raises(NotImplementedError, match="dq_mode='ordered'.*segment_ids"):
+      mosaic_backend.supports(p, *case.inputs()[:3], None)
+
+
+@pytest.mark.parametrize("name", list(FUSED_DQ_INTERPRET_CASES))
+def test_mosaic_backward_fused_dq_interpret_against_reference(name, mosaic_bwd_calls):
+  case, fields = FUSED_DQ_INTERPRET_CASES[name]
+  d = mosaic_backend.padded_head_dim(case.h)
+  bwd_cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), **fields)
+  _check_backward_interpret(case, bwd_cfg, mosaic_bwd_calls)
+
+
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (40, 10)),
+                                            (True, (100, None)), (False, (0, 200))])
+@pytest.mark.parametrize("bq", [64, 128])
+def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
+  """"ordered" dQ (bwd._dq_turn): the 64-key tiles that visit query tile i (by
+  mask.q_block_range, as the dK/dV kernel loops) must get the turns 0, 1, ..., in key
+  order, or a CTA waits forever (a turn too high) or two add at once (a repeat)."""
+  left, right = window or (None, None)
+  for t, s, q_valid, kv_valid in [(700, 900, 700, 900), (700, 900, 123, 301), (260, 900, 0, 900),
+                                  (900, 260, 900, 0), (1000, 1000, 1000, 999)]:
+    spec = MaskSpec(q_len=t, kv_len=s, causal=causal, window_left=left, window_right=right)
+    p = Problem(mask=spec, scale=1.0, implementation="mosaic")
+    nq, nk = -(-t // 128) * 128 // bq, -(-s // 128) * 128 // 64
+    visitors = {i: [] for i in range(nq)}
+    for j in range(nk):
+      lo, _, _, hi = mask_lib.q_block_range(spec, j * 64, 64, bq, nq, q_valid, kv_valid)
+      for i in range(lo, hi):
+        visitors[i].append(j)
+    for i, js in visitors.items():
+      turns = [mosaic_bwd._dq_turn(p, bq, nk, i, j, q_valid, kv_valid) for j in js]
+      assert turns == list(range(len(js))), (t, s, q_valid, kv_valid, i, js, turns)
+
+
+@pytest.mark.parametrize("d, causal, softcap, kh, segments", [
+    (64, False, None, 2, False), (128, True, None, 4, False), (128, False, 30.0, 1, False),
+    (64, True, None, 2, True), (128, False, None, 4, True)])
+def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
+  _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
+
+
+@pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])
+@pytest.mark.parametrize("d, causal, kh, fields", [
+    (64, False, 2, {}), (64, True, 4, {}), (128, True, 1, {}), (128, False, 2, {}),
+    (64, True, 2, dict(consumers=1, dkv_block_q=64))])
+def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields, monkeypatch):
+  # "ordered": one semaphore array for the whole kernel (each get_global is a new one; a
+  # step traced per loop with its own would wait for turns nobody passes).
+  calls = []
+  real = mosaic_bwd.pl.get_global
+  monkeypatch.setattr(mosaic_bwd.pl, "get_global", lambda *a: calls.append(a) or real(*a))
+  _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
+  assert len(calls) == (dq_mode == "ordered"), calls
+
+
+@pytest.mark.parametrize("d, causal, kh", [(64, True, 2), (128, False, 4)])
+def test_mosaic_backward_fused_dq_with_segments_lowers_for_cuda(d, causal, kh):
+  _lower_backward_for_cuda(d, causal, None, kh, segments=True, dq_mode="atomic")
+
+
+def _lower_backward_for_cuda(d, causal, softcap, kh, segments=False, **fields):
+  """The full Pallas -> Mosaic GPU compile of the backward kernels (no GPU needed), with
+  the default MosaicBwdConfig for ``d`` updated by ``fields``."""
   b, t, n = 2, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   rows = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal), scale=0.1,
-              softcap=softcap, implementation="mosaic")
-  cfg = MosaicBwdConfig.for_problem(t, t, d)
+  ids = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 2 if segments else []
+  p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
+                            has_segment_ids=segments),
+              scale=0.1, softcap=softcap, implementation="mosaic")
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(t, t, d), **fields)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
-  f.trace(q, kv, kv, q, rows, rows, lens, lens).lower(lowering_platforms=("cuda",))
+  f.trace(q, kv, kv, q, rows, rows, lens, lens, *ids).lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_bwd_config_refuses_unknown_dq_mode():
+  with pytest.raises(ValueError, match="dq_mode='fused'"):
+    MosaicBwdConfig(dq_mode="fused")
 
 
 def test_mosaic_bwd_config_fits_shared_memory():
-  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  from jflash._src.backends.mosaic.config import DQ_MODES, SMEM_BYTES
   for d in mosaic_bwd.HEAD_DIMS:
     for s in (64, 1000, 16384):
-      cfg = MosaicBwdConfig.for_problem(s, s, d)
-      assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
-      assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+      for dq_mode in DQ_MODES:
+        cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), dq_mode=dq_mode)
+        assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+        assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
 
 
 # The Mosaic backward is the default for padded head dims <= 128 without a bias, so every
@@ -285,6 +456,12 @@ BWD_GPU_CASES = {
                                     dtype=jnp.bfloat16),
     "bf16_d64_causal_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=1, h=64,
                                       dtype=jnp.bfloat16, is_causal=True),
+    "segment_bf16_d64_s4096_8docs_causal_gqa": Case(b=1, t=4096, s=4096, n=4, k=2, h=64,
+                                                    dtype=jnp.bfloat16, is_causal=True,
+                                                    segments="packed", docs=8, seed=2),
+    "segment_f16_d128_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=128,
+                                                dtype=jnp.float16, segments="pair",
+                                                q_lengths=[700, 100], kv_lengths=[0, 900]),
 }
 
 
@@ -298,16 +475,45 @@ def test_mosaic_backward_against_reference(name, mosaic_bwd_calls):
 
 
 @pytest.mark.gpu
-def test_mosaic_backward_rerun_is_bitwise_identical(mosaic_bwd_calls):
+@pytest.mark.parametrize("dq_mode", ["separate", "ordered"])
+def test_mosaic_backward_rerun_is_bitwise_identical(dq_mode, mosaic_bwd_calls):
   case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
   q, k, v, do = case.inputs()
-  with _mosaic_backward(case):
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
     f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
         q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
     a, b = f(q, k, v), f(q, k, v)
   assert mosaic_bwd_calls
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def _fused_dq_config(case: Case, dq_mode: str) -> MosaicBwdConfig:
+  d = mosaic_backend.padded_head_dim(case.h)
+  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode=dq_mode)
+
+
+# The fused dQ modes on the GPU: every BWD_GPU_CASES shape plus the ones with empty rows,
+# a window and a long causal run (many key tiles take turns on one query tile).
+FUSED_DQ_GPU_CASES = {
+    **BWD_GPU_CASES,
+    "bf16_lengths_empty_rows": GPU_CASES["bf16_lengths_empty_rows"],
+    "bf16_window": GPU_CASES["bf16_window"],
+    "bf16_d128_causal_4k": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16,
+                                is_causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dq_mode", [
+    (name, mode) for name in FUSED_DQ_GPU_CASES for mode in ("atomic", "ordered")
+    # "ordered" refuses segment ids (test_mosaic_ordered_dq_refuses_segment_ids).
+    if not (mode == "ordered" and FUSED_DQ_GPU_CASES[name].segments)])
+def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_calls):
+  case = FUSED_DQ_GPU_CASES[name]
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
+    check_case(case, "mosaic")
+  assert mosaic_bwd_calls
 
 
 # ---- Forward variants (MosaicConfig flags, off by default until timed on the GPU): each
@@ -320,6 +526,11 @@ VARIANTS = {
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
+    # Several q tiles per CTA: the interpret cases have 2 q tiles, so 2 runs both in one
+    # CTA (two Q buffers); 3 (three Q buffers) leaves the CTA's last tile past the end,
+    # and with overlap and 64-key tiles runs a longer ring.
+    "qtiles2": dict(q_tiles_per_cta=2),
+    "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
 }
 
 
@@ -330,7 +541,8 @@ def _variant_config(case: Case, variant: str) -> MosaicConfig:
 
 # The default configuration runs every GPU case above; a variant (a flag that is off by
 # default) runs the three that cover tails, empty rows and soft-cap, to stay in budget.
-VARIANT_GPU_CASES = ["bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_d80_softcap"]
+VARIANT_GPU_CASES = ["bf16_tail_1000_causal", "bf16_lengths_empty_rows", "bf16_d80_softcap",
+                     "segment_bf16_d128_packed_causal_gqa"]
 
 
 @pytest.mark.gpu
@@ -370,7 +582,7 @@ def test_mosaic_variant_long_causal_and_full(variant):
 @pytest.mark.parametrize("name", list(INTERPRET_CASES))
 def test_mosaic_variant_interpret_against_reference(name, variant):
   """The forward only (a variant changes nothing else), in Pallas's GPU interpreter."""
-  case = INTERPRET_CASES[name]
+  case = ALL_INTERPRET_CASES[name]
   q, k, v, _ = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   with mosaic_backend.override_config(_variant_config(case, variant)):
@@ -398,3 +610,81 @@ def test_mosaic_config_refuses_too_many_registers():
     MosaicConfig(producer_regs=40, consumer_regs=240)
   with pytest.raises(ValueError, match="producer_regs"):
     MosaicConfig(producer_regs=20)
+
+
+# The overlap schedule with segment ids: K's slot (holding the key ids) is released only
+# after the softmax has read them.
+@pytest.mark.parametrize("name, variant", [
+    ("segment_packed_causal_gqa", "overlap"),
+    ("segment_pair_lengths_empty", "overlap_no_pingpong_bkv64"),
+    # Several q tiles per CTA: each tile reads its own rows of the segment ranges (by
+    # q_tile). Packed, 3 q tiles: 2 per CTA, the second CTA's last past the end; the
+    # pair, 2 q tiles in one CTA of 3 with the overlap schedule and 64-key tiles.
+    ("segment_packed_causal_gqa", "qtiles2"),
+    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64")])
+def test_mosaic_segment_variant_interpret_against_reference(name, variant):
+  test_mosaic_variant_interpret_against_reference(name, variant)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4])
+def test_mosaic_q_tiles_cover_every_tile_once(tiles):
+  """Each CTA's tiles (``q_tile``) are each query tile exactly once, past-the-end ones
+  last; with an even count every CTA gets the same causal work where ``tiles`` divides
+  ``nq``."""
+  for nq in range(1, 12):
+    ctas = -(-nq // tiles)
+    runs = [[mosaic_fwd.q_tile(c, j, ctas, nq) for j in range(tiles)] for c in range(ctas)]
+    seen = [t for run in runs for t in run if t >= 0]
+    assert sorted(seen) == list(range(nq)), (nq, runs)
+    for run in runs:
+      n = sum(t >= 0 for t in run)
+      assert all(t >= 0 for t in run[:n]), (nq, runs)
+    if tiles % 2 == 0 and nq % tiles == 0:
+      assert len({sum(run) for run in runs}) == 1, (nq, runs)
+    if tiles == 1:
+      assert [run[0] for run in runs] == [nq - 1 - c for c in range(ctas)]
+
+
+def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
+  """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
+  tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
+  first CTA's second tile is past the end; the second CTA's ring of 2 slots runs 6
+  steps over two tiles."""
+  case = Case(b=1, t=260, s=190, n=1, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250])
+  q, k, v, _ = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
+  cfg = dataclasses.replace(_variant_config(case, "qtiles2"), block_kv=64, stages=2)
+  jax.clear_caches()
+  try:
+    with mosaic_backend.override_config(cfg):
+      out, _ = vjp.attention(p, q, k, v, None, arrays)
+  finally:
+    jax.clear_caches()
+  np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  base_out, _ = run_reference(case, case.dtype)
+  assert_close("out", out, np_out, base_out, case.dtype)
+
+
+def test_mosaic_config_q_tiles():
+  from jflash._src.backends.mosaic.config import SMEM_BYTES
+  with pytest.raises(ValueError, match="q_tiles_per_cta"):
+    MosaicConfig(q_tiles_per_cta=0)
+  for d in mosaic_backend.HEAD_DIMS:
+    one = MosaicConfig.for_problem(1024, 1024, d)
+    assert one.q_buffers(d) == 1
+    for tiles in (2, 3, 5):
+      many = dataclasses.replace(one, q_tiles_per_cta=tiles)
+      assert many.smem_bytes(d) <= SMEM_BYTES
+      # Next to the ring fit three Q buffers at d=64, two at d=128, one at d=256.
+      assert many.q_buffers(d) == min(tiles, {64: 3, 128: 2, 256: 1}[d]), (d, tiles)
+      # Segment ids add their int32 staging next to each Q buffer and K slot.
+      assert many.smem_bytes(d, segments=True) <= SMEM_BYTES
+      assert many.smem_bytes(d, segments=True) > many.smem_bytes(d)
+
+
+@pytest.mark.parametrize("d", mosaic_backend.HEAD_DIMS)
+def test_mosaic_q_tiles_fit_shared_memory_when_lowered(d):
+  """As many Q buffers as ``q_buffers`` allows next to the default ring: Mosaic's own
+  count of the kernel's SMEM (checked when lowering) stays within sm90's."""
+  _lower_forward_for_cuda(d, False, None, q_tiles_per_cta=3)

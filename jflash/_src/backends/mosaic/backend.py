@@ -54,11 +54,14 @@ def supports(p: Problem, q, k, v, bias) -> None:
   missing = [name for name, used in (
       ("bias", bias is not None),
       ("a dense mask", p.mask.has_dense_mask),
-      ("segment_ids", p.mask.has_segment_ids),
       ("dropout", p.dropout_rate > 0),
   ) if used]
   if missing:
     _refuse(f"does not support {', '.join(missing)} yet")
+  bcfg = override_bwd_config.value
+  if bcfg is not None and bcfg.dq_mode == "ordered" and p.mask.has_segment_ids:
+    _refuse("with MosaicBwdConfig.dq_mode='ordered' does not support segment_ids yet "
+            "(dq_mode='atomic' or 'separate' does)")
 
 
 override_config = tuning.Override[MosaicConfig]()  # for tuning scripts and tests
@@ -78,8 +81,11 @@ def forward(p: Problem, q, k, v, bias, arrays):
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
+  # Padding ids differ on the two sides (as in the Triton backend): they never match.
+  q_seg = pad_axis(arrays.q_segment_ids, 1, tp, -1)
+  kv_seg = pad_axis(arrays.kv_segment_ids, 1, sp, -2)
   out, lse = fwd_lib.forward(p, cfg, pad(q, tp), pad(k, sp), pad(v, sp), arrays.q_valid,
-                             arrays.kv_valid)
+                             arrays.kv_valid, q_seg, kv_seg)
   return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
 
 
@@ -100,6 +106,7 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   rows = lambda x, fill: pad_axis(x, 2, tp, fill)
   dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q, tp), pad(k, sp), pad(v, sp), pad(dout, tp),
                                 rows(lse, jnp.inf), rows(delta, 0.0), arrays.q_valid,
-                                arrays.kv_valid)
+                                arrays.kv_valid, pad_axis(arrays.q_segment_ids, 1, tp, -1),
+                                pad_axis(arrays.kv_segment_ids, 1, sp, -2))
   s = p.kv_len
   return dq[:, :p.q_len, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h], None

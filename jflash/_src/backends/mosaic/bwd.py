@@ -2,11 +2,12 @@
 
 Both recompute ``p = exp2(s * log2e - lse * log2e)`` tile by tile from the natural-log
 lse of the forward (+inf on empty rows, so p = 0 there with no mask); ``delta =
-rowsum(dO * O) - dlse`` comes precomputed. No atomics: every output tile is owned by one
-CTA, so results are bitwise reproducible. Each CTA runs ``cfg.consumers`` consumer
-warpgroups of 64 rows (the M of one wgmma) and one TMA producer warpgroup that streams
-the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA arrival;
-"consumed" barriers: every consumer is done with the slot).
+rowsum(dO * O) - dlse`` comes precomputed. By default (``cfg.dq_mode="separate"``) no
+atomics: every output tile is owned by one CTA, so results are bitwise reproducible.
+Each CTA runs ``cfg.consumers`` consumer warpgroups of 64 rows (the M of one wgmma) and
+one TMA producer warpgroup that streams the other operand through a ring of ``stages``
+SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
+with the slot).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -14,10 +15,25 @@ the other operand through a ring of ``stages`` SMEM slots ("full" barriers: TMA 
   ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``.
 * dQ: consumers own 64 query rows each (Q, dO in SMEM, lse, delta in registers); the
   ring streams K, V tiles over mask.kv_block_range. ``dQ += dS K``.
+* Fused dQ (``dq_mode`` "atomic" or "ordered", no dQ kernel): the dK/dV consumers also
+  compute ``dS K`` for each query tile they visit and add it into an f32 dQ in HBM with
+  a TMA reduce-add (``_add_dq``): 5 matmuls per pair of tiles instead of 7. "atomic"
+  adds in whatever order the CTAs reach a tile (not reproducible); "ordered" makes the
+  64-key tiles take turns in key order on a semaphore per (b, head, query tile).
+  Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
+  (b, key head): the other consumer of its own CTA, or CTAs of a lower "k", which is the
+  outermost grid axis and so CUDA's slowest block index (Mosaic reverses the grid).
+  CTAs are dispatched in block order (as FA3's deterministic mode also assumes), so
+  every CTA waited for has started; the lowest unfinished key tile never waits, and by
+  induction every wait ends. A consumer waiting for its turn at ring step c blocks
+  nothing the lower consumer of its CTA needs: that one reaches step c, since the
+  producer only waits for slots that both consumers have released.
 
 As in fwd.py, the producer loads the union of the consumers' ranges and a consumer
 *skips* (waits, releases, computes nothing) the tiles outside its own; masked tiles call
-mask.visible, fully visible ones skip it. ``interpret=True`` runs in Pallas's GPU
+mask.visible, fully visible ones skip it. Segment ids narrow the ranges per consumer
+(fwd.cta_segment_ranges); the ids of the streamed tiles ride in the ring with them, a
+consumer's own once with its K/V or Q. ``interpret=True`` runs in Pallas's GPU
 interpreter, which lacks wgmma with a register operand and pre-initialised
 accumulators: there, and only there, P^T, dS^T and dS go through SMEM.
 """
@@ -35,6 +51,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
+from jflash._src.backends.mosaic.fwd import cta_segment_ranges
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
@@ -149,17 +166,90 @@ def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry):
   return lax.fori_loop(hi, u_hi, skip, carry)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dk_ref, dv_ref,
-                k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, kv_full, full,
-                consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
-                interpret: bool):
+def _with_segments(kernel, has_segments: bool):
+  """plgpu.kernel's body for ``kernel``: 8 inputs, then (with segment ids) the q ids, kv
+  ids and cta_segment_ranges, passed on as ``segs`` (None without them); the refs after
+  them (a fused dQ's accumulator, the outputs, the scratch) follow the 8 inputs."""
+  n_in = 11 if has_segments else 8
+
+  def body(*refs, **kw):
+    segs = refs[8:n_in] if has_segments else None
+    return kernel(*refs[:8], *refs[n_in:], segs=segs, **kw)
+
+  return body
+
+
+def _range_row(segs, b, tile, wg):
+  """Row ``wg`` of this CTA's cta_segment_ranges (``wg`` = consumers: the union)."""
+  return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
+
+
+def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
+  """``"ordered"``: how many 64-key tiles add into query tile ``i`` before ``k_tile``.
+
+  The key tiles that visit query tile ``i`` (``i`` in their mask.q_block_range) are the
+  consecutive ``[first, ...)``: both ends of a key tile's query range grow with the key
+  tile (a band), and the empty ranges (keys past kv_valid) come last. ``first`` is the
+  ``lo`` of mask.kv_block_range for that query tile over 64-key blocks: the same band
+  seen from the query side (tests/test_mosaic.py checks the two agree)."""
+  first = mask_lib.kv_block_range(p.mask, i * bq, bq, WG_ROWS, nk, q_valid, kv_valid)[0]
+  return k_tile - first
+
+
+def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, b, h, i,
+            k_tile, nk: int, q_valid, kv_valid, interpret: bool):
+  """Adds ``dS K`` (``ds_s``: dS^T [64 keys, bq] in SMEM; ``k_s``: K [64, D]; key tile
+  ``k_tile`` of ``nk``) into rows ``i * bq ...`` of query head ``h`` of the f32 ``dq_acc``.
+
+  On the GPU: a TMA reduce-add of the partial, staged in ``dq_s`` (one buffer: the wait
+  for the previous add's read comes a whole step after it was issued). ``"ordered"``
+  waits for its turn on ``sems[b, h, i]``, lets the add land, then passes the turn on.
+  In the interpreter, which has neither TMA reductions nor semaphores, each key
+  tile writes its own slab ``dq_acc[k_tile]`` (summed in key order by ``backward``)."""
+  bq, d = dq_s.shape
+  (dq,) = _matmuls((bq, d), (ds_s.T, k_s))
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
+  dq_s[...] = dq
+  plgpu.commit_smem()
+  rows = pl.ds(i * bq, bq)
+  if interpret:
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[k_tile, b, rows, h])
+    return
+  if cfg.dq_mode == "atomic":
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
+    return
+  _, tp, n, _ = dq_acc.shape
+  sem = sems.at[(b * n + h) * (tp // bq) + i]
+  turn = _dq_turn(p, bq, nk, i, k_tile, q_valid, kv_valid)
+  plgpu.semaphore_wait(sem, turn, decrement=False)  # every earlier key tile has added
+  plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
+  plgpu.wait_smem_to_gmem(0)  # landed in HBM, not only read from SMEM
+  plgpu.semaphore_signal(sem, 1)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
+                segs, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
+  """``refs``: [dq_acc (fused dQ only)], dk, dv, then the scratch of ``backward``;
+  ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query ids) are None
+  without segment ids."""
+  dq_acc = refs[0] if cfg.fused_dq else None
+  (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
+   dq_smem, kv_full, full, consumed, kseg_smem, qseg_smem) = refs[cfg.fused_dq:]
+  sems = None
+  if cfg.dq_mode == "ordered" and not interpret:
+    # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
+    # step is traced once per loop (masked, unmasked), which must share the turns.
+    batch, tp, n, _ = dq_acc.shape
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * (tp // cfg.dkv_block_q),)))
   bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
-  cta_k0 = lax.axis_index("k") * (wgs * bk)
+  kt = lax.axis_index("k")
+  cta_k0 = kt * (wgs * bk)
   # Query tiles any consumer may need: what the producer loads, for every query head.
-  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid)
+  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid,
+                                            _range_row(segs, b, kt, wgs))
   per_head = u_hi - u_lo
   ring = _Ring(cfg.dkv_stages, groups * per_head, full, consumed)
 
@@ -175,6 +265,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -185,13 +277,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[wg])
+    if segs is not None:
+      plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(k0, bk)], kseg_smem.at[wg], kv_full.at[wg])
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid))
+        for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
+                                        _range_row(segs, b, kt, wg)))
     k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
     plgpu.barrier_wait(kv_full.at[wg])
+    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[wg], layout=_ROW)
 
-    def step(c, slot, i, carry, masked: bool):
+    def step(c, slot, i, carry, masked: bool, g):
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       st, dpt = _matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
@@ -200,13 +296,25 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       vis = None
       if masked:
         q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, transpose=True)
+        q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
+                               transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
+      dst = dst.astype(dtype)
+      if cfg.fused_dq:
+        ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
+        plgpu.commit_smem()
       stage = stage_smem.at[wg] if interpret else None
-      return _mmas((dk, dv), ((dst.astype(dtype), q_s), (pt.astype(dtype), do_s)), stage)
+      dk, dv = _mmas((dk, dv), ((dst, q_s), (pt.astype(dtype), do_s)), stage)
+      if cfg.fused_dq:
+        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b,
+                h=kh * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+                q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+      return dk, dv
 
     def head(g, carry):
-      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges, step, carry)
+      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
+                    functools.partial(step, g=g), carry)
 
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -221,8 +329,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, q_full, full,
-               consumed, *, p: Problem, cfg: MosaicBwdConfig, nq: int, nk: int, groups: int,
-               interpret: bool):
+               consumed, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicBwdConfig,
+               nq: int, nk: int, groups: int, interpret: bool):
+  """``qseg_smem`` (a consumer's query ids), ``kseg_smem`` (the ring's key ids): None
+  without segment ids."""
   bq, bk, wgs = WG_ROWS, cfg.dq_block_kv, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
   # The last query tiles first: under a causal mask they have the most keys.
@@ -230,7 +340,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   cta_q0 = qt * (wgs * bq)
-  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid)
+  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid,
+                                             _range_row(segs, b, qt, wgs))
   ring = _Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
 
   @pl.when(wg == wgs)
@@ -242,6 +353,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       cols = (b, pl.ds((u_lo + c) * bk, bk), kh)
       plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[1].at[cols[:2]], kseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -255,11 +368,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[wg])
     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], q_full.at[wg])
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], q_full.at[wg])
+    if segs is not None:
+      plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[wg], q_full.at[wg])
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid))
+        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                         _range_row(segs, b, qt, wg)))
     q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
     plgpu.barrier_wait(q_full.at[wg])
+    q_seg = None if segs is None else plgpu.load(qseg_smem.at[wg], layout=_ROW)
     lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
     delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
 
@@ -269,7 +386,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid)
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       return _mmas((dq,), ((ds.astype(dtype), k_smem.at[slot]),), stage)[0]
@@ -282,11 +400,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid):
+def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
+             q_seg=None, kv_seg=None):
   """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
   ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in {64, 128}), ``lse, delta [B, N, Tp]``
-  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``.
-  Returns ``dq, dk, dv`` (padded)."""
+  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``,
+  segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff ``p.mask.has_segment_ids``;
+  padding ids never equal). Returns ``dq, dk, dv`` (padded)."""
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
   groups, wgs, interpret = n // kh, cfg.consumers, p.interpret
@@ -297,11 +417,27 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       thread_name="wg",
   )
   args = (q, k, v, dout, lse, delta, q_valid, kv_valid)
+  seg = p.mask.has_segment_ids
+  if seg and cfg.dq_mode == "ordered":
+    # _dq_turn assumes the key tiles visiting a query tile are consecutive from the
+    # band's first; segment ranges (not monotone for unordered ids) break that.
+    raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
+                              "segment_ids yet; use dq_mode='atomic' or 'separate'")
+  ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
 
-  bq, stages = cfg.dkv_block_q, cfg.dkv_stages
+  bq, stages, fused = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq
+  # Per consumer's 64 keys, over query tiles of bq rows.
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, wgs, by_rows=False)
+           ) if seg else ()
+  dq_acc = ()
+  if fused:
+    # f32 dQ, zeroed, that the kernel adds into in place; in the interpreter one slab
+    # per 64-key tile instead (see _add_dq).
+    slabs = (sp // WG_ROWS,) if interpret else ()
+    dq_acc = (jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32)),)
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, p=p, cfg=cfg, nq=tp // bq, groups=groups,
-                        interpret=interpret),
+      functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
+                        groups=groups, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
           _smem_tile((wgs, WG_ROWS, d), k.dtype),
@@ -311,21 +447,32 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
           _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
-          plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
-          plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+          _smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None,  # dS^T for dQ
+          _smem_tile((wgs, bq, d), jnp.float32) if fused else None,  # dQ partial
+          # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          ids((wgs, WG_ROWS)),  # the consumers' key ids
+          ids((stages, bq)),  # the ring's query ids
       ],
       grid=(sp // (wgs * WG_ROWS), kh, b),
       grid_names=("k", "k_head", "b"),
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
-  )(*args)
+  )(*args, *extra, *dq_acc)
+  if fused:
+    dq = jax.freeze(dq_acc[0])
+    dq = dq.sum(0) if interpret else dq  # the slabs, in key order: deterministic
+    return (dq * p.scale).astype(q.dtype), dk, dv
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
   nq = tp // (wgs * WG_ROWS)
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, wgs, by_rows=True)
+           ) if seg else ()
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=groups,
-                        interpret=interpret),
+      functools.partial(_with_segments(_dq_kernel, seg), p=p, cfg=cfg, nq=nq,
+                        nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
           _smem_tile((wgs, WG_ROWS, d), q.dtype),
@@ -335,13 +482,16 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           _smem_tile((stages, bk, d), k.dtype),
           _smem_tile((stages, bk, d), v.dtype),
           _smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
-          plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
-          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+          # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          ids((wgs, WG_ROWS)),  # the consumers' query ids
+          ids((stages, bk)),  # the ring's key ids
       ],
       grid=(nq, n, b),
       grid_names=("q", "h", "b"),
       kernel_name="jflash_mosaic_bwd_dq",
       **params,
-  )(*args)
+  )(*args, *extra)
   return dq, dk, dv

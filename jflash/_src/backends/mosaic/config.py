@@ -10,11 +10,16 @@ WG_ROWS = 64
 # Two consumer warpgroups per CTA (FA3): they share one K/V ring and take turns on the
 # tensor cores (ping-pong), so one's softmax hides behind the other's matmuls.
 CONSUMER_WGS = 2
-# Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers.
-SMEM_BYTES = 227 * 1024 - 1024
+# Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers and
+# what Mosaic adds to the scratch buffers counted here: its lowering reports 2.6 KiB more
+# than smem_bytes (d=128: 232552 against 229888 with three Q buffers, 232544 with one Q
+# buffer and stages=3), over 227 KiB, where a 1 KiB margin had passed both.
+SMEM_BYTES = 227 * 1024 - 4 * 1024
 # 64K registers per SM over 128 threads per warpgroup: the per-thread register counts of
 # the producer and the consumers (setmaxnreg) may add up to at most this.
 REGISTERS_PER_THREAD_SLOT = 65536 // 128
+# MosaicBwdConfig.dq_mode: see its docstring.
+DQ_MODES = ("separate", "atomic", "ordered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +38,13 @@ class MosaicConfig:
   ``q_outer``: launch the q tiles outermost (every head's last q tile first), so that
   under a causal mask all the longest tiles run in the first waves.
   ``producer_regs`` / ``consumer_regs``: setmaxnreg per thread of the TMA warpgroup and
-  of each consumer warpgroup."""
+  of each consumer warpgroup.
+  ``q_tiles_per_cta``: query tiles (of ``2 * block_q`` rows) one CTA runs in turn; the
+  grid's q axis shrinks by as much (rounded up). The K/V ring runs on across the tiles,
+  so the producer loads the next tile's first keys while the consumers finish the last
+  one, and the next tile's Q loads under this one's keys where a second Q buffer fits
+  (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -44,6 +55,7 @@ class MosaicConfig:
   q_outer: bool = False
   producer_regs: int = 40
   consumer_regs: int = 232
+  q_tiles_per_cta: int = 1
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -60,6 +72,8 @@ class MosaicConfig:
       r = getattr(self, name)
       if r % 8 or not 24 <= r <= 256:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
+    if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
+      raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
     if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
@@ -79,11 +93,26 @@ class MosaicConfig:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
-  def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """Q (reused for O) of both warpgroups + the K and V rings + lse staging."""
-    q = CONSUMER_WGS * self.block_q * head_dim * itemsize
+  def smem_bytes(self, head_dim: int, itemsize: int = 2, *, segments: bool = False) -> int:
+    """Q (reused for O) of both warpgroups, ``q_buffers`` times + the K and V rings + lse
+    staging (+ with ``segments``, the int32 ids staged with each Q buffer and K slot)."""
+    n = self.q_buffers(head_dim, itemsize, segments=segments)
+    return self._smem_bytes(n, head_dim, itemsize, segments)
+
+  def q_buffers(self, head_dim: int, itemsize: int = 2, *, segments: bool = False) -> int:
+    """Q buffers per consumer: with several q tiles per CTA, as many as fit of
+    ``min(q_tiles_per_cta, 3)``. Two let the next tile's Q load while this one's keys
+    stream; a third spares that load the wait for the last tile's O to leave the
+    buffer (its store was issued just before)."""
+    want = min(self.q_tiles_per_cta, 3)
+    return next(n for n in range(want, 0, -1)
+                if n == 1 or self._smem_bytes(n, head_dim, itemsize, segments) <= SMEM_BYTES)
+
+  def _smem_bytes(self, q_buffers: int, head_dim: int, itemsize: int, segments: bool) -> int:
+    q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
-    return q + ring + CONSUMER_WGS * self.block_q * 4
+    ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
+    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:
@@ -101,13 +130,25 @@ class MosaicBwdConfig:
 
   ``dkv_block_q``, ``dkv_stages``: query rows per step, and steps in flight, of the dK/dV
   kernel's Q/dO/lse/delta ring; ``dq_block_kv``, ``dq_stages``: the same for the dQ
-  kernel's K/V ring."""
+  kernel's K/V ring.
+
+  ``dq_mode``: how dQ is made.
+  * ``"separate"`` (default): a dQ kernel of its own, a query tile per CTA, which
+    recomputes S and dP (7 matmuls per pair of tiles). Bitwise deterministic.
+  * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
+    and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
+    dQ kernel). NOT bitwise deterministic: the order of the adds into a row varies from
+    run to run. Opt-in only, against jflash's deterministic default.
+  * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
+    turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
+    the same every run. Deterministic, at the cost of waiting for the turn."""
 
   dkv_block_q: int = 64
   dkv_stages: int = 2
   dq_block_kv: int = 64
   dq_stages: int = 2
   consumers: int = 2
+  dq_mode: str = "separate"
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -119,6 +160,13 @@ class MosaicBwdConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
     if not 1 <= self.consumers <= 2:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
+    if self.dq_mode not in DQ_MODES:
+      raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
+
+  @property
+  def fused_dq(self) -> bool:
+    """dQ made inside the dK/dV kernel (no dQ kernel)."""
+    return self.dq_mode != "separate"
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
@@ -137,10 +185,14 @@ class MosaicBwdConfig:
     return cfg
 
   def dkv_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring."""
+    """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring; with a
+    fused dQ, each consumer's dS^T tile and its f32 dQ partial (staged for the TMA add)."""
     kv = 2 * self.consumers * WG_ROWS * head_dim * itemsize
     ring = self.dkv_stages * self.dkv_block_q * (2 * head_dim * itemsize + 2 * 4)
-    return kv + ring
+    dq = 0
+    if self.fused_dq:
+      dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
+    return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """Q and dO of every consumer (Q reused for dQ), their lse/delta + the K/V ring."""

@@ -1,6 +1,7 @@
 """Mosaic GPU (Hopper) forward kernel, FlashAttention-3 style.
 
-One CTA owns ``2 * block_q`` query rows of one (batch, head) and runs three warpgroups:
+One CTA owns ``q_tiles_per_cta`` query tiles of ``2 * block_q`` rows (one by default) of
+one (batch, head), run in turn (see ``q_tile``), and runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
@@ -16,6 +17,18 @@ both consumers' ranges; a consumer steps through that union too and *skips* (wai
 releases, computes nothing) the tiles outside its own range, so that both stay in step
 on the shared ring and barriers. Fully masked tiles (causal upper triangle, windows,
 padding) are never loaded.
+
+With several q tiles per CTA the ring runs on from tile to tile: its step counter (hence
+slot and barrier phase) counts over all the CTA's tiles, so the producer fills the free
+slots with the next tile's keys while the consumers still finish the last tile, and a
+consumer releases a slot only where the producer will wait for it again within the CTA.
+
+Segment ids (packed documents) narrow both: ``segment_ranges`` gives, per query tile
+of ``2 * block_q`` rows, each consumer's key tiles (the ones its documents can meet,
+mask.segment_tile_ranges) and their union for the producer; with several q tiles per CTA
+each tile reads its own rows (indexed by ``q_tile``). The key ids ride into SMEM with
+each K tile (on its "full" barrier), the query ids with each Q buffer; masked tiles
+compare them in mask.visible.
 
 ``interpret=True`` runs the same kernel in Pallas's GPU interpreter on CPU. That
 interpreter lacks wgmma with a register operand and pre-initialised accumulators, so
@@ -54,25 +67,89 @@ def _rows(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
 
 
+def q_tile(c, j, ctas: int, nq: int):
+  """The query tile (of ``2 * block_q`` rows) that CTA ``c`` of ``ctas`` runs ``j``-th;
+  negative past the end (where ``q_tiles_per_cta`` does not divide ``nq``).
+
+  The ``j``-th tiles of all CTAs form the ``j``-th run of ``ctas`` tiles, counted from
+  the last tile (under a causal mask, the longest first), forwards in even runs and
+  backwards in odd ones (a serpentine): a CTA pairs a long tile with a short one, so
+  with an even ``q_tiles_per_cta`` every CTA gets the same causal work. Run ``j`` lies
+  wholly before run ``j + 1``, so a CTA's tiles past the end are its last ones. With one
+  tile per CTA, CTA ``c`` runs tile ``nq - 1 - c``."""
+  back = ctas - 1 - c
+  if isinstance(j, int):
+    v = j * ctas + (c if j % 2 == 0 else back)
+  else:
+    v = j * ctas + jnp.where(j % 2 == 0, c, back)
+  return nq - 1 - v
+
+
+def _unpack(*refs, p: Problem, **kw):
+  """Splits the refs of plgpu.kernel: segment ids come as three more inputs (q ids, kv
+  ids, segment_ranges) only when the problem has them."""
+  n_in = 8 if p.mask.has_segment_ids else 5
+  ins, outs, scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+  segs = ins[5:] if p.mask.has_segment_ids else None
+  return _kernel(*ins[:5], *outs, *scratch, segs=segs, p=p, **kw)
+
+
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
-            v_consumed, sched, *, p: Problem, cfg: MosaicConfig, nq: int, nk: int, groups: int,
-            interpret: bool):
+            v_consumed, sched, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
+            nq: int, nk: int, groups: int, q_bufs: int, interpret: bool):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
-  separately; otherwise ``k_consumed`` guards both halves of a slot."""
-  bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
-  d = q_smem.shape[-1]
-  dtype = q_smem.dtype
-  # The last query tiles first: under a causal mask they have the most keys.
-  qt = nq - 1 - lax.axis_index("q")
+  separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
+  ``q_full`` hold ``q_bufs`` buffers per consumer: buffer ``x`` of warpgroup ``wg`` is
+  entry ``x * CONSUMER_WGS + wg``. ``segs``: refs of the q ids ``[B, Tp]``, kv ids
+  ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or None; ``qseg_smem`` (entries as
+  ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them)."""
+  bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
+  rows = CONSUMER_WGS * bq
+  ctas = -(-nq // tiles)
+  c = lax.axis_index("q")
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
-  cta_q0 = qt * (CONSUMER_WGS * bq)
-  # Key tiles either consumer may need: what the producer loads, what both step through.
-  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, CONSUMER_WGS * bq, bk, nk,
-                                             q_valid, kv_valid)
-  slot_of = lambda i: lax.rem(i - u_lo, stages)
   split = v_consumed is not None
+  qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
+
+  def seg_range(tile, who):
+    """Row ``who`` of query tile ``tile``'s segment ranges: a consumer's own, or (``who``
+    = CONSUMER_WGS) their union. A tile past the end (negative) reads tile 0's rows,
+    which its callers then discard."""
+    if segs is None:
+      return None
+    tile = jnp.maximum(tile, 0)
+    return tuple(range_ref[b, tile, who, x] for x in range(4))
+
+  def union(j):
+    """The CTA's ``j``-th query tile: its first row, and the key tiles either consumer
+    may need: what the producer loads, what both consumers step through."""
+    tile = q_tile(c, j, ctas, nq)
+    lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, q_valid,
+                                           kv_valid, seg_range(tile, CONSUMER_WGS))
+    return tile * rows, lo, hi
+
+  # The ring runs on across the CTA's tiles: a tile whose keys start at ring step g puts
+  # its key tile i at step g + i - lo. ``total``: the steps of all the CTA's tiles.
+  if tiles == 1:
+    n_tiles, total = 1, (lambda _, lo, hi: hi - lo)(*union(0))
+  else:
+    live = [q_tile(c, j, ctas, nq) >= 0 for j in range(tiles)]
+    n_tiles = sum(x.astype(jnp.int32) for x in live)
+    total = sum(jnp.where(x, hi - lo, 0) for x, (_, lo, hi) in zip(live, map(union, range(tiles))))
+
+  def over_tiles(body):
+    """``body(j, g) -> g + steps of tile j`` over the CTA's tiles, g its first ring step."""
+    if tiles == 1:
+      body(0, 0)
+    else:
+      lax.fori_loop(0, n_tiles, body, jnp.int32(0))
+
+  def ring(g, lo):
+    """The ring steps and slot of key tile ``i`` of a tile from ring step ``g``, key ``lo``."""
+    step_of = lambda i: g + (i - lo)
+    return step_of, lambda i: lax.rem(step_of(i), stages)
 
   def sync():
     # Ping-pong: each arrive+wait pairs one warpgroup's point with the other's.
@@ -85,56 +162,39 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
 
-    def load(i, wait):
-      slot = slot_of(i)
-      src = (b, pl.ds(i * bk, bk), kh)
-      if wait:
-        plgpu.barrier_wait(k_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
-      if wait and split:
-        plgpu.barrier_wait(v_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot])
+    def tile(j, g):
+      _, u_lo, u_hi = union(j)
+      _, slot_of = ring(g, u_lo)
 
-    first = jnp.minimum(u_lo + stages, u_hi)
-    pl.loop(u_lo, first)(functools.partial(load, wait=False))
-    pl.loop(first, u_hi)(functools.partial(load, wait=True))
+      def load(i, wait):
+        slot = slot_of(i)
+        src = (b, pl.ds(i * bk, bk), kh)
+        if wait:
+          plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
+        if segs is not None:  # the tile's key ids share K's slot and barrier
+          plgpu.copy_gmem_to_smem(kseg_ref.at[b, pl.ds(i * bk, bk)], kseg_smem.at[slot],
+                                  k_full.at[slot])
+        if wait and split:
+          plgpu.barrier_wait(v_consumed.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot])
+
+      # Only the CTA's first ``stages`` ring steps find their slots never used.
+      first = jnp.minimum(u_lo + jnp.maximum(stages - g, 0), u_hi)
+      pl.loop(u_lo, first)(functools.partial(load, wait=False))
+      pl.loop(first, u_hi)(functools.partial(load, wait=True))
+      return g + (u_hi - u_lo)
+
+    over_tiles(tile)
 
   @pl.when(wg < _PRODUCER)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-    q0 = cta_q0 + wg * bq
-    lo, full_lo, full_hi, hi = (
-        jnp.clip(x, u_lo, u_hi)
-        for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid))
-    my_q = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], my_q, q_full.at[wg])
-    plgpu.barrier_wait(q_full.at[wg])
-    q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
-
-    def release(i, barrier):
-      # Arrive only where the producer will wait for this slot again: a barrier phase
-      # nobody waits for would be left dangling (the interpreter checks this).
-      @pl.when(i + stages < u_hi)
-      def _():
-        plgpu.barrier_arrive(barrier.at[slot_of(i)])
-
-    release_k = functools.partial(release, barrier=k_consumed)
-    release_v = functools.partial(release, barrier=v_consumed if split else k_consumed)
-
-    def skip(i, carry):
-      slot = slot_of(i)
-      plgpu.barrier_wait(k_full.at[slot])  # keeps this warpgroup's barrier phases in step
-      plgpu.barrier_wait(v_full.at[slot])
-      sync()
-      sync()
-      release_k(i)
-      if split:
-        release_v(i)
-      return carry
-
     fold = cfg.fold_scale and p.softcap is None and p.scale > 0
+    dtype = q_smem.dtype
+    d = q_smem.shape[-1]
 
-    def softmax(qk, i, m, l, masked: bool):
+    def softmax(qk, i, m, l, masked: bool, *, q_pos, q_seg, slot_of):
       """Online softmax of one score tile: (P in the input dtype, new m, new l, alpha)."""
       if fold:
         s = qk  # raw scores; scale*log2(e) > 0 goes into the exp2 argument below
@@ -142,7 +202,9 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
-        s = jnp.where(mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid), s, -jnp.inf)
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+        s = jnp.where(vis, s, -jnp.inf)
       c = p.scale * logits_lib.LOG2E if fold else 1.0
       m_new = jnp.maximum(m, s.max(axis=1) * c)
       # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
@@ -170,61 +232,140 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
       return pl.run_state(body)(plgpu.ACC.init(acc))
 
-    def step(i, carry, masked: bool):
-      acc, m, l = carry
-      slot = slot_of(i)
-      plgpu.barrier_wait(k_full.at[slot])
+    def kv_loop(my_q, entry, tile, q0, g, u_lo, u_hi):
+      """One tile's pass over the key tiles ``[u_lo, u_hi)`` from ring step ``g``:
+      ``(acc, m, l)`` of the rows from ``q0`` (query tile ``tile``, its Q and ids in
+      buffer ``entry``, already waited for)."""
+      lo, full_lo, full_hi, hi = (
+          jnp.clip(x, u_lo, u_hi)
+          for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
+                                           seg_range(tile, wg)))
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+      q_seg = None if segs is None else plgpu.load(qseg_smem.at[entry], layout=_ROW)
+      step_of, slot_of = ring(g, u_lo)
+      tile_softmax = functools.partial(softmax, q_pos=q_pos, q_seg=q_seg, slot_of=slot_of)
 
-      def qk(ref):
-        plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
-        sync()  # our QK is issued: the other warpgroup may issue its PV
-        return ref[...]
+      def release(i, barrier):
+        # Arrive only where the producer will wait for this slot again (ring step + stages,
+        # counted over all the CTA's tiles): a barrier phase nobody waits for would be
+        # left dangling (the interpreter checks this).
+        @pl.when(step_of(i) + stages < total)
+        def _():
+          plgpu.barrier_arrive(barrier.at[slot_of(i)])
 
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-      p16, m_new, l, alpha = softmax(s, i, m, l, masked)
-      acc = acc * _rows(alpha, acc.shape)
-      if cfg.pingpong:
-        plgpu.barrier_arrive(sched)  # softmax done
-      plgpu.barrier_wait(v_full.at[slot])
-      if cfg.pingpong:
-        plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
-      acc = pv(acc, p16, slot)
-      release_v(i)
-      return acc, m_new, l
+      release_k = functools.partial(release, barrier=k_consumed)
+      release_v = functools.partial(release, barrier=v_consumed if split else k_consumed)
 
-    init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
-            plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
-    pl.when(wg == 1)(sync)  # warpgroup 0 goes first
-    carry = lax.fori_loop(u_lo, lo, skip, init)
-    if cfg.overlap:
-      acc, m, l = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=softmax,
-                              pv=pv, slot_of=slot_of, release_k=release_k,
-                              release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
-                              k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
-                              else None, dtype=dtype)
-    else:
-      carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-      carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-      acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
-    acc, m, l = lax.fori_loop(hi, u_hi, skip, (acc, m, l))
-    pl.when(wg == 0)(sync)
+      def skip(i, carry):
+        slot = slot_of(i)
+        plgpu.barrier_wait(k_full.at[slot])  # keeps this warpgroup's barrier phases in step
+        plgpu.barrier_wait(v_full.at[slot])
+        sync()
+        sync()
+        release_k(i)
+        if split:
+          release_v(i)
+        return carry
 
-    # Rows with no visible key (or padding rows): output 0, lse +inf (see mask.py).
-    live = (q_pos < q_valid) & (l > 0.0)
-    l_safe = jnp.where(live, l, 1.0)
-    inv = jnp.where(live, 1.0 / l_safe, 0.0)
-    my_q[...] = (acc * _rows(inv, acc.shape)).astype(dtype)  # Q's slot now stages O
-    my_lse = lse_smem.at[wg]
-    my_lse[...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
-    plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
+      def step(i, carry, masked: bool):
+        acc, m, l = carry
+        slot = slot_of(i)
+        plgpu.barrier_wait(k_full.at[slot])
+
+        def qk(ref):
+          plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
+          sync()  # our QK is issued: the other warpgroup may issue its PV
+          return ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
+        acc = acc * _rows(alpha, acc.shape)
+        if cfg.pingpong:
+          plgpu.barrier_arrive(sched)  # softmax done
+        plgpu.barrier_wait(v_full.at[slot])
+        if cfg.pingpong:
+          plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
+        acc = pv(acc, p16, slot)
+        release_v(i)
+        return acc, m_new, l
+
+      init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
+              plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
+              plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
+      # Warpgroup 0 goes first, in every tile: its last sync below pairs with warpgroup
+      # 1's last step, so neither waits for the other's epilogue.
+      pl.when(wg == 1)(sync)
+      carry = lax.fori_loop(u_lo, lo, skip, init)
+      if cfg.overlap:
+        carry = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
+                            k_late=segs is not None, pv=pv, slot_of=slot_of,
+                            release_k=release_k, release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
+                            k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
+                            else None, dtype=dtype)
+      else:
+        carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(hi, u_hi, skip, carry)
+      pl.when(wg == 0)(sync)
+      return carry
+
+    def epilogue(my_q, q0, acc, m, l):
+      """O and lse of the rows from ``q0`` out to HBM (not waited for): O through Q's
+      slot, whose last reader, the last QK^T, is done."""
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+      # Rows with no visible key (or padding rows): output 0, lse +inf (see mask.py).
+      live = (q_pos < q_valid) & (l > 0.0)
+      l_safe = jnp.where(live, l, 1.0)
+      inv = jnp.where(live, 1.0 / l_safe, 0.0)
+      if tiles > 1:
+        # The last tile's stores have had this tile's keys to read lse_smem (and older
+        # O buffers) out: this wait should find them done.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      my_q[...] = (acc * _rows(inv, acc.shape)).astype(dtype)
+      my_lse = lse_smem.at[wg]
+      my_lse[...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
+      plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
+
+    q_entry = lambda j: (j % q_bufs) * CONSUMER_WGS + wg
+
+    def load_q(j):
+      q0, at = union(j)[0] + wg * bq, q_entry(j)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem.at[at], q_full.at[at])
+      if segs is not None:  # the rows' ids share Q's buffer entry and barrier
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q0, bq)], qseg_smem.at[at], q_full.at[at])
+
+    def tile(j, g):
+      cta_q0, u_lo, u_hi = union(j)
+      if q_bufs == 1:
+        if tiles > 1:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O left Q's slot
+        load_q(j)
+      plgpu.barrier_wait(q_full.at[q_entry(j)])
+      if q_bufs > 1:
+        @pl.when(j + 1 < n_tiles)
+        def _prefetch():
+          # The next tile's Q loads while this one's keys stream, into the buffer of
+          # tile j + 1 - q_bufs. With 2 buffers that is the last tile, whose O store was
+          # just issued: wait for it to leave SMEM. Older ones the epilogue waited for.
+          if q_bufs == 2:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_q(j + 1)
+      my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
+      acc, m, l = kv_loop(my_q, q_entry(j), q_tile(c, j, ctas, nq), q0, g, u_lo, u_hi)
+      epilogue(my_q, q0, acc, m, l)
+      return g + (u_hi - u_lo)
+
+    if q_bufs > 1:
+      load_q(0)  # later tiles' Q is prefetched by the tile before
+    over_tiles(tile)
     plgpu.wait_smem_to_gmem(0)
 
 
-def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, release_k,
-                release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
+def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, slot_of,
+                release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
   """The key tiles ``[lo, hi)`` of one consumer with FA3's intra-warpgroup overlap.
 
   Step i issues QK^T of tile i, then PV of tile i-1 (P from the step before), and runs
@@ -236,6 +377,7 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
   where ``lo == hi``, as ``skip`` does two per tile: both warpgroups stay in step. In
   the phase between two points one warpgroup issues its matmuls while the other runs
   its softmax. ``p_smem`` (interpret mode only) stages P for a wgmma from SMEM.
+  ``k_late``: release K's slot only after the softmax (which reads the key ids there).
   """
   acc0, m0, l0 = carry
   bq, bk = m0.shape[0], k_smem.shape[1]
@@ -250,9 +392,13 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
       return ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    release_k(lo)
+    if not k_late:
+      release_k(lo)
     # Tile lo may or may not need the predicate: the masked path is right for both.
-    return softmax(s, lo, m0, l0, masked=True)
+    new = softmax(s, lo, m0, l0, masked=True)
+    if k_late:
+      release_k(lo)
+    return new
 
   def nothing():
     return (plgpu.layout_cast(jnp.zeros((bq, bk), dtype), plgpu.Layout.WGMMA), m0, l0,
@@ -281,8 +427,11 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
         plgpu.wgmma(pv_ref, p_smem, v_smem.at[prev])
       sync()  # both our matmuls are issued: the other warpgroup's turn
       s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK done; PV may still run
-      release_k(i)
+      if not k_late:
+        release_k(i)
       new = softmax(s, i, m, l, masked)
+      if k_late:
+        release_k(i)
       out = pv_ref[...]  # waits for PV
       release_v(i - 1)
       return (out if p_smem is None else scaled + out), *new
@@ -311,34 +460,74 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, pv, slot_of, 
   return acc, m, l
 
 
-def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
+def cta_segment_ranges(q_seg, kv_seg, block_q: int, block_k: int, consumers: int, *,
+                       by_rows: bool):
+  """int32 ``[B, n_cta, consumers + 1, 4]``: for each CTA (``consumers`` consecutive
+  tiles of this axis), each consumer's ``(lo, full_lo, full_hi, hi)`` over the other
+  axis's tiles (mask.segment_tile_ranges), then their union ``(lo, lo, lo, hi)`` for
+  the producer.
+
+  Ranges per consumer rather than per CTA: the CTA's span is exactly the union of its
+  consumers', and each consumer skips what only the others' documents meet."""
+  own = mask_lib.segment_tile_ranges(q_seg, kv_seg, block_q, block_k, by_rows=by_rows)
+  b, n, _ = own.shape
+  own = own.reshape(b, n // consumers, consumers, 4)
+  lo, hi = own[..., 0], own[..., 3]
+  empty = hi <= lo  # documents that meet no tile: (0, 0, 0, 0)
+  n_other = (kv_seg.shape[1] // block_k) if by_rows else (q_seg.shape[1] // block_q)
+  u_lo = jnp.where(empty, n_other, lo).min(-1)
+  u_hi = jnp.where(empty, 0, hi).max(-1)
+  u_lo = jnp.minimum(u_lo, u_hi)  # every consumer empty: an empty range
+  union = jnp.stack([u_lo, u_lo, u_lo, u_hi], axis=-1)[:, :, None]
+  return jnp.concatenate([own, union], axis=2).astype(jnp.int32)
+
+
+def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
+  """``cta_segment_ranges`` of this kernel: ``[B, nq, 3, 4]`` per query tile of
+  ``2 * block_q`` rows (not per CTA: with ``q_tiles_per_cta > 1`` the kernel indexes it
+  by ``q_tile``)."""
+  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, CONSUMER_WGS,
+                            by_rows=True)
+
+
+def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
+            kv_seg=None):
   """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
   ``cfg.q_multiple``, Sp of ``cfg.block_kv``, D in {64, 128, 256}), ``q_valid,
-  kv_valid [B]`` -> ``out [B, Tp, N, D]``, ``lse [B, N, Tp]`` (f32, natural log)."""
+  kv_valid [B]``, segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff
+  ``p.mask.has_segment_ids``; padding ids never equal) -> ``out [B, Tp, N, D]``,
+  ``lse [B, N, Tp]`` (f32, natural log)."""
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
   bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
   nq = tp // cfg.q_multiple
+  ctas = -(-nq // cfg.q_tiles_per_cta)  # along q
+  seg = p.mask.has_segment_ids
+  q_bufs = cfg.q_buffers(d, q.dtype.itemsize, segments=seg)
   interpret = p.interpret
   scratch = [
-      _smem_tile((CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
+      _smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
       _smem_tile((stages, bk, d), k.dtype),
       _smem_tile((stages, bk, d), v.dtype),
       plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32),  # lse staging for its TMA store
       _smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
-      plgpu.Barrier(num_barriers=CONSUMER_WGS),
-      plgpu.Barrier(num_barriers=stages),
+      # Q's and K's copies arrive once each, and once more for their ids.
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * CONSUMER_WGS),
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
-  kernel = functools.partial(_kernel, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
-                             interpret=interpret)
+  scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
+              plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
+  extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
+  kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
+                             q_bufs=q_bufs, interpret=interpret)
   # The first grid axis varies fastest in launch order. q innermost: the CTAs of one wave
   # share a head's K/V in L2. q outermost: every head's longest causal tiles go first.
-  grid, names = ((n, b, nq), ("h", "b", "q")) if cfg.q_outer else ((nq, n, b), ("q", "h", "b"))
+  grid, names = ((n, b, ctas), ("h", "b", "q")) if cfg.q_outer else ((ctas, n, b), ("q", "h", "b"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -351,4 +540,4 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid):
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="jflash_mosaic_fwd",
-  )(q, k, v, q_valid, kv_valid)
+  )(q, k, v, q_valid, kv_valid, *extra)
