@@ -21,8 +21,8 @@ with the slot).
   adds in whatever order the CTAs reach a tile (not reproducible); "ordered" makes the
   64-key tiles take turns in key order on a semaphore per (b, head, query tile).
   Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
-  (b, key head): the other consumer of its own CTA, or CTAs of a lower "k", which is the
-  outermost grid axis and so CUDA's slowest block index (Mosaic reverses the grid).
+  (b, key head): the other consumer of its own CTA, or CTAs of a lower "k" of that same
+  (b, key head), which have lower block indices ("k" is the innermost grid axis, CUDA's x).
   CTAs are dispatched in block order (as FA3's deterministic mode also assumes), so
   every CTA waited for has started; the lowest unfinished key tile never waits, and by
   induction every wait ends. A consumer waiting for its turn at ring step c blocks
@@ -456,8 +456,10 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           ids((wgs, WG_ROWS)),  # the consumers' key ids
           ids((stages, bq)),  # the ring's query ids
       ],
-      grid=(sp // (wgs * WG_ROWS), kh, b),
-      grid_names=("k", "k_head", "b"),
+      # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
+      # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
+      grid=(b, kh, sp // (wgs * WG_ROWS)),
+      grid_names=("b", "k_head", "k"),
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
   )(*args, *extra, *dq_acc)
@@ -489,8 +491,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           ids((wgs, WG_ROWS)),  # the consumers' query ids
           ids((stages, bk)),  # the ring's key ids
       ],
-      grid=(nq, n, b),
-      grid_names=("q", "h", "b"),
+      grid=(b, n, nq),  # the query tiles fastest (see above)
+      grid_names=("b", "h", "q"),
       kernel_name="jflash_mosaic_bwd_dq",
       **params,
   )(*args, *extra)

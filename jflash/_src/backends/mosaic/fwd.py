@@ -525,9 +525,12 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret)
-  # The first grid axis varies fastest in launch order. q innermost: the CTAs of one wave
-  # share a head's K/V in L2. q outermost: every head's longest causal tiles go first.
-  grid, names = ((n, b, ctas), ("h", "b", "q")) if cfg.q_outer else ((ctas, n, b), ("q", "h", "b"))
+  # Mosaic reverses the grid: its LAST axis is CUDA's x, the fastest in launch order.
+  # q innermost (default): the CTAs of one wave share a (batch, head)'s K/V in L2. With q
+  # outermost at s=1k, b=16 each CTA of a wave had a (batch, head) of its own and the
+  # kernel ran at HBM speed (H100: 0.6x cuDNN; benchmarks/fwd_overhead.py).
+  # q_outer: every head's longest causal tiles go first.
+  grid, names = ((ctas, n, b), ("q", "h", "b")) if cfg.q_outer else ((b, n, ctas), ("b", "h", "q"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
