@@ -45,6 +45,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ -s "$shards/$i.ids" ] || continue
     mapfile -t ids < "$shards/$i.ids"  # one test id per line (ids may hold spaces)
     # Each shard stops by SHARD_TIMEOUT seconds, so a slow one cannot take the logs down.
+    # numpy's BLAS (the float64 references) gets its share of the cores, not all of them
+    # in every shard: oversubscribed, the references took minutes per test.
+    threads=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
+    OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.9 / $jobs, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
       --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &
