@@ -526,10 +526,11 @@ VARIANTS = {
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
-    # Several q tiles per CTA: the interpret cases have 2 q tiles, so 2 runs both in one
-    # CTA (two Q buffers); 3 (three Q buffers) leaves the CTA's last tile past the end,
-    # and with overlap and 64-key tiles runs a longer ring.
-    "qtiles2": dict(q_tiles_per_cta=2),
+    # Q tiles per CTA: the default is 2 up to 4k keys (the interpret cases have 2 q
+    # tiles, so both run in one CTA, two Q buffers), so 1 (a CTA per tile) is the variant
+    # here; 3 (three Q buffers) leaves the CTA's last tile past the end, and with overlap
+    # and 64-key tiles runs a longer ring.
+    "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
 }
 
@@ -617,10 +618,11 @@ def test_mosaic_config_refuses_too_many_registers():
 @pytest.mark.parametrize("name, variant", [
     ("segment_packed_causal_gqa", "overlap"),
     ("segment_pair_lengths_empty", "overlap_no_pingpong_bkv64"),
-    # Several q tiles per CTA: each tile reads its own rows of the segment ranges (by
-    # q_tile). Packed, 3 q tiles: 2 per CTA, the second CTA's last past the end; the
-    # pair, 2 q tiles in one CTA of 3 with the overlap schedule and 64-key tiles.
-    ("segment_packed_causal_gqa", "qtiles2"),
+    # Q tiles per CTA: each tile reads its own rows of the segment ranges (by q_tile).
+    # Packed, 3 q tiles: one per CTA (the default runs 2 per CTA, the second CTA's last
+    # past the end); the pair, 2 q tiles in one CTA of 3 with the overlap schedule and
+    # 64-key tiles.
+    ("segment_packed_causal_gqa", "qtiles1"),
     ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
@@ -654,7 +656,8 @@ def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   q, k, v, _ = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
   monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
-  cfg = dataclasses.replace(_variant_config(case, "qtiles2"), block_kv=64, stages=2)
+  cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), q_tiles_per_cta=2,
+                            block_kv=64, stages=2)
   jax.clear_caches()
   try:
     with mosaic_backend.override_config(cfg):
@@ -671,7 +674,7 @@ def test_mosaic_config_q_tiles():
   with pytest.raises(ValueError, match="q_tiles_per_cta"):
     MosaicConfig(q_tiles_per_cta=0)
   for d in mosaic_backend.HEAD_DIMS:
-    one = MosaicConfig.for_problem(1024, 1024, d)
+    one = dataclasses.replace(MosaicConfig.for_problem(1024, 1024, d), q_tiles_per_cta=1)
     assert one.q_buffers(d) == 1
     for tiles in (2, 3, 5):
       many = dataclasses.replace(one, q_tiles_per_cta=tiles)
