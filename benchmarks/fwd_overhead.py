@@ -18,12 +18,13 @@ import argparse
 import collections
 import dataclasses
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mosaic_probe import (
+  median_seconds,  # benchmarks/ is on sys.path when run as a script
+)
 
 import jflash
 from jflash._src.backends.mosaic import fwd as fwd_lib
@@ -33,17 +34,7 @@ from jflash._src.problem import Problem
 
 
 def timed(fn, args, reps, loops) -> float:
-  jax.block_until_ready(fn(*args))
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(loops):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t0) / reps)
-  return statistics.median(out)
+  return median_seconds(fn, args, warmup=3, reps=reps, loops=loops)
 
 
 def bare_kernel(b, t, s, d, cfg: MosaicConfig):
