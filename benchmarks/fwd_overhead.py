@@ -22,9 +22,8 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mosaic_probe import (
-  median_seconds,  # benchmarks/ is on sys.path when run as a script
-)
+# benchmarks/ is on sys.path when this runs as a script.
+from mosaic_probe import median_seconds
 
 import jflash
 from jflash._src.backends.mosaic import fwd as fwd_lib
