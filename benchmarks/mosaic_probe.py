@@ -11,6 +11,8 @@
       --sweep-bwd dkv_block_q=64,dq_block_kv=64 dkv_block_q=128,dkv_stages=3  # Mosaic backward
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 4096 16384 --modes fwdbwd --mosaic-bwd \
       --impls cudnn --sweep-bwd "" dq_mode=atomic dq_mode=ordered   # fused dQ vs the dQ kernel
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 16384 --heads 16x128 --causal yes \
+      --docs 8 --impls mosaic triton --variants q_tiles_per_cta=2 q_tiles_per_cta=4  # packed
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -37,19 +39,31 @@ import jflash
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 
+# benchmarks/ is on sys.path when this runs as a script.
+from _features import doc_lengths
 
-def attention(impl: str):
+
+def attention(impl: str, segment_ids=None):
   if impl.startswith("mosaic_bwd"):  # mosaic, its backward switched on by the caller
     impl = "mosaic"
   if impl == "cudnn":
     return lambda q, k, v, causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
   return lambda q, k, v, causal: jflash.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=impl)
+      q, k, v, is_causal=causal, implementation=impl, segment_ids=segment_ids)
 
 
-def make_fn(impl: str, mode: str, causal: bool):
-  attn = attention(impl)
+def packed_ids(b: int, s: int, docs: int):
+  """int32 ``[b, s]`` segment ids of ``docs`` documents (the lengths bench.py's feature
+  cases use), and the (query, key) pairs they leave visible per head, causal or not."""
+  lengths = doc_lengths(s, docs)
+  ids = np.repeat(np.arange(docs), lengths)
+  pairs = {True: sum(n * (n + 1) // 2 for n in lengths), False: sum(n * n for n in lengths)}
+  return jnp.asarray(np.broadcast_to(ids, (b, s)), jnp.int32), pairs
+
+
+def make_fn(impl: str, mode: str, causal: bool, segment_ids=None):
+  attn = attention(impl, segment_ids)
   if mode == "fwd":
     return jax.jit(lambda q, k, v, do: attn(q, k, v, causal))
 
@@ -133,6 +147,9 @@ def main():
                   help="forward MosaicConfigs to time next to the default 'mosaic', each "
                        "'field=value,...' over the heuristic default, e.g. overlap=1 "
                        "overlap=1,fold_scale=1,block_kv=192,stages=3")
+  ap.add_argument("--docs", type=int, default=0,
+                  help="pack this many documents of random lengths into each sequence "
+                       "(segment_ids; cudnn skipped; TFLOP/s of visible pairs only)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--loops", type=int, default=5)
@@ -160,6 +177,10 @@ def main():
     b = max(1, args.tokens // s)
     q, k, v, do = inputs(b, s, n, d)
     flops = 4 * b * n * s * s * d * (0.5 if causal else 1.0)
+    ids = None
+    if args.docs:
+      ids, pairs = packed_ids(b, s, args.docs)
+      flops = 4 * b * n * d * pairs[causal]
     base = MosaicConfig.for_problem(s, s, d)
     configs = [None]
     if sweeping:
@@ -191,12 +212,14 @@ def main():
       for impl in sorted(impls, key=lambda i: i != "cudnn"):  # cudnn first: the reference
         if impl.startswith("mosaic_bwd") and mode == "fwd":
           continue  # the same forward as mosaic
+        if impl == "cudnn" and ids is not None:
+          continue  # jax.nn passes cuDNN no segment ids
         for cfg in (configs if impl == "mosaic" else [None]):
           label = impl if cfg is None else labels.get(id(cfg)) or sweep_label(cfg)
           # The jitted dispatch caches traces by Problem, not by config: start clean.
           jax.clear_caches()
           try:
-            fn = make_fn(impl, mode, causal)
+            fn = make_fn(impl, mode, causal, ids)
             if impl.startswith("mosaic_bwd"):
               with contextlib.ExitStack() as stack:
                 stack.enter_context(mosaic_backend.override_config(
