@@ -32,10 +32,6 @@ from jflash._src.mask import MaskSpec
 from jflash._src.problem import Problem
 
 
-def timed(fn, args, reps, loops) -> float:
-  return median_seconds(fn, args, warmup=3, reps=reps, loops=loops)
-
-
 def bare_kernel(b, t, s, d, cfg: MosaicConfig):
   p = Problem(mask=MaskSpec(q_len=t, kv_len=s), scale=1.0 / np.sqrt(d), implementation="mosaic")
   qv, kvv = jnp.full((b,), t, jnp.int32), jnp.full((b,), s, jnp.int32)
@@ -74,7 +70,7 @@ def main():
     api = jax.jit(lambda q, k, v: jflash.dot_product_attention(q, k, v, implementation="mosaic"))
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     for name, fn in (("api", api), ("kernel", bare_kernel(b, t, t, d, base)), ("cudnn", cudnn)):
-      sec = timed(fn, (q, k, v), args.reps, args.loops)
+      sec = median_seconds(fn, (q, k, v), warmup=3, reps=args.reps, loops=args.loops)
       print(f"  {name:8s} {sec * 1e3:8.3f} ms {flops / sec / 1e12:7.1f} TFLOP/s", flush=True)
     print(f"  api HLO: {hlo_ops(api, (q, k, v))}", flush=True)
 
@@ -91,7 +87,7 @@ def main():
                                     q_tiles_per_cta=int(name.split("=")[1]))
           fn = bare_kernel(b, t, s, d, cfg)
         try:
-          sec = timed(fn, (q, k, v), args.reps, args.loops)
+          sec = median_seconds(fn, (q, k, v), warmup=3, reps=args.reps, loops=args.loops)
         except Exception as e:  # one failing point leaves the rest of the line
           print(f"  {name:18s} S={s:6d} failed: {type(e).__name__}: {str(e)[:200]}")
           continue
