@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -170,34 +171,6 @@ def test_mosaic_segment_ranges_cover_each_half():
   np.testing.assert_array_equal(r[0, 1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 2]])
 
 
-def test_mosaic_work_order_longest_first():
-  """Packed causal documents: the query tiles ordered by the key tiles they must visit,
-  counted here by brute force over the element mask (packed ids: exact), ascending, ties
-  in tile order; so q_tile's first ranks (taken from the end) get the longest tiles."""
-  cfg = MosaicConfig(block_kv=64)
-  rows, s = cfg.q_multiple, 1024
-  lengths = [700, 60, 200, 64]  # the long document first: its tiles outweigh later ones
-  ids = np.repeat(np.arange(len(lengths)), lengths)[None].astype(np.int32)
-  spec = MaskSpec(q_len=s, kv_len=s, causal=True, has_segment_ids=True)
-  p = Problem(mask=spec, scale=1.0, implementation="mosaic")
-  valid = jnp.asarray([s], jnp.int32)
-  ranges = mosaic_fwd.segment_ranges(jnp.asarray(ids), jnp.asarray(ids), cfg)
-  order = np.asarray(mosaic_fwd.work_order(p, ranges, rows, 64, s // 64, valid, valid))[0]
-  pos = np.arange(s)
-  vis = (ids[0][:, None] == ids[0][None, :]) & (pos[None, :] <= pos[:, None])
-  work = vis.reshape(s // rows, rows, s // 64, 64).any(axis=(1, 3)).sum(-1)
-  assert sorted(order) == list(range(s // rows))
-  key = [(work[t], t) for t in order]
-  assert key == sorted(key), (order, work)
-  assert list(order) != list(range(s // rows))  # packing does reorder here
-  # Causal alone: work grows with the tile, the order is the identity.
-  plain = dataclasses.replace(p, mask=dataclasses.replace(spec, has_segment_ids=False))
-  same = np.zeros_like(ids)
-  order = mosaic_fwd.work_order(plain, mosaic_fwd.segment_ranges(jnp.asarray(same),
-                                jnp.asarray(same), cfg), rows, 64, s // 64, valid, valid)
-  np.testing.assert_array_equal(order[0], np.arange(s // rows))
-
-
 ALL_INTERPRET_CASES = {**INTERPRET_CASES, **SEGMENT_INTERPRET_CASES}
 
 
@@ -259,9 +232,9 @@ def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
 def test_mosaic_config_fits_shared_memory():
   from jflash._src.backends.mosaic.config import SMEM_BYTES
   for d in mosaic_backend.HEAD_DIMS:
-    for s in (64, 1000, 16384):
-      cfg = MosaicConfig.for_problem(s, s, d)
-      assert cfg.smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
+    for s, seg in itertools.product((64, 1000, 16384), (False, True)):
+      cfg = MosaicConfig.for_problem(s, s, d, segments=seg)
+      assert cfg.smem_bytes(d, segments=seg) <= SMEM_BYTES, (d, s, cfg)
       assert cfg.block_kv <= max(64, -(-s // 64) * 64)
 
 
@@ -274,7 +247,8 @@ def _mosaic_backward(case: Case, bwd_cfg: MosaicBwdConfig | None = None):
   public call's jit caches traces by Problem, not by config: clear them on both sides."""
   d = mosaic_backend.padded_head_dim(case.h)
   cfg = dataclasses.replace(
-      MosaicConfig.for_problem(case.t, case.s, d, jnp.dtype(case.dtype).itemsize),
+      MosaicConfig.for_problem(case.t, case.s, d, jnp.dtype(case.dtype).itemsize,
+                               segments=case.segments is not None),
       mosaic_backward=True)
   jax.clear_caches()
   try:

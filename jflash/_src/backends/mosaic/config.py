@@ -80,16 +80,20 @@ class MosaicConfig:
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
 
   @classmethod
-  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2) -> "MosaicConfig":
-    """A heuristic default per (padded) head dim, shrunk to fit shared memory."""
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
+                  segments: bool = False) -> "MosaicConfig":
+    """A heuristic default per (padded) head dim, shrunk to fit shared memory.
+    ``segments``: the call has segment ids (packed documents)."""
     del q_len
-    # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.05 at s=16k,
-    # 0.91 -> 0.97 at 4k non-causal, 1.01 -> 1.08 at 1k; 192 keys lost at 1k/4k): half
-    # the steps, so half the per-step barrier and ping-pong handoffs per key. d=128 keeps
-    # 128 (a 64x256 f32 score tile would not fit in registers beside the accumulator);
-    # d=256 needs 64-key tiles to keep the 64x256 f32 accumulator, the scores and the ring
-    # within registers and SMEM.
-    block_kv, stages = {64: (256, 2), 128: (128, 2), 256: (64, 2)}[head_dim]
+    # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.07 at s=16k,
+    # 0.91 -> 0.97 at 4k non-causal; 192 keys lost at 1k/4k): half the steps, so half the
+    # per-step barrier and ping-pong handoffs per key. Not with packed documents, whose
+    # key runs are short and whose edges waste up to a tile each (8 docs in 16k, causal:
+    # 288 -> 236 useful TFLOP/s). d=128 keeps 128 (a 64x256 f32 score tile would not fit
+    # in registers beside the accumulator); d=256 needs 64-key tiles to keep the 64x256
+    # f32 accumulator, the scores and the ring within registers and SMEM.
+    block_kv, stages = {64: (128, 3) if segments else (256, 2), 128: (128, 2),
+                        256: (64, 2)}[head_dim]
     block_kv = min(block_kv, max(64, -(-kv_len // 64) * 64))
     # Two q tiles per CTA up to 4k keys (H100, 2026-11-22: +1..+12% fwd at s=1k/4k over
     # one, d=64 and 128, causal or not); at 16k one (two: -2..-3% causal, 0 otherwise).

@@ -28,8 +28,7 @@ of ``2 * block_q`` rows, each consumer's key tiles (the ones its documents can m
 mask.segment_tile_ranges) and their union for the producer; with several q tiles per CTA
 each tile reads its own rows (indexed by ``q_tile``). The key ids ride into SMEM with
 each K tile (on its "full" barrier), the query ids with each Q buffer; masked tiles
-compare them in mask.visible. The query tiles then go out longest first (``work_order``):
-a tile's key range grows only within its document, not with its position.
+compare them in mask.visible.
 
 ``interpret=True`` runs the same kernel in Pallas's GPU interpreter on CPU. That
 interpreter lacks wgmma with a register operand and pre-initialised accumulators, so
@@ -87,9 +86,9 @@ def q_tile(c, j, ctas: int, nq: int):
 
 
 def _unpack(*refs, p: Problem, **kw):
-  """Splits the refs of plgpu.kernel: segment ids come as four more inputs (q ids, kv
-  ids, segment_ranges, work_order) only when the problem has them."""
-  n_in = 9 if p.mask.has_segment_ids else 5
+  """Splits the refs of plgpu.kernel: segment ids come as three more inputs (q ids, kv
+  ids, segment_ranges) only when the problem has them."""
+  n_in = 8 if p.mask.has_segment_ids else 5
   ins, outs, scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
   segs = ins[5:] if p.mask.has_segment_ids else None
   return _kernel(*ins[:5], *outs, *scratch, segs=segs, p=p, **kw)
@@ -103,7 +102,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
   ``q_full`` hold ``q_bufs`` buffers per consumer: buffer ``x`` of warpgroup ``wg`` is
   entry ``x * CONSUMER_WGS + wg``. ``segs``: refs of the q ids ``[B, Tp]``, kv ids
-  ``[B, Sp]``, segment_ranges ``[B, nq, 3, 4]`` and work_order ``[B, nq]``, or None; ``qseg_smem`` (entries as
+  ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or None; ``qseg_smem`` (entries as
   ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them)."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
   rows = CONSUMER_WGS * bq
@@ -112,15 +111,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   split = v_consumed is not None
-  qseg_ref, kseg_ref, range_ref, order_ref = (None,) * 4 if segs is None else segs
-
-  def tile_of(j):
-    """The query tile the CTA runs ``j``-th: ``q_tile``'s, renamed by work_order with
-    segment ids (negative past the end, as q_tile)."""
-    t = q_tile(c, j, ctas, nq)
-    if order_ref is None:
-      return t
-    return jnp.where(t >= 0, order_ref[b, jnp.maximum(t, 0)], t)
+  qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
 
   def seg_range(tile, who):
     """Row ``who`` of query tile ``tile``'s segment ranges: a consumer's own, or (``who``
@@ -134,7 +125,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   def union(j):
     """The CTA's ``j``-th query tile: its first row, and the key tiles either consumer
     may need: what the producer loads, what both consumers step through."""
-    tile = tile_of(j)
+    tile = q_tile(c, j, ctas, nq)
     lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, q_valid,
                                            kv_valid, seg_range(tile, CONSUMER_WGS))
     return tile * rows, lo, hi
@@ -363,7 +354,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_q(j + 1)
       my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
-      acc, m, l = kv_loop(my_q, q_entry(j), tile_of(j), q0, g, u_lo, u_hi)
+      acc, m, l = kv_loop(my_q, q_entry(j), q_tile(c, j, ctas, nq), q0, g, u_lo, u_hi)
       epilogue(my_q, q0, acc, m, l)
       return g + (u_hi - u_lo)
 
@@ -499,23 +490,6 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
                             by_rows=True)
 
 
-def work_order(p: Problem, ranges, rows: int, block_k: int, nk: int, q_valid, kv_valid):
-  """int32 ``[B, nq]``: the query tiles (of ``rows`` rows) by ascending count of key
-  tiles to visit (``ranges``: segment_ranges ``[B, nq, 3, 4]``), ties in tile order.
-
-  ``q_tile`` hands out ranks from the last (rank 0 = the first CTA: tile ``nq - 1``);
-  through this order the first CTAs take the longest tiles, as a causal mask alone
-  gives with no renaming (its work grows with the tile, so the order is the identity).
-  Packed documents break that: a tile's work grows only within its document. Longest
-  first keeps long tiles out of the last wave (greedy list scheduling's LPT rule)."""
-  nq = ranges.shape[1]
-  start = jnp.arange(nq, dtype=jnp.int32)[None, :] * rows
-  seg = tuple(ranges[:, :, -1, x] for x in range(4))
-  lo, _, _, hi = mask_lib.kv_block_range(p.mask, start, rows, block_k, nk, q_valid[:, None],
-                                         kv_valid[:, None], seg)
-  return jnp.argsort(hi - lo, axis=1, stable=True).astype(jnp.int32)
-
-
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
             kv_seg=None):
   """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
@@ -548,11 +522,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   ]
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
-  extra = ()
-  if seg:
-    ranges = segment_ranges(q_seg, kv_seg, cfg)
-    order = work_order(p, ranges, cfg.q_multiple, bk, sp // bk, q_valid, kv_valid)
-    extra = (q_seg, kv_seg, ranges, order)
+  extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret)
   # Mosaic reverses the grid: its LAST axis is CUDA's x, the fastest in launch order.
