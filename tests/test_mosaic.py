@@ -325,8 +325,9 @@ def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosai
 
 
 # The fused dQ (MosaicBwdConfig.dq_mode): the interpreter has neither TMA reductions nor
-# semaphores, so there each key tile writes its own f32 slab (bwd._add_dq) and "atomic"
-# and "ordered" run the same code; the dS K matmul, the rows and heads it lands on and
+# semaphores, so there each key tile (or with split_dq, each CTA) writes its own f32 slab
+# (bwd._add_dq, bwd._add_dq_half) and "atomic" with one consumer and "ordered" run the
+# same code; the dS K matmul, the rows and heads it lands on and
 # the masking are what these check (one mode each, to save CPU time).
 FUSED_DQ_INTERPRET_CASES = {
     "bf16_causal_cross_tail_gqa": (
@@ -336,6 +337,13 @@ FUSED_DQ_INTERPRET_CASES = {
         Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
              kv_lengths=[100, 140], window=(40, 10)),
         dict(dq_mode="ordered", consumers=1, dkv_block_q=128)),
+    # "atomic" with two consumers shares one partial per CTA (MosaicBwdConfig.split_dq):
+    # the case above splits its 128 rows between them, this one (64-row query tiles)
+    # its head dim; a window leaves each consumer steps outside its own range.
+    "f16_window_d80_split_head_dim": (
+        Case(b=1, t=130, s=140, n=2, k=1, h=80, dtype=jnp.float16, kv_lengths=[100],
+             window=(40, 10)),
+        dict(dq_mode="atomic")),
     # Segment ids: the dQ partials of the query tiles each consumer's ranges visit.
     "segment_packed_causal_gqa_atomic": (
         SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
@@ -343,6 +351,20 @@ FUSED_DQ_INTERPRET_CASES = {
         SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
         dict(dq_mode="atomic", consumers=1, dkv_block_q=128)),
 }
+
+
+def test_split_dq_interpret_cases_cover_both_halvings():
+  """The "atomic" cases above run the split dQ (two consumers) both ways: half the rows
+  each (128-row query tiles) and half the head dim each (64-row tiles)."""
+  halves = set()
+  for case, fields in FUSED_DQ_INTERPRET_CASES.values():
+    d = mosaic_backend.padded_head_dim(case.h)
+    cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), **fields)
+    if cfg.split_dq:
+      rows, cols = cfg.dq_half_shape(d)
+      halves.add("rows" if cols == d else "head dim")
+      assert rows * cols * 2 == cfg.dkv_block_q * d
+  assert halves == {"rows", "head dim"}
 
 
 def test_mosaic_ordered_dq_refuses_segment_ids():

@@ -20,6 +20,11 @@ with the slot).
   a TMA reduce-add (``_add_dq``): 5 matmuls per pair of tiles instead of 7. "atomic"
   adds in whatever order the CTAs reach a tile (not reproducible); "ordered" makes the
   64-key tiles take turns in key order on a semaphore per (b, head, query tile).
+  "atomic" with two consumers (``cfg.split_dq``, FA3's layout) adds one partial per
+  CTA instead of one per consumer: both put their dS^T in SMEM, meet on a barrier, and
+  each multiplies all 128 keys into its half of the partial (``_add_dq_half``); TMA
+  reduce-adds run at ~3.2 TB/s on an H100 (benchmarks/tma_reduce_probe.py), so the bytes
+  added bound the kernel.
   Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
   (b, key head): the other consumer of its own CTA, or CTAs of a lower "k" of that same
   (b, key head), which have lower block indices ("k" is the innermost grid axis, CUDA's x).
@@ -143,13 +148,16 @@ class _Ring:
       plgpu.barrier_arrive(self.consumed.at[self.slot(c)])
 
 
-def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry):
+def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
   """Steps through ``[u_lo, u_hi)`` (ring steps ``base + i``): ``step(c, slot, i, carry,
-  masked)`` inside this consumer's ``(lo, full_lo, full_hi, hi)``, a skip outside."""
+  masked)`` inside this consumer's ``(lo, full_lo, full_hi, hi)``, a skip outside (which
+  runs ``skipped(c, i)`` if given: work the other consumers wait for)."""
   lo, full_lo, full_hi, hi = ranges
 
   def skip(i, carry):
     ring.acquire(base + i)  # keeps this warpgroup's barrier phases in step
+    if skipped is not None:
+      skipped(base + i, i)
     ring.release(base + i)
     return carry
 
@@ -227,6 +235,36 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, 
   plgpu.semaphore_signal(sem, 1)
 
 
+def _add_dq_half(ds_all, k_all, dq_s, dq_acc, *, b, h, i, wg, kt, interpret: bool):
+  """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys, added into
+  query tile ``i`` (``bq`` rows) of head ``h`` of the f32 ``dq_acc``.
+
+  ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM, both written: the
+  caller has met the other consumer); ``k_all``: K ``[2 * 64, D]``. With ``bq >= 128``
+  each consumer takes half the rows, else half the head dim (wgmma's M is 64 at least).
+  One TMA reduce-add per CTA and query tile of a ``bq x D`` partial in all (FA3's
+  layout), half the bytes of one per consumer. In the interpreter, which has no TMA
+  reductions, the CTA writes its own slab ``dq_acc[kt]``."""
+  keys, bq = ds_all.shape
+  d = k_all.shape[1]
+  if bq >= 2 * WG_ROWS:
+    half = bq // 2
+    a, rhs = ds_all.at[:, pl.ds(wg * half, half)].T, k_all
+    rows, cols = pl.ds(i * bq + wg * half, half), pl.ds(0, d)
+  else:
+    half = d // 2
+    a, rhs = ds_all.T, k_all.at[:, pl.ds(wg * half, half)]
+    rows, cols = pl.ds(i * bq, bq), pl.ds(wg * half, half)
+  (dq,) = _matmuls(dq_s.shape, (a, rhs))
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
+  dq_s[...] = dq
+  plgpu.commit_smem()
+  if interpret:
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[kt, b, rows, h, cols])
+  else:
+    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h, cols], reduction_op="add")
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
                 segs, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
   """``refs``: [dq_acc (fused dQ only)], dk, dv, then the scratch of ``backward``;
@@ -234,7 +272,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   without segment ids."""
   dq_acc = refs[0] if cfg.fused_dq else None
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
-   dq_smem, kv_full, full, consumed, kseg_smem, qseg_smem) = refs[cfg.fused_dq:]
+   dq_smem, kv_full, full, consumed, ds_ready, kseg_smem, qseg_smem) = refs[cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
@@ -274,7 +312,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   def _consumer():
     plgpu.set_max_registers(_consumer_regs(wgs), action="increase")
     k0 = cta_k0 + wg * bk
-    my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+    my_k, my_v = k_smem.at[pl.ds(wg * bk, bk)], v_smem.at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[wg])
     if segs is not None:
@@ -301,23 +339,52 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
                                transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       dst = dst.astype(dtype)
-      if cfg.fused_dq:
+      if cfg.split_dq:
+        share_ds(c, dst)
+      elif cfg.fused_dq:
         ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
         plgpu.commit_smem()
       stage = stage_smem.at[wg] if interpret else None
       dk, dv = _mmas((dk, dv), ((dst, q_s), (pt.astype(dtype), do_s)), stage)
-      if cfg.fused_dq:
+      if cfg.split_dq:
+        add_dq_half(c, i, g)
+      elif cfg.fused_dq:
         _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b,
                 h=kh * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
                 q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
       return dk, dv
 
+    def share_ds(c, dst):
+      """``cfg.split_dq``: this consumer's dS^T into its rows of the step's buffer (two,
+      alternating: a buffer is rewritten two steps on, after the other consumer's dQ
+      matmul that read it, which it waited for before meeting us at the step between)."""
+      ds_smem.at[lax.rem(c, 2), pl.ds(wg * bk, bk)][...] = dst
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(ds_ready)
+
+    def add_dq_half(c, i, g):
+      plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
+      _add_dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, dq_smem.at[wg], dq_acc, b=b,
+                   h=kh * groups + g, i=i, wg=wg, kt=kt * wgs, interpret=interpret)
+
+    def skipped(c, i, g):
+      # Outside our range, inside the other consumer's: our dS^T is zero, our half of
+      # the CTA's dQ partial is still ours to add.
+      share_ds(c, plgpu.layout_cast(jnp.zeros((bk, bq), dtype), plgpu.Layout.WGMMA))
+      add_dq_half(c, i, g)
+
     def head(g, carry):
       return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
-                    functools.partial(step, g=g), carry)
+                    functools.partial(step, g=g), carry,
+                    functools.partial(skipped, g=g) if cfg.split_dq else None)
 
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    if cfg.split_dq:
+      # The other consumer's last dQ matmul read our K: meet once more before dK
+      # overwrites it.
+      plgpu.barrier_arrive(ds_ready)
+      plgpu.barrier_wait(ds_ready)
     # K's and V's slots now stage dK and dV (every wgmma reading them has completed).
     my_k[...] = (dk * p.scale).astype(dtype)
     my_v[...] = dv.astype(dtype)
@@ -425,7 +492,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
 
-  bq, stages, fused = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq
+  bq, stages, fused, split = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq, cfg.split_dq
   # Per consumer's 64 keys, over query tiles of bq rows.
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, wgs, by_rows=False)
            ) if seg else ()
@@ -440,19 +507,24 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                         groups=groups, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
-          _smem_tile((wgs, WG_ROWS, d), k.dtype),
+          _smem_tile((wgs * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
           _smem_tile((wgs, WG_ROWS, d), v.dtype),
           _smem_tile((stages, bq, d), q.dtype),
           _smem_tile((stages, bq, d), dout.dtype),
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
           _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
-          _smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None,  # dS^T for dQ
-          _smem_tile((wgs, bq, d), jnp.float32) if fused else None,  # dQ partial
+          # dS^T for dQ: per consumer, or (split) both consumers' in two buffers.
+          (_smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
+           _smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None),
+          # The dQ partial staged for its TMA add: per consumer, or (split) its half.
+          (_smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
+           _smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs) if split else None,  # both consumers' dS^T in
           ids((wgs, WG_ROWS)),  # the consumers' key ids
           ids((stages, bq)),  # the ring's query ids
       ],

@@ -147,8 +147,9 @@ class MosaicBwdConfig:
     recomputes S and dP (7 matmuls per pair of tiles). Bitwise deterministic.
   * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
     and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
-    dQ kernel). NOT bitwise deterministic: the order of the adds into a row varies from
-    run to run. Opt-in only, against jflash's deterministic default.
+    dQ kernel); with two consumers one add per CTA (``split_dq``). NOT bitwise
+    deterministic: the order of the adds into a row varies from run to run. Opt-in
+    only, against jflash's deterministic default.
   * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
     turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
     the same every run. Deterministic, at the cost of waiting for the turn."""
@@ -178,6 +179,20 @@ class MosaicBwdConfig:
     """dQ made inside the dK/dV kernel (no dQ kernel)."""
     return self.dq_mode != "separate"
 
+  @property
+  def split_dq(self) -> bool:
+    """"atomic" with two consumers: FA3's layout, one dQ partial per CTA (its 128 keys)
+    and query tile, each consumer computing half of it (bwd._add_dq_half), rather than
+    one partial per consumer: half the bytes added into HBM."""
+    return self.dq_mode == "atomic" and self.consumers == 2
+
+  def dq_half_shape(self, head_dim: int) -> tuple[int, int]:
+    """``split_dq``: each consumer's share of the ``dkv_block_q x head_dim`` partial:
+    half the rows where that leaves a wgmma's 64, else half the head dim."""
+    if self.dkv_block_q >= 2 * WG_ROWS:
+      return self.dkv_block_q // 2, head_dim
+    return self.dkv_block_q, head_dim // 2
+
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
                   itemsize: int = 2) -> "MosaicBwdConfig":
@@ -196,11 +211,15 @@ class MosaicBwdConfig:
 
   def dkv_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring; with a
-    fused dQ, each consumer's dS^T tile and its f32 dQ partial (staged for the TMA add)."""
+    fused dQ, each consumer's dS^T tile and its f32 dQ partial (staged for the TMA add),
+    or with ``split_dq`` two buffers of all consumers' dS^T and the partial in halves."""
     kv = 2 * self.consumers * WG_ROWS * head_dim * itemsize
     ring = self.dkv_stages * self.dkv_block_q * (2 * head_dim * itemsize + 2 * 4)
     dq = 0
-    if self.fused_dq:
+    if self.split_dq:  # two dS^T buffers of the CTA's keys + the partial, in halves
+      dq = 2 * self.consumers * WG_ROWS * self.dkv_block_q * itemsize
+      dq += self.dkv_block_q * head_dim * 4
+    elif self.fused_dq:
       dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
     return kv + ring + dq
 
