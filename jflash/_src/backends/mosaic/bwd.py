@@ -245,7 +245,7 @@ def _add_dq_half(ds_all, k_all, dq_s, dq_acc, *, b, h, i, wg, kt, interpret: boo
   One TMA reduce-add per CTA and query tile of a ``bq x D`` partial in all (FA3's
   layout), half the bytes of one per consumer. In the interpreter, which has no TMA
   reductions, the CTA writes its own slab ``dq_acc[kt]``."""
-  keys, bq = ds_all.shape
+  bq = ds_all.shape[1]
   d = k_all.shape[1]
   if bq >= 2 * WG_ROWS:
     half = bq // 2
@@ -369,7 +369,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
     def skipped(c, i, g):
       # Outside our range, inside the other consumer's: our dS^T is zero, our half of
-      # the CTA's dQ partial is still ours to add.
+      # the CTA's dQ partial is still ours to add. (A step in neither range, a gap in
+      # the union that segment ids can leave, adds zeros: rare, and both stay in step.)
       share_ds(c, plgpu.layout_cast(jnp.zeros((bk, bq), dtype), plgpu.Layout.WGMMA))
       add_dq_half(c, i, g)
 
