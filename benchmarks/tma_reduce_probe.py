@@ -24,11 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # benchmarks/ is on sys.path when this runs as a script.
 from mosaic_probe import median_seconds
 
-
-def _smem_tile(shape, dtype):
-  swizzle = 128
-  tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+from jflash._src.backends.mosaic.fwd import smem_tile
 
 
 def make(ctas, steps, rows, d, t, n, inflight, reduce):
@@ -52,7 +48,7 @@ def make(ctas, steps, rows, d, t, n, inflight, reduce):
 
   return jax.jit(plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((t, n, d), jnp.float32),
-      scratch_types=[_smem_tile((rows, d), jnp.float32)],
+      scratch_types=[smem_tile((rows, d), jnp.float32)],
       grid=(ctas,), grid_names=("c",), kernel_name="tma_reduce_probe"))
 
 

@@ -56,20 +56,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
-from jflash._src.backends.mosaic.fwd import cta_segment_ranges
+from jflash._src.backends.mosaic.fwd import cta_segment_ranges, smem_tile
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 PRODUCER_REGS = 40
 HEAD_DIMS = (64, 128)  # d=256 would not fit the dK and dV accumulators in registers
-
-
-def _smem_tile(shape, dtype):
-  # 128-byte swizzle over (8, 64) tiles: the layout wgmma reads without bank conflicts.
-  swizzle = 128
-  tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
 def _consumer_regs(consumers: int) -> int:
@@ -508,19 +501,19 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                         groups=groups, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
-          _smem_tile((wgs * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
-          _smem_tile((wgs, WG_ROWS, d), v.dtype),
-          _smem_tile((stages, bq, d), q.dtype),
-          _smem_tile((stages, bq, d), dout.dtype),
+          smem_tile((wgs * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
+          smem_tile((wgs, WG_ROWS, d), v.dtype),
+          smem_tile((stages, bq, d), q.dtype),
+          smem_tile((stages, bq, d), dout.dtype),
           plgpu.SMEM((stages, bq), jnp.float32),
           plgpu.SMEM((stages, bq), jnp.float32),
-          _smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
+          smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
           # dS^T for dQ: per consumer, or (split) both consumers' in two buffers.
-          (_smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
-           _smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None),
+          (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
+           smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None),
           # The dQ partial staged for its TMA add: per consumer, or (split) its half.
-          (_smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
-           _smem_tile((wgs, bq, d), jnp.float32) if fused else None),
+          (smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
+           smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
@@ -550,13 +543,13 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                         nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          _smem_tile((wgs, WG_ROWS, d), q.dtype),
-          _smem_tile((wgs, WG_ROWS, d), dout.dtype),
+          smem_tile((wgs, WG_ROWS, d), q.dtype),
+          smem_tile((wgs, WG_ROWS, d), dout.dtype),
           plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
           plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
-          _smem_tile((stages, bk, d), k.dtype),
-          _smem_tile((stages, bk, d), v.dtype),
-          _smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
+          smem_tile((stages, bk, d), k.dtype),
+          smem_tile((stages, bk, d), v.dtype),
+          smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),

@@ -55,7 +55,9 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
 
 
-def _smem_tile(shape, dtype):
+def smem_tile(shape, dtype):
+  """An SMEM ref of ``shape`` in the layout wgmma and TMA use (shared by the Mosaic
+  kernels and probes)."""
   # 128-byte swizzle over (8, 64) tiles: the layout wgmma reads without bank conflicts.
   swizzle = 128
   tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
@@ -506,11 +508,11 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   q_bufs = cfg.q_buffers(d, q.dtype.itemsize, segments=seg)
   interpret = p.interpret
   scratch = [
-      _smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
-      _smem_tile((stages, bk, d), k.dtype),
-      _smem_tile((stages, bk, d), v.dtype),
+      smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
+      smem_tile((stages, bk, d), k.dtype),
+      smem_tile((stages, bk, d), v.dtype),
       plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32),  # lse staging for its TMA store
-      _smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
+      smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
       # Q's and K's copies arrive once each, and once more for their ids.
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * CONSUMER_WGS),
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
