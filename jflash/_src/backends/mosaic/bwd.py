@@ -22,7 +22,7 @@ with the slot).
   64-key tiles take turns in key order on a semaphore per (b, head, query tile).
   "atomic" with two consumers (``cfg.split_dq``, FA3's layout) adds one partial per
   CTA instead of one per consumer: both put their dS^T in SMEM, meet on a barrier, and
-  each multiplies all 128 keys into its half of the partial (``_add_dq_half``); TMA
+  each multiplies all 128 keys into its half of the partial (``_dq_half``); TMA
   reduce-adds run at ~3.2 TB/s on an H100 (benchmarks/tma_reduce_probe.py), so the bytes
   added bound the kernel.
   Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
@@ -61,13 +61,7 @@ from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-PRODUCER_REGS = 40
 HEAD_DIMS = (64, 128)  # d=256 would not fit the dK and dV accumulators in registers
-
-
-def _consumer_regs(consumers: int) -> int:
-  # 64K registers per SM over 128-thread warpgroups; the producer keeps 40 a thread.
-  return min(240, (65536 // 128 - PRODUCER_REGS) // consumers // 8 * 8)
 
 
 def _matmuls(shape, *operands):
@@ -80,21 +74,35 @@ def _matmuls(shape, *operands):
   return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
 
 
-def _mmas(accs, operands, stage):
+def _mmas(accs, operands, stage, *, then=None, fresh=()):
   """``[acc + lhs @ rhs]`` for ``(lhs, rhs)`` in ``operands``: ``lhs`` a 16-bit register
-  tile, ``rhs`` an SMEM ref; issued back to back, then one wait. ``stage`` (interpret
-  mode only, else None): SMEM tiles, one per operand, that carry ``lhs`` instead."""
+  tile, ``rhs`` an SMEM ref; then ``then()`` (e.g. a barrier wait, run under those
+  matmuls); then ``lhs @ rhs`` for ``(shape, lhs, rhs)`` in ``fresh`` (SMEM operands)
+  into fresh f32 accumulators. One wgmma group, one wait. Returns the sums, then the
+  fresh products. ``stage`` (interpret mode only, else None): SMEM tiles, one per
+  operand, that carry ``lhs`` instead."""
   if stage is not None:
     for i, (lhs, _) in enumerate(operands):
       stage.at[i][...] = lhs
     plgpu.commit_smem()
-    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)])
-    return tuple(acc + x for acc, x in zip(accs, prods))
+    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)]
+                     ) if operands else ()
+    if then is not None:
+      then()
+    extra = tuple(_matmuls(shape, (a, b))[0] for shape, a, b in fresh)
+    return tuple(acc + x for acc, x in zip(accs, prods)) + extra
 
   def f(refs):
     for ref, (lhs, rhs) in zip(refs, operands):
       plgpu.wgmma(ref, lhs, rhs)
-  return pl.run_state(f)(tuple(plgpu.ACC.init(acc) for acc in accs))
+    if then is not None:
+      then()
+    for ref, (_, lhs, rhs) in zip(refs[len(operands):], fresh):
+      plgpu.wgmma(ref, lhs, rhs)
+
+  zeros = [plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+           for shape, _, _ in fresh]
+  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in (*accs, *zeros)))
 
 
 def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
@@ -228,27 +236,34 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, 
   plgpu.semaphore_signal(sem, 1)
 
 
-def _add_dq_half(ds_all, k_all, dq_s, dq_acc, *, b, h, i, wg, kt, interpret: bool):
-  """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys, added into
-  query tile ``i`` (``bq`` rows) of head ``h`` of the f32 ``dq_acc``.
+def _dq_half(ds_all, k_all, *, i, wg):
+  """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys for query
+  tile ``i``, as ``(shape, lhs, rhs)`` for ``_mmas(fresh=...)``, and where it goes:
+  ``(rows, cols)`` of the query head.
 
-  ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM, both written: the
-  caller has met the other consumer); ``k_all``: K ``[2 * 64, D]``. With ``bq >= 128``
-  each consumer takes half the rows, else half the head dim (wgmma's M is 64 at least).
-  One TMA reduce-add per CTA and query tile of a ``bq x D`` partial in all (FA3's
-  layout), half the bytes of one per consumer. In the interpreter, which has no TMA
-  reductions, the CTA writes its own slab ``dq_acc[kt]``."""
+  ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM; read only after the
+  consumers have met, when both are written); ``k_all``: K ``[2 * 64, D]``. With
+  ``bq >= 128`` each consumer takes half the rows, else half the head dim (wgmma's M is
+  64 at least). One partial per CTA and query tile in all (FA3's layout), half the
+  bytes of one per consumer."""
   bq = ds_all.shape[1]
   d = k_all.shape[1]
   if bq >= 2 * WG_ROWS:
     half = bq // 2
-    a, rhs = ds_all.at[:, pl.ds(wg * half, half)].T, k_all
-    rows, cols = pl.ds(i * bq + wg * half, half), pl.ds(0, d)
-  else:
-    half = d // 2
-    a, rhs = ds_all.T, k_all.at[:, pl.ds(wg * half, half)]
-    rows, cols = pl.ds(i * bq, bq), pl.ds(wg * half, half)
-  (dq,) = _matmuls(dq_s.shape, (a, rhs))
+    mm = ((half, d), ds_all.at[:, pl.ds(wg * half, half)].T, k_all)
+    return mm, (pl.ds(i * bq + wg * half, half), pl.ds(0, d))
+  half = d // 2
+  mm = ((bq, half), ds_all.T, k_all.at[:, pl.ds(wg * half, half)])
+  return mm, (pl.ds(i * bq, bq), pl.ds(wg * half, half))
+
+
+def _add_dq_half(dq, dq_s, dq_acc, where, *, b, h, kt, interpret: bool):
+  """Adds ``dq`` (a consumer's half, ``where`` = its ``(rows, cols)`` from ``_dq_half``)
+  into query head ``h`` of the f32 ``dq_acc`` with a TMA reduce-add staged in ``dq_s``.
+  TMA reduce-adds run at ~3.2 TB/s on an H100 (benchmarks/tma_reduce_probe.py), so the
+  bytes added bound the kernel. In the interpreter, which has no TMA reductions, the
+  CTA writes its own slab ``dq_acc[kt]``."""
+  rows, cols = where
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
   dq_s[...] = dq
   plgpu.commit_smem()
@@ -286,7 +301,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
   @pl.when(wg == wgs)
   def _producer():
-    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+    plgpu.set_max_registers(cfg.producer_regs, action="decrease")
 
     def load(c, slot):
       g = lax.div(c, per_head)
@@ -303,7 +318,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
   @pl.when(wg < wgs)
   def _consumer():
-    plgpu.set_max_registers(_consumer_regs(wgs), action="increase")
+    plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     k0 = cta_k0 + wg * bk
     my_k, my_v = k_smem.at[pl.ds(wg * bk, bk)], v_smem.at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
@@ -332,16 +347,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
                                transpose=True)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       dst = dst.astype(dtype)
+      stage = stage_smem.at[wg] if interpret else None
+      mmas = ((dst, q_s), (pt.astype(dtype), do_s))
       if cfg.split_dq:
+        # dK and dV run while we wait for the other consumer's dS^T; then our half of the
+        # CTA's dQ partial joins their wgmma group.
         share_ds(c, dst)
-      elif cfg.fused_dq:
+        return dq_half_step(c, i, g, (dk, dv), mmas, stage)
+      if cfg.fused_dq:
         ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
         plgpu.commit_smem()
-      stage = stage_smem.at[wg] if interpret else None
-      dk, dv = _mmas((dk, dv), ((dst, q_s), (pt.astype(dtype), do_s)), stage)
-      if cfg.split_dq:
-        add_dq_half(c, i, g)
-      elif cfg.fused_dq:
+      dk, dv = _mmas((dk, dv), mmas, stage)
+      if cfg.fused_dq:
         _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b,
                 h=kh * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
                 q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
@@ -355,17 +372,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       plgpu.commit_smem()
       plgpu.barrier_arrive(ds_ready)
 
-    def add_dq_half(c, i, g):
-      plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
-      _add_dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, dq_smem.at[wg], dq_acc, b=b,
-                   h=kh * groups + g, i=i, wg=wg, kt=kt * wgs, interpret=interpret)
+    def dq_half_step(c, i, g, accs, mmas, stage):
+      mm, where = _dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, i=i, wg=wg)
+      # The wait: the other consumer's dS^T is in too.
+      *accs, dq = _mmas(accs, mmas, stage, then=lambda: plgpu.barrier_wait(ds_ready),
+                        fresh=(mm,))
+      _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b, h=kh * groups + g, kt=kt * wgs,
+                   interpret=interpret)
+      return tuple(accs)
 
     def skipped(c, i, g):
       # Outside our range, inside the other consumer's: our dS^T is zero, our half of
       # the CTA's dQ partial is still ours to add. (A step in neither range, a gap in
       # the union that segment ids can leave, adds zeros: rare, and both stay in step.)
       share_ds(c, plgpu.layout_cast(jnp.zeros((bk, bq), dtype), plgpu.Layout.WGMMA))
-      add_dq_half(c, i, g)
+      dq_half_step(c, i, g, (), (), stage_smem.at[wg] if interpret else None)
 
     def head(g, carry):
       return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
@@ -407,7 +428,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
   @pl.when(wg == wgs)
   def _producer():
-    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+    plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
 
     def load(c, slot):
@@ -421,7 +442,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
   @pl.when(wg < wgs)
   def _consumer():
-    plgpu.set_max_registers(_consumer_regs(wgs), action="increase")
+    plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     q0 = cta_q0 + wg * bq
     my_q, my_do = q_smem.at[wg], do_smem.at[wg]
     rows = pl.ds(q0, bq)

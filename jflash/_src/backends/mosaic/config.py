@@ -64,8 +64,9 @@ class MosaicConfig:
   def __post_init__(self):
     if self.block_q != WG_ROWS:
       raise ValueError(f"block_q={self.block_q} must be {WG_ROWS} (one wgmma M per warpgroup)")
-    if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
-      raise ValueError(f"block_kv={self.block_kv} must be 64, 128, 192 or 256")
+    if self.block_kv % 16 or not 64 <= self.block_kv <= 256:
+      # 16: the K of a 16-bit wgmma step (P V); N of Q K^T needs 8.
+      raise ValueError(f"block_kv={self.block_kv} must be a multiple of 16 in [64, 256]")
     if self.stages < 2:
       raise ValueError(f"stages={self.stages} must be >= 2 (a ring of one tile cannot overlap)")
     for name in ("producer_regs", "consumer_regs"):
@@ -160,6 +161,8 @@ class MosaicBwdConfig:
   dq_stages: int = 2
   consumers: int = 2
   dq_mode: str = "separate"
+  # setmaxnreg of the TMA warpgroup; the consumers share what is left (at most 240).
+  producer_regs: int = 40
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -173,6 +176,16 @@ class MosaicBwdConfig:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
     if self.dq_mode not in DQ_MODES:
       raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
+    if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
+      raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
+                       "[24, 256] (setmaxnreg)")
+
+  @property
+  def consumer_regs(self) -> int:
+    """setmaxnreg of each consumer: what the producer leaves of the SM's 64K registers
+    (over 128-thread warpgroups), rounded down to 8, at most 240."""
+    left = REGISTERS_PER_THREAD_SLOT - self.producer_regs
+    return min(240, left // self.consumers // 8 * 8)
 
   @property
   def fused_dq(self) -> bool:
@@ -182,7 +195,7 @@ class MosaicBwdConfig:
   @property
   def split_dq(self) -> bool:
     """"atomic" with two consumers: FA3's layout, one dQ partial per CTA (its 128 keys)
-    and query tile, each consumer computing half of it (bwd._add_dq_half), rather than
+    and query tile, each consumer computing half of it (bwd._dq_half), rather than
     one partial per consumer: half the bytes added into HBM."""
     return self.dq_mode == "atomic" and self.consumers == 2
 
