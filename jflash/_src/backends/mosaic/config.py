@@ -64,9 +64,9 @@ class MosaicConfig:
   def __post_init__(self):
     if self.block_q != WG_ROWS:
       raise ValueError(f"block_q={self.block_q} must be {WG_ROWS} (one wgmma M per warpgroup)")
-    if self.block_kv % 16 or not 64 <= self.block_kv <= 256:
-      # 16: the K of a 16-bit wgmma step (P V); N of Q K^T needs 8.
-      raise ValueError(f"block_kv={self.block_kv} must be a multiple of 16 in [64, 256]")
+    if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+      # Mosaic's wgmma takes the K of P V (the keys) in whole 64-element swizzle tiles.
+      raise ValueError(f"block_kv={self.block_kv} must be 64, 128, 192 or 256")
     if self.stages < 2:
       raise ValueError(f"stages={self.stages} must be >= 2 (a ring of one tile cannot overlap)")
     for name in ("producer_regs", "consumer_regs"):
