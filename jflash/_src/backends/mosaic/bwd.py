@@ -74,35 +74,22 @@ def _matmuls(shape, *operands):
   return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
 
 
-def _mmas(accs, operands, stage, *, then=None, fresh=()):
+def _mmas(accs, operands, stage):
   """``[acc + lhs @ rhs]`` for ``(lhs, rhs)`` in ``operands``: ``lhs`` a 16-bit register
-  tile, ``rhs`` an SMEM ref; then ``then()`` (e.g. a barrier wait, run under those
-  matmuls); then ``lhs @ rhs`` for ``(shape, lhs, rhs)`` in ``fresh`` (SMEM operands)
-  into fresh f32 accumulators. One wgmma group, one wait. Returns the sums, then the
-  fresh products. ``stage`` (interpret mode only, else None): SMEM tiles, one per
-  operand, that carry ``lhs`` instead."""
+  tile, ``rhs`` an SMEM ref. One wgmma group, one wait. ``stage`` (interpret mode only,
+  else None): SMEM tiles, one per operand, that carry ``lhs`` instead."""
   if stage is not None:
     for i, (lhs, _) in enumerate(operands):
       stage.at[i][...] = lhs
     plgpu.commit_smem()
-    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)]
-                     ) if operands else ()
-    if then is not None:
-      then()
-    extra = tuple(_matmuls(shape, (a, b))[0] for shape, a, b in fresh)
-    return tuple(acc + x for acc, x in zip(accs, prods)) + extra
+    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)])
+    return tuple(acc + x for acc, x in zip(accs, prods))
 
   def f(refs):
     for ref, (lhs, rhs) in zip(refs, operands):
       plgpu.wgmma(ref, lhs, rhs)
-    if then is not None:
-      then()
-    for ref, (_, lhs, rhs) in zip(refs[len(operands):], fresh):
-      plgpu.wgmma(ref, lhs, rhs)
 
-  zeros = [plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-           for shape, _, _ in fresh]
-  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in (*accs, *zeros)))
+  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
 
 
 def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
@@ -238,7 +225,7 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, 
 
 def _dq_half(ds_all, k_all, *, i, wg):
   """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys for query
-  tile ``i``, as ``(shape, lhs, rhs)`` for ``_mmas(fresh=...)``, and where it goes:
+  tile ``i``, as ``(shape, lhs, rhs)`` for ``_matmuls``, and where it goes:
   ``(rows, cols)`` of the query head.
 
   ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM; read only after the
@@ -351,7 +338,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       mmas = ((dst, q_s), (pt.astype(dtype), do_s))
       if cfg.split_dq:
         # dK and dV run while we wait for the other consumer's dS^T; then our half of the
-        # CTA's dQ partial joins their wgmma group.
+        # CTA's dQ partial.
         share_ds(c, dst)
         return dq_half_step(c, i, g, (dk, dv), mmas, stage)
       if cfg.fused_dq:
@@ -374,9 +361,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
     def dq_half_step(c, i, g, accs, mmas, stage):
       mm, where = _dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, i=i, wg=wg)
-      # The wait: the other consumer's dS^T is in too.
-      *accs, dq = _mmas(accs, mmas, stage, then=lambda: plgpu.barrier_wait(ds_ready),
-                        fresh=(mm,))
+      # dK and dV complete first: issuing the dQ half in their wgmma group (one wait a
+      # step, not two) kept P^T and dS^T live beside three accumulators and measured no
+      # faster (H100, benchmarks/MOSAIC_NOTES.md, session 6).
+      accs = _mmas(accs, mmas, stage) if mmas else ()
+      plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
+      (dq,) = _matmuls(mm[0], mm[1:])
       _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b, h=kh * groups + g, kt=kt * wgs,
                    interpret=interpret)
       return tuple(accs)

@@ -144,16 +144,20 @@ class MosaicBwdConfig:
   kernel's K/V ring.
 
   ``dq_mode``: how dQ is made.
-  * ``"separate"`` (default): a dQ kernel of its own, a query tile per CTA, which
-    recomputes S and dP (7 matmuls per pair of tiles). Bitwise deterministic.
+  * ``"separate"``: a dQ kernel of its own, a query tile per CTA, which recomputes S and
+    dP (7 matmuls per pair of tiles). Bitwise deterministic.
   * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
     and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
     dQ kernel); with two consumers one add per CTA (``split_dq``). NOT bitwise
-    deterministic: the order of the adds into a row varies from run to run. Opt-in
-    only, against jflash's deterministic default.
+    deterministic: the order of the adds into a row varies from run to run, so
+    ``for_problem`` picks it only where reproducibility is not asked for
+    (jflash._src.determinism).
   * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
     turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
-    the same every run. Deterministic, at the cost of waiting for the turn."""
+    the same every run. Deterministic, at the cost of waiting for the turn (slower than
+    ``"separate"`` on the H100).
+  ``producer_regs``: setmaxnreg of the TMA warpgroup; the consumers share what is left
+  (``consumer_regs``)."""
 
   dkv_block_q: int = 64
   dkv_stages: int = 2
@@ -161,7 +165,6 @@ class MosaicBwdConfig:
   dq_stages: int = 2
   consumers: int = 2
   dq_mode: str = "separate"
-  # setmaxnreg of the TMA warpgroup; the consumers share what is left (at most 240).
   producer_regs: int = 40
 
   def __post_init__(self):
@@ -207,15 +210,25 @@ class MosaicBwdConfig:
     return self.dkv_block_q, head_dim // 2
 
   @classmethod
-  def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
-                  itemsize: int = 2) -> "MosaicBwdConfig":
-    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM."""
-    # Not yet measured: the f32 accumulators (dK + dV, or dQ) grow with the head dim, so
-    # the score tiles shrink with it to stay within 232 registers a thread.
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
+                  deterministic: bool = True, segments: bool = False) -> "MosaicBwdConfig":
+    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM.
+    ``deterministic``: bitwise reproducible asked for; ``segments``: the call has
+    segment ids (packed documents)."""
+    # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
+    # shrink with it to stay within the consumers' registers.
     dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
     rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
     cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
+    # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
+    # (7 matmuls), H100 fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md, sessions 5-6):
+    # d=64 everywhere (1.04-1.12 against 0.94-1.09); d=128 from 8k keys (16k: 0.95-1.01
+    # against 0.90-0.92, with producer_regs=24: ptxas spills less in the consumers; 4k
+    # even; 1k: 1.05 against 1.23). Packed documents keep "separate" (8 docs in 16k,
+    # causal: 363 against 324 useful TFLOP/s at d=128, 291 against 284 at d=64).
+    if not (deterministic or segments) and (head_dim == 64 or kv_len >= 8192):
+      cfg = dataclasses.replace(cfg, dq_mode="atomic", producer_regs=24)
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
