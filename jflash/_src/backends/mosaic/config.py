@@ -148,10 +148,14 @@ class MosaicBwdConfig:
     dP (7 matmuls per pair of tiles). Bitwise deterministic.
   * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
     and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
-    dQ kernel); with two consumers one add per CTA (``split_dq``). NOT bitwise
-    deterministic: the order of the adds into a row varies from run to run, so
-    ``for_problem`` picks it only where reproducibility is not asked for
-    (jflash._src.determinism).
+    dQ kernel); with two consumers one add per CTA (``split_dq``). Opt-in only, for two
+    reasons: it is NOT bitwise deterministic (the order of the adds into a row varies
+    from run to run), and its f32 dQ buffer raises the fwd+bwd peak memory from 1.15x
+    to 1.43x inputs + outputs + gradients (H200, s=32k, d=128; the product bound is
+    1.2x). Launching the kernel per block of heads, each with an f32 buffer of its
+    block only (as built in session 7), lost up to 18% of its speed at s=1k-4k and did
+    not lower the peak
+    (benchmarks/MOSAIC_NOTES.md, "Session 7").
   * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
     turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
     the same every run. Deterministic, at the cost of waiting for the turn (slower than
@@ -210,25 +214,15 @@ class MosaicBwdConfig:
     return self.dkv_block_q, head_dim // 2
 
   @classmethod
-  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
-                  deterministic: bool = True, segments: bool = False) -> "MosaicBwdConfig":
-    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM.
-    ``deterministic``: bitwise reproducible asked for; ``segments``: the call has
-    segment ids (packed documents)."""
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
+                  itemsize: int = 2) -> "MosaicBwdConfig":
+    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM."""
     # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
     # shrink with it to stay within the consumers' registers.
     dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
     rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
     cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
-    # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
-    # (7 matmuls), H100 fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md, sessions 5-6):
-    # d=64 everywhere (1.04-1.12 against 0.94-1.09); d=128 from 8k keys (16k: 0.95-1.01
-    # against 0.90-0.92, with producer_regs=24: ptxas spills less in the consumers; 4k
-    # even; 1k: 1.05 against 1.23). Packed documents keep "separate" (8 docs in 16k,
-    # causal: 363 against 324 useful TFLOP/s at d=128, 291 against 284 at d=64).
-    if not (deterministic or segments) and (head_dim == 64 or kv_len >= 8192):
-      cfg = dataclasses.replace(cfg, dq_mode="atomic", producer_regs=24)
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
