@@ -103,9 +103,8 @@ def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
   cfg = MosaicBwdConfig.for_problem(s, s, d)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
-  # Each value parsed as the field's type: ints, bools (0/1), strings (dq_mode=atomic).
-  as_type = lambda old, v: bool(int(v)) if isinstance(old, bool) else type(old)(v)
-  return dataclasses.replace(cfg, **{k: as_type(getattr(cfg, k), v) for k, v in fields.items()})
+  # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
+  return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in fields.items()})
 
 
 def fwd_config(base: MosaicConfig, spec: str) -> MosaicConfig:
