@@ -263,14 +263,13 @@ def _mosaic_backward(case: Case, bwd_cfg: MosaicBwdConfig | None = None):
 
 @pytest.fixture
 def mosaic_bwd_calls(monkeypatch):
-  """The dq_mode of each trace of the Mosaic backward kernels: proves that a test ran
-  them, and which config it ran."""
+  """Counts the traces of the Mosaic backward kernels, to prove that a test ran them."""
   calls = []
   real = mosaic_bwd.backward
 
-  def counted(p, cfg, *args, **kwargs):
-    calls.append(cfg.dq_mode)
-    return real(p, cfg, *args, **kwargs)
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
 
   monkeypatch.setattr(mosaic_bwd, "backward", counted)
   return calls

@@ -154,8 +154,7 @@ class MosaicBwdConfig:
     to 1.43x inputs + outputs + gradients (H200, s=32k, d=128; the product bound is
     1.2x). Launching the kernel per block of heads, each with an f32 buffer of its
     block only (as built in session 7), lost up to 18% of its speed at s=1k-4k and did
-    not lower the peak
-    (benchmarks/MOSAIC_NOTES.md, "Session 7").
+    not lower the peak (benchmarks/MOSAIC_NOTES.md, "Session 7").
   * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
     turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
     the same every run. Deterministic, at the cost of waiting for the turn (slower than
