@@ -425,12 +425,32 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments
     (64, True, 2, dict(consumers=1, dkv_block_q=64))])
 def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields, monkeypatch):
   # "ordered": one semaphore array for the whole kernel (each get_global is a new one; a
-  # step traced per loop with its own would wait for turns nobody passes).
+  # step traced per loop with its own would wait for turns nobody passes). The launches
+  # over blocks of heads and batches (dq_chunks) share one trace of the kernel.
   calls = []
   real = mosaic_bwd.pl.get_global
   monkeypatch.setattr(mosaic_bwd.pl, "get_global", lambda *a: calls.append(a) or real(*a))
   _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
   assert len(calls) == (dq_mode == "ordered"), calls
+
+
+@pytest.mark.parametrize("batch, k_heads, want, blocks", [
+    (1, 16, 8, [(0, 1, h, 2) for h in range(0, 16, 2)]),
+    (1, 2, 8, [(0, 1, 0, 1), (0, 1, 1, 1)]),  # fewer key heads than wanted: no more
+    (4, 2, 8, [(b, 1, h, 1) for b in range(4) for h in range(2)]),
+    (16, 32, 8, [(0, 16, h, 4) for h in range(0, 32, 4)]),
+    (3, 6, 8, [(0, 3, h, 1) for h in range(6)]),  # 6 parts: none left for the batch
+    (1, 16, 1, [(0, 1, 0, 16)]),
+    (2, 12, 8, [(0, 2, h, 2) for h in range(0, 12, 2)]),
+    (6, 1, 4, [(b, 2, 0, 1) for b in range(0, 6, 2)]),  # 6 batches into 3, not 4
+])
+def test_dq_chunks_cover_every_block_once(batch, k_heads, want, blocks):
+  got = mosaic_bwd.dq_chunks(batch, k_heads, want)
+  assert got == blocks
+  cover = np.zeros((batch, k_heads), int)
+  for b0, nb, h0, nh in got:
+    cover[b0:b0 + nb, h0:h0 + nh] += 1
+  np.testing.assert_array_equal(cover, 1)
 
 
 @pytest.mark.parametrize("d, causal, kh", [(64, True, 2), (128, False, 4)])

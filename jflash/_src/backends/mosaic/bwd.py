@@ -165,7 +165,7 @@ def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
 def _with_segments(kernel, has_segments: bool):
   """plgpu.kernel's body for ``kernel``: 8 inputs, then (with segment ids) the q ids, kv
   ids and cta_segment_ranges, passed on as ``segs`` (None without them); the refs after
-  them (a fused dQ's accumulator, the outputs, the scratch) follow the 8 inputs."""
+  them (a fused dQ's offsets and accumulator, the outputs, the scratch) follow the 8 inputs."""
   n_in = 11 if has_segments else 8
 
   def body(*refs, **kw):
@@ -262,12 +262,14 @@ def _add_dq_half(dq, dq_s, dq_acc, where, *, b, h, kt, interpret: bool):
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
                 segs, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
-  """``refs``: [dq_acc (fused dQ only)], dk, dv, then the scratch of ``backward``;
-  ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query ids) are None
-  without segment ids."""
-  dq_acc = refs[0] if cfg.fused_dq else None
+  """``refs``: [offsets, dq_acc (fused dQ only)], dk, dv, then the scratch of
+  ``backward``; ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query
+  ids) are None without segment ids. With a fused dQ the grid covers batches
+  ``offsets[0] ...`` and key heads ``offsets[1] ...`` (see _fused_backward), and
+  ``dq_acc`` holds only those (their query heads), from its own index 0."""
+  offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
-   dq_smem, kv_full, full, consumed, ds_ready, kseg_smem, qseg_smem) = refs[cfg.fused_dq:]
+   dq_smem, kv_full, full, consumed, ds_ready, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
@@ -276,7 +278,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * (tp // cfg.dkv_block_q),)))
   bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
   d, dtype = q_smem.shape[-1], q_smem.dtype
-  kh, b, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
+  kh_c, b_c, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
+  kh, b = (kh_c + offsets[1], b_c + offsets[0]) if cfg.fused_dq else (kh_c, b_c)
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   kt = lax.axis_index("k")
   cta_k0 = kt * (wgs * bk)
@@ -346,8 +349,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         plgpu.commit_smem()
       dk, dv = _mmas((dk, dv), mmas, stage)
       if cfg.fused_dq:
-        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b,
-                h=kh * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
+                h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
                 q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
       return dk, dv
 
@@ -367,7 +370,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       accs = _mmas(accs, mmas, stage) if mmas else ()
       plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
       (dq,) = _matmuls(mm[0], mm[1:])
-      _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b, h=kh * groups + g, kt=kt * wgs,
+      _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g, kt=kt * wgs,
                    interpret=interpret)
       return tuple(accs)
 
@@ -501,16 +504,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   # Per consumer's 64 keys, over query tiles of bq rows.
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, wgs, by_rows=False)
            ) if seg else ()
-  dq_acc = ()
-  if fused:
-    # f32 dQ, zeroed, that the kernel adds into in place; in the interpreter one slab
-    # per 64-key tile instead (see _add_dq).
-    slabs = (sp // WG_ROWS,) if interpret else ()
-    dq_acc = (jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32)),)
-  dk, dv = plgpu.kernel(
-      functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
-                        groups=groups, interpret=interpret),
-      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+  dkv = functools.partial(
+      plgpu.kernel,
       scratch_types=[
           smem_tile((wgs * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
           smem_tile((wgs, WG_ROWS, d), v.dtype),
@@ -535,15 +530,18 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
       # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
-      grid=(b, kh, sp // (wgs * WG_ROWS)),
       grid_names=("b", "k_head", "k"),
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
-  )(*args, *extra, *dq_acc)
+  )
+  body = functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
+                           groups=groups, interpret=interpret)
+  nk = sp // (wgs * WG_ROWS)
   if fused:
-    dq = jax.freeze(dq_acc[0])
-    dq = dq.sum(0) if interpret else dq  # the slabs, in key order: deterministic
-    return (dq * p.scale).astype(q.dtype), dk, dv
+    return _fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
+  dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                               jax.ShapeDtypeStruct(v.shape, v.dtype)],
+               grid=(b, kh, nk))(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
   nq = tp // (wgs * WG_ROWS)
@@ -573,4 +571,52 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       kernel_name="jflash_mosaic_bwd_dq",
       **params,
   )(*args, *extra)
+  return dq, dk, dv
+
+
+def dq_chunks(batch: int, k_heads: int, want: int) -> list[tuple[int, int, int, int]]:
+  """The fused dQ's launches: ``(b0, nb, h0, nh)`` blocks of batches and key heads, at
+  most ``want`` of them (the key heads cut into the most equal parts that do not exceed
+  it, then the batches into as many as are left), so that the f32 dQ of one block is
+  all that is live at once."""
+  fit = lambda n, most: max(c for c in range(1, min(n, max(most, 1)) + 1) if n % c == 0)
+  ch = fit(k_heads, want)
+  cb = fit(batch, want // ch)
+  nb, nh = batch // cb, k_heads // ch
+  return [(i * nb, nb, j * nh, nh) for i in range(cb) for j in range(ch)]
+
+
+def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, k, v, nk):
+  """``cfg.fused_dq``: the dK/dV kernel adds dQ into an f32 buffer, launched once per
+  block of ``dq_chunks``: each launch zeroes an f32 dQ of its block only, and its dQ is
+  scaled and cast into the bf16/f16 result before the next block's buffer is made, so
+  the f32 adds cost ``2 / cfg.dq_chunks`` of dQ's bytes of memory at peak instead of
+  twice dQ (H200, fwd+bwd at d=128: 1.43x inputs + outputs + gradients in one launch).
+  dK and dV are written in place, block by block, into whole-size buffers. The blocks
+  are equal, their offsets data: one jitted launch, lowered (and its kernel compiled)
+  once for all of them."""
+  b, tp, n, d = q.shape
+  kh = k.shape[2]
+  groups = n // kh
+  blocks = dq_chunks(b, kh, cfg.dq_chunks)
+  _, nb, _, nh = blocks[0]
+  # In the interpreter one slab per 64-key tile (see _add_dq), summed in key order.
+  slabs = (nk * cfg.consumers,) if p.interpret else ()
+
+  @jax.jit
+  def launch(offsets, dk, dv, *inputs):
+    acc = jax.new_ref(jnp.zeros((*slabs, nb, tp, nh * groups, d), jnp.float32))
+    dk, dv = jax.new_ref(dk), jax.new_ref(dv)
+    dkv(body, out_type=(), grid=(nb, nh, nk))(*inputs, offsets, acc, dk, dv)
+    part = jax.freeze(acc)
+    part = part.sum(0) if p.interpret else part
+    return (part * p.scale).astype(q.dtype), jax.freeze(dk), jax.freeze(dv)
+
+  dq = jnp.zeros(q.shape, q.dtype)
+  dk, dv = jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
+  for b0, _, h0, _ in blocks:
+    # Staged, not a constant array (custom_partitioning refuses closed-over constants).
+    offsets = lax.concatenate([lax.full((1,), b0, jnp.int32), lax.full((1,), h0, jnp.int32)], 0)
+    part, dk, dv = launch(offsets, dk, dv, *args, *extra)
+    dq = lax.dynamic_update_slice(dq, part, (b0, 0, h0 * groups, 0))
   return dq, dk, dv

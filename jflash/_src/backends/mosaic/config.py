@@ -160,7 +160,10 @@ class MosaicBwdConfig:
     the same every run. Deterministic, at the cost of waiting for the turn (slower than
     ``"separate"`` on the H100).
   ``producer_regs``: setmaxnreg of the TMA warpgroup; the consumers share what is left
-  (``consumer_regs``)."""
+  (``consumer_regs``).
+  ``dq_chunks``: fused dQ only: the dK/dV kernel runs as about this many launches over
+  blocks of batches and key heads (bwd.dq_chunks), each adding into an f32 dQ of its
+  block alone, so that the f32 buffer costs ``2 / dq_chunks`` of dQ's bytes at peak."""
 
   dkv_block_q: int = 64
   dkv_stages: int = 2
@@ -169,6 +172,7 @@ class MosaicBwdConfig:
   consumers: int = 2
   dq_mode: str = "separate"
   producer_regs: int = 40
+  dq_chunks: int = 8
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -182,6 +186,8 @@ class MosaicBwdConfig:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
     if self.dq_mode not in DQ_MODES:
       raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
+    if not isinstance(self.dq_chunks, int) or self.dq_chunks < 1:
+      raise ValueError(f"dq_chunks={self.dq_chunks!r} must be an int >= 1")
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
