@@ -588,35 +588,39 @@ def dq_chunks(batch: int, k_heads: int, want: int) -> list[tuple[int, int, int, 
 
 def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, k, v, nk):
   """``cfg.fused_dq``: the dK/dV kernel adds dQ into an f32 buffer, launched once per
-  block of ``dq_chunks``: each launch zeroes an f32 dQ of its block only, and its dQ is
-  scaled and cast into the bf16/f16 result before the next block's buffer is made, so
-  the f32 adds cost ``2 / cfg.dq_chunks`` of dQ's bytes of memory at peak instead of
-  twice dQ (H200, fwd+bwd at d=128: 1.43x inputs + outputs + gradients in one launch).
-  dK and dV are written in place, block by block, into whole-size buffers. The blocks
-  are equal, their offsets data: one jitted launch, lowered (and its kernel compiled)
-  once for all of them."""
+  block of ``dq_chunks`` in a loop: each launch zeroes an f32 dQ of its block only, and
+  its dQ is scaled and cast into the bf16/f16 result before the next block's buffer is
+  made, so the f32 adds cost ``2 / cfg.dq_chunks`` of dQ's bytes of memory at peak
+  instead of twice dQ (H200, fwd+bwd at d=128, one launch: 1.43x inputs + outputs +
+  gradients). dQ, dK and dV are loop carries, updated in place: the kernel writes its
+  block of dK and dV straight into them (aliased refs), dQ takes a dynamic_update_slice.
+  The loop body, so the kernel, is lowered once; the offsets are data.
+
+  Session 7 first built this as an unrolled sequence of jitted launches with dK and dV
+  refs passed through each: the peak did not fall (likely copies of dK and dV at every
+  launch, which would also explain its 18% loss at s=1k). Not yet run on a GPU."""
   b, tp, n, d = q.shape
   kh = k.shape[2]
   groups = n // kh
   blocks = dq_chunks(b, kh, cfg.dq_chunks)
   _, nb, _, nh = blocks[0]
+  per_b = kh // nh  # blocks along the key heads, for each block of batches
   # In the interpreter one slab per 64-key tile (see _add_dq), summed in key order.
   slabs = (nk * cfg.consumers,) if p.interpret else ()
 
-  @jax.jit
-  def launch(offsets, dk, dv, *inputs):
+  def launch(i, carry):
+    dq, dk, dv = carry
+    b0, h0 = lax.div(i, per_b) * nb, lax.rem(i, per_b) * nh
+    offsets = jnp.stack([b0, h0]).astype(jnp.int32)
     acc = jax.new_ref(jnp.zeros((*slabs, nb, tp, nh * groups, d), jnp.float32))
     dk, dv = jax.new_ref(dk), jax.new_ref(dv)
-    dkv(body, out_type=(), grid=(nb, nh, nk))(*inputs, offsets, acc, dk, dv)
+    dkv(body, out_type=(), grid=(nb, nh, nk))(*args, *extra, offsets, acc, dk, dv)
     part = jax.freeze(acc)
     part = part.sum(0) if p.interpret else part
-    return (part * p.scale).astype(q.dtype), jax.freeze(dk), jax.freeze(dv)
+    zero = jnp.zeros((), b0.dtype)
+    dq = lax.dynamic_update_slice(dq, (part * p.scale).astype(q.dtype),
+                                  (b0, zero, h0 * groups, zero))
+    return dq, jax.freeze(dk), jax.freeze(dv)
 
-  dq = jnp.zeros(q.shape, q.dtype)
-  dk, dv = jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
-  for b0, _, h0, _ in blocks:
-    # Staged, not a constant array (custom_partitioning refuses closed-over constants).
-    offsets = lax.concatenate([lax.full((1,), b0, jnp.int32), lax.full((1,), h0, jnp.int32)], 0)
-    part, dk, dv = launch(offsets, dk, dv, *args, *extra)
-    dq = lax.dynamic_update_slice(dq, part, (b0, 0, h0 * groups, 0))
-  return dq, dk, dv
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  return lax.fori_loop(0, len(blocks), launch, init)
