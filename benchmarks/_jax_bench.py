@@ -6,6 +6,8 @@ the GPU memory when it initialises) never competes with PyTorch.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -131,13 +133,31 @@ def time_fn(fn, input_sets, *, target_s, loops, min_reps, max_reps):
 # Peak memory of one fwd+bwd, run in a fresh process per measurement.
 
 
+# Memory only (a fresh process each, so no trace cache is shared): an impl of IMPLS
+# with its backend's backward config changed while it compiles.
+MEMORY_VARIANTS = {"jflash-mosaic-atomic": ("jflash-mosaic", dict(dq_mode="atomic"))}
+
+
+def _variant(impl, s, d):
+  """The context that a MEMORY_VARIANTS impl compiles under, and its base impl."""
+  if impl not in MEMORY_VARIANTS:
+    return contextlib.nullcontext(), impl
+  from jflash._src.backends.mosaic import backend as mosaic_backend
+  from jflash._src.backends.mosaic.config import MosaicBwdConfig
+  base, fields = MEMORY_VARIANTS[impl]
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), **fields)
+  return mosaic_backend.override_bwd_config(cfg), base
+
+
 def memory_worker(impl, s, *, b=1, n=16, d=128, dtype=jnp.bfloat16):
-  fn = make_fn(impl, FWDBWD, causal=False)
+  ctx, base = _variant(impl, s, d)
+  fn = make_fn(base, FWDBWD, causal=False)
   shape = (b, s, n, d)
   spec = jax.ShapeDtypeStruct(shape, dtype)
   # Compile before any input exists: compile-time scratch (autotuning) then
   # cannot push the peak above what the step itself needs.
-  compiled = fn.lower(spec, spec, spec, spec).compile()
+  with ctx:
+    compiled = fn.lower(spec, spec, spec, spec).compile()
   est = None
   try:
     ma = compiled.memory_analysis()

@@ -30,6 +30,8 @@ import _torch_bench  # noqa: E402
 
 DEFAULT_IMPLS = ["jflash-mosaic", "jflash-triton", "cudnn", "xla", "torch-flash"]
 ALL_IMPLS = DEFAULT_IMPLS + ["jflash-xla"]
+# --mem-impls only: _jax_bench.MEMORY_VARIANTS (the Mosaic backward's "atomic" dQ).
+MEMORY_ONLY_IMPLS = ["jflash-mosaic-atomic"]
 RESULT_MARK = "@@RESULT "
 # The "xla" impl materialises [b, N, s, s] logits (and softmax temporaries of that
 # size); above 2^31 elements (8 GiB in f32, i.e. s=16384 here) it risks an OOM.
@@ -49,7 +51,8 @@ def parse_args(argv=None):
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
                  help="also measure peak memory of one fwd+bwd (fresh process each)")
   p.add_argument("--mem-s", type=int, nargs="+", default=[8192, 32768])
-  p.add_argument("--mem-impls", nargs="+", default=["jflash-triton", "cudnn"], choices=ALL_IMPLS)
+  p.add_argument("--mem-impls", nargs="+", default=["jflash-triton", "cudnn"],
+                 choices=ALL_IMPLS + MEMORY_ONLY_IMPLS)
   p.add_argument("--features", action="store_true",
                  help="also time the feature cases (sliding window, packed documents, soft-cap, "
                       "dense mask) at s=tokens, b=1, d=128")
