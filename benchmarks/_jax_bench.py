@@ -134,23 +134,34 @@ def time_fn(fn, input_sets, *, target_s, loops, min_reps, max_reps):
 
 
 # Memory only (a fresh process each, so no trace cache is shared): an impl of IMPLS
-# with its backend's backward config changed while it compiles.
-MEMORY_VARIANTS = {"jflash-mosaic-atomic": ("jflash-mosaic", dict(dq_mode="atomic"))}
+# with its backend's backward config changed while it compiles (None: its default),
+# and shape arguments of memory_worker (the d=64 grid's 32 heads of 64).
+MEMORY_VARIANTS = {
+    "jflash-mosaic-atomic": ("jflash-mosaic", dict(dq_mode="atomic"), {}),
+    "jflash-mosaic-d64": ("jflash-mosaic", None, dict(n=32, d=64)),
+    "cudnn-d64": ("cudnn", None, dict(n=32, d=64)),
+}
 
 
-def _variant(impl, s, d):
-  """The context that a MEMORY_VARIANTS impl compiles under, and its base impl."""
+def _variant(impl, s, shape):
+  """The context that a MEMORY_VARIANTS impl compiles under, its base impl and its
+  memory_worker shape arguments (over ``shape``)."""
   if impl not in MEMORY_VARIANTS:
-    return contextlib.nullcontext(), impl
+    return contextlib.nullcontext(), impl, shape
+  base, fields, kw = MEMORY_VARIANTS[impl]
+  shape = {**shape, **kw}
+  if fields is None:
+    return contextlib.nullcontext(), base, shape
   from jflash._src.backends.mosaic import backend as mosaic_backend
   from jflash._src.backends.mosaic.config import MosaicBwdConfig
-  base, fields = MEMORY_VARIANTS[impl]
-  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), **fields)
-  return mosaic_backend.override_bwd_config(cfg), base
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, shape["d"]), **fields)
+  return mosaic_backend.override_bwd_config(cfg), base, shape
 
 
-def memory_worker(impl, s, *, b=1, n=16, d=128, dtype=jnp.bfloat16):
-  ctx, base = _variant(impl, s, d)
+def memory_worker(impl, s, *, dtype=jnp.bfloat16, **shape):
+  """``shape``: b, n, d (default 1, 16, 128)."""
+  ctx, base, shape = _variant(impl, s, {"b": 1, "n": 16, "d": 128, **shape})
+  b, n, d = shape["b"], shape["n"], shape["d"]
   fn = make_fn(base, FWDBWD, causal=False)
   shape = (b, s, n, d)
   spec = jax.ShapeDtypeStruct(shape, dtype)

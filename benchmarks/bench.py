@@ -30,8 +30,9 @@ import _torch_bench  # noqa: E402
 
 DEFAULT_IMPLS = ["jflash-mosaic", "jflash-triton", "cudnn", "xla", "torch-flash"]
 ALL_IMPLS = DEFAULT_IMPLS + ["jflash-xla"]
-# --mem-impls only: _jax_bench.MEMORY_VARIANTS (the Mosaic backward's "atomic" dQ).
-MEMORY_ONLY_IMPLS = ["jflash-mosaic-atomic"]
+# --mem-impls only: _jax_bench.MEMORY_VARIANTS (the Mosaic backward's "atomic" dQ at
+# d=128; the default Mosaic and cuDNN at d=64, 32 heads).
+MEMORY_ONLY_IMPLS = ["jflash-mosaic-atomic", "jflash-mosaic-d64", "cudnn-d64"]
 RESULT_MARK = "@@RESULT "
 # The "xla" impl materialises [b, N, s, s] logits (and softmax temporaries of that
 # size); above 2^31 elements (8 GiB in f32, i.e. s=16384 here) it risks an OOM.

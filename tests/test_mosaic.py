@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -263,13 +264,14 @@ def _mosaic_backward(case: Case, bwd_cfg: MosaicBwdConfig | None = None):
 
 @pytest.fixture
 def mosaic_bwd_calls(monkeypatch):
-  """Counts the traces of the Mosaic backward kernels, to prove that a test ran them."""
+  """The dq_mode of each trace of the Mosaic backward kernels: proves that a test ran
+  them, and which config it ran."""
   calls = []
   real = mosaic_bwd.backward
 
-  def counted(*args, **kwargs):
-    calls.append(1)
-    return real(*args, **kwargs)
+  def counted(p, cfg, *args, **kwargs):
+    calls.append(cfg.dq_mode)
+    return real(p, cfg, *args, **kwargs)
 
   monkeypatch.setattr(mosaic_bwd, "backward", counted)
   return calls
@@ -329,14 +331,16 @@ def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosai
 # (bwd._add_dq, bwd._add_dq_half) and "atomic" with one consumer and "ordered" run the
 # same code; the dS K matmul, the rows and heads it lands on and
 # the masking are what these check (one mode each, to save CPU time).
+# dq_chunk_flops=0: as many launches as the blocks of batches and key heads allow (the
+# shapes here are far below the default's work per launch, which gives one).
 FUSED_DQ_INTERPRET_CASES = {
     "bf16_causal_cross_tail_gqa": (
         Case(b=1, t=150, s=200, n=4, k=2, h=64, dtype=jnp.bfloat16, is_causal=True),
-        dict(dq_mode="atomic")),
+        dict(dq_mode="atomic", dq_chunk_flops=0)),
     "f16_lengths_empty_window_d80_one_wg_bq128": (
         Case(b=2, t=130, s=140, n=1, k=1, h=80, dtype=jnp.float16, q_lengths=[130, 0],
              kv_lengths=[100, 140], window=(40, 10)),
-        dict(dq_mode="ordered", consumers=1, dkv_block_q=128)),
+        dict(dq_mode="ordered", consumers=1, dkv_block_q=128, dq_chunk_flops=0)),
     # "atomic" with two consumers shares one partial per CTA (MosaicBwdConfig.split_dq):
     # the case above splits its 128 rows between them, this one (64-row query tiles)
     # its head dim; a window leaves each consumer steps outside its own range.
@@ -346,7 +350,8 @@ FUSED_DQ_INTERPRET_CASES = {
         dict(dq_mode="atomic")),
     # Segment ids: the dQ partials of the query tiles each consumer's ranges visit.
     "segment_packed_causal_gqa_atomic": (
-        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
+        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"],
+        dict(dq_mode="atomic", dq_chunk_flops=0)),
     "segment_pair_lengths_empty_atomic_one_wg": (
         SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
         dict(dq_mode="atomic", consumers=1, dkv_block_q=128)),
@@ -480,12 +485,61 @@ def test_mosaic_bwd_config_refuses_unknown_dq_mode():
     MosaicBwdConfig(dq_mode="fused")
 
 
-def test_mosaic_bwd_default_keeps_the_separate_dq_kernel():
-  """Bitwise reproducible, and no f32 dQ buffer: "atomic" breaks both (README,
-  Determinism and memory), so the heuristic never picks it."""
-  for d in mosaic_bwd.HEAD_DIMS:
-    for s in (64, 1000, 4096, 16384, 32768):
-      assert MosaicBwdConfig.for_problem(s, s, d).dq_mode == "separate", (d, s)
+@pytest.mark.parametrize("d, s, deterministic, segments, mode", [
+    (64, 64, False, False, "atomic"),
+    (64, 1024, False, False, "atomic"),
+    (64, 16384, False, False, "atomic"),
+    (128, 1024, False, False, "separate"),  # measured slower, or no faster, at d=128
+    (128, 16384, False, False, "separate"),
+    (64, 16384, True, False, "separate"),  # reproducible results asked for
+    (128, 16384, True, False, "separate"),
+    (64, 16384, False, True, "separate"),  # packed documents
+])
+def test_mosaic_bwd_config_picks_dq_mode(d, s, deterministic, segments, mode):
+  cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=deterministic, segments=segments)
+  assert cfg.dq_mode == mode
+  assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
+  # Without a word on determinism, a direct caller gets the reproducible config.
+  assert MosaicBwdConfig.for_problem(s, s, d).dq_mode == "separate"
+
+
+@pytest.mark.parametrize("flags, mode", [
+    ("", "atomic"),
+    ("--xla_gpu_deterministic_ops=true", "separate"),
+    ("--xla_gpu_exclude_nondeterministic_ops", "separate"),
+])
+def test_mosaic_default_backward_follows_xla_determinism(flags, mode, monkeypatch,
+                                                         mosaic_bwd_calls):
+  """d=64: the default backward adds dQ with atomics unless XLA_FLAGS asks for
+  reproducible results; either way the gradients match the reference."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + flags)
+  case = BWD_INTERPRET_CASES["bf16_causal_cross_tail_gqa"][0]
+  assert case.h == 64
+  _check_backward_interpret(case, None, mosaic_bwd_calls)
+  assert set(mosaic_bwd_calls) == {mode}
+
+
+@pytest.mark.parametrize("b, n, s, d, causal, launches", [
+    # The benchmark grid at d=64 (b*s = 16k, 32 heads): 1k and 4k causal in one launch.
+    (16, 32, 1024, 64, False, 1),
+    (16, 32, 1024, 64, True, 1),
+    (4, 32, 4096, 64, False, 3),
+    (4, 32, 4096, 64, True, 1),
+    (1, 32, 16384, 64, False, 8),
+    (1, 32, 16384, 64, True, 7),
+    (1, 32, 32768, 64, False, 8),  # capped at dq_chunks
+    (1, 1, 64, 64, True, 1),
+])
+def test_fused_dq_launches_keep_work_per_launch(b, n, s, d, causal, launches):
+  cfg = MosaicBwdConfig(dq_mode="atomic")
+  p = Problem(mask=MaskSpec(q_len=s, kv_len=s, causal=causal), scale=1.0)
+  got = mosaic_bwd.fused_dq_launches(p, cfg, b, n, d)
+  assert got == launches
+  flops = 4 * b * n * s * s * d / (2 if causal else 1)
+  # Each launch keeps its share of work, unless one launch is all there is.
+  assert got == 1 or flops / got >= cfg.dq_chunk_flops
+  assert mosaic_bwd.fused_dq_launches(p, dataclasses.replace(cfg, dq_chunk_flops=0), b, n,
+                                      d) == cfg.dq_chunks
 
 
 def test_mosaic_bwd_config_fits_shared_memory():
@@ -540,9 +594,30 @@ def test_mosaic_backward_rerun_is_bitwise_identical(dq_mode, mosaic_bwd_calls):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
-def _fused_dq_config(case: Case, dq_mode: str) -> MosaicBwdConfig:
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mosaic_default_backward_under_xla_determinism(deterministic, monkeypatch,
+                                                       mosaic_bwd_calls):
+  """The default config through the public call: "atomic" dQ at d=64, against the
+  reference; under --xla_gpu_deterministic_ops "separate", bitwise identical reruns."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", flags + " --xla_gpu_deterministic_ops" * deterministic)
+  case = BWD_GPU_CASES["bf16_d64_causal_gqa"]
+  with _mosaic_backward(case):
+    check_case(case, "mosaic")
+    if deterministic:
+      q, k, v, do = case.inputs()
+      f = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: jflash.dot_product_attention(
+          q, k, v, implementation="mosaic", **case.kwargs()), q, k, v)[1](do))
+      for x, y in zip(f(q, k, v), f(q, k, v)):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  assert set(mosaic_bwd_calls) == {"separate" if deterministic else "atomic"}
+
+
+def _fused_dq_config(case: Case, dq_mode: str, **fields) -> MosaicBwdConfig:
   d = mosaic_backend.padded_head_dim(case.h)
-  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode=dq_mode)
+  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), dq_mode=dq_mode,
+                             **fields)
 
 
 # The fused dQ modes on the GPU: every BWD_GPU_CASES shape plus the ones with empty rows,
@@ -557,13 +632,18 @@ FUSED_DQ_GPU_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, dq_mode", [
-    (name, mode) for name in FUSED_DQ_GPU_CASES for mode in ("atomic", "ordered")
+@pytest.mark.parametrize("name, dq_mode, launches", [
+    (name, mode, launches) for name in FUSED_DQ_GPU_CASES
+    for mode, launches in (("atomic", "one"), ("atomic", "most"), ("ordered", "most"))
     # "ordered" refuses segment ids (test_mosaic_ordered_dq_refuses_segment_ids).
     if not (mode == "ordered" and FUSED_DQ_GPU_CASES[name].segments)])
-def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_calls):
+def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, launches,
+                                                    mosaic_bwd_calls):
+  """``launches``: the kernel in one launch (these shapes are below the default's work
+  per launch) or in as many as the blocks of batches and key heads allow."""
   case = FUSED_DQ_GPU_CASES[name]
-  with _mosaic_backward(case, _fused_dq_config(case, dq_mode)):
+  cfg = _fused_dq_config(case, dq_mode, **({"dq_chunk_flops": 0} if launches == "most" else {}))
+  with _mosaic_backward(case, cfg):
     check_case(case, "mosaic")
   assert mosaic_bwd_calls
 

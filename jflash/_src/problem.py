@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jflash._src import determinism
 from jflash._src.mask import MaskSpec
 
 
@@ -21,6 +22,9 @@ class Problem:
   dropout_rate: float = 0.0  # > 0 needs MaskArrays.dropout_seed
   implementation: str = "xla"
   interpret: bool = False  # run Pallas kernels in interpret mode (no GPU)
+  # Bitwise reproducible results asked for (XLA's --xla_gpu_deterministic_ops): no atomic
+  # adds. Read when the call is made, so that jit caches keep the two apart.
+  deterministic: bool = dataclasses.field(default_factory=determinism.required)
 
   @property
   def q_len(self) -> int:

@@ -586,23 +586,36 @@ def dq_chunks(batch: int, k_heads: int, want: int) -> list[tuple[int, int, int, 
   return [(i * nb, nb, j * nh, nh) for i in range(cb) for j in range(ch)]
 
 
+def fused_dq_launches(p: Problem, cfg: MosaicBwdConfig, batch: int, heads: int,
+                      head_dim: int) -> int:
+  """How many launches the fused dQ wants: as many as keep ``cfg.dq_chunk_flops`` of
+  forward FLOPs each (4 b h T S d, halved when causal; windows are not counted, so a
+  windowed call may get more launches than its work warrants), between 1 and
+  ``cfg.dq_chunks``."""
+  flops = 4 * batch * heads * p.q_len * p.kv_len * head_dim * (0.5 if p.mask.causal else 1.0)
+  if cfg.dq_chunk_flops == 0:
+    return cfg.dq_chunks
+  return max(1, min(cfg.dq_chunks, int(flops // cfg.dq_chunk_flops)))
+
+
 def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, k, v, nk):
   """``cfg.fused_dq``: the dK/dV kernel adds dQ into an f32 buffer, launched once per
-  block of ``dq_chunks`` in a loop: each launch zeroes an f32 dQ of its block only, and
-  its dQ is scaled and cast into the bf16/f16 result before the next block's buffer is
-  made, so the f32 adds cost ``2 / cfg.dq_chunks`` of dQ's bytes of memory at peak
-  instead of twice dQ (H200, fwd+bwd at d=128, one launch: 1.43x inputs + outputs +
-  gradients). dQ, dK and dV are loop carries, updated in place: the kernel writes its
-  block of dK and dV straight into them (aliased refs), dQ takes a dynamic_update_slice.
-  The loop body, so the kernel, is lowered once; the offsets are data.
+  block of ``dq_chunks`` (``fused_dq_launches`` of them) in a loop: each launch zeroes an
+  f32 dQ of its block only, and its dQ is scaled and cast into the bf16/f16 result
+  before the next block's buffer is made, so the f32 adds cost ``2 / launches`` of dQ's
+  bytes of memory at peak instead of twice dQ. dQ, dK and dV are loop carries, updated
+  in place: the kernel writes its block of dK and dV straight into them (aliased refs),
+  dQ takes a dynamic_update_slice. The loop body, so the kernel, is lowered once; the
+  offsets are data. H200, fwd+bwd at s=32k, d=128: 1060 MiB peak (1.18x inputs +
+  outputs + gradients) in 8 launches, 1282 MiB (1.43x) in one.
 
   Session 7 first built this as an unrolled sequence of jitted launches with dK and dV
-  refs passed through each: the peak did not fall (likely copies of dK and dV at every
-  launch, which would also explain its 18% loss at s=1k). Not yet run on a GPU."""
+  refs passed through each: there the peak did not fall (likely copies of dK and dV at
+  every launch)."""
   b, tp, n, d = q.shape
   kh = k.shape[2]
   groups = n // kh
-  blocks = dq_chunks(b, kh, cfg.dq_chunks)
+  blocks = dq_chunks(b, kh, fused_dq_launches(p, cfg, b, n, d))
   _, nb, _, nh = blocks[0]
   per_b = kh // nh  # blocks along the key heads, for each block of batches
   # In the interpreter one slab per 64-key tile (see _add_dq), summed in key order.

@@ -148,22 +148,27 @@ class MosaicBwdConfig:
     dP (7 matmuls per pair of tiles). Bitwise deterministic.
   * ``"atomic"``: the dK/dV kernel also computes ``dS K`` for each query tile it visits
     and adds it into an f32 dQ buffer in HBM with a TMA reduce-add (FA3's 5 matmuls; no
-    dQ kernel); with two consumers one add per CTA (``split_dq``). Opt-in only, for two
-    reasons: it is NOT bitwise deterministic (the order of the adds into a row varies
-    from run to run), and its f32 dQ buffer raises the fwd+bwd peak memory from 1.15x
-    to 1.43x inputs + outputs + gradients (H200, s=32k, d=128; the product bound is
-    1.2x). Launching the kernel per block of heads, each with an f32 buffer of its
-    block only (as built in session 7), lost up to 18% of its speed at s=1k-4k and did
-    not lower the peak (benchmarks/MOSAIC_NOTES.md, "Session 7").
+    dQ kernel); with two consumers one add per CTA (``split_dq``). NOT bitwise
+    deterministic: the order of the adds into a row varies from run to run, so
+    ``for_problem`` picks it only where reproducibility is not asked for
+    (jflash._src.determinism). Its f32 buffer would raise the fwd+bwd peak from 1.15x
+    to 1.43x inputs + outputs + gradients (H200, s=32k), so large problems run it in
+    launches over blocks of heads (``dq_chunks``, ``dq_chunk_flops``).
   * ``"ordered"``: as ``"atomic"``, but the key tiles that add into one query tile take
     turns in key order (a global semaphore per (batch, head, query tile)), so the sum is
     the same every run. Deterministic, at the cost of waiting for the turn (slower than
     ``"separate"`` on the H100).
   ``producer_regs``: setmaxnreg of the TMA warpgroup; the consumers share what is left
   (``consumer_regs``).
-  ``dq_chunks``: fused dQ only: the dK/dV kernel runs as about this many launches over
-  blocks of batches and key heads (bwd.dq_chunks), each adding into an f32 dQ of its
-  block alone, so that the f32 buffer costs ``2 / dq_chunks`` of dQ's bytes at peak."""
+  ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
+  ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
+  adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
+  of dQ's bytes at peak; but each launch keeps at least ``dq_chunk_flops`` of forward
+  FLOPs (4 b h T S d, halved when causal). Each launch costs a fixed start and a tail
+  (its last wave, longest under a causal mask): H200, d=64, 8 launches against one
+  lost nothing at s=16k (0.14-0.28 TFLOP a launch) but 1-15% at 4k (0.03-0.07) and
+  9-14% at 1k (0.01-0.02); see bwd.fused_dq_launches.
+  """
 
   dkv_block_q: int = 64
   dkv_stages: int = 2
@@ -173,6 +178,7 @@ class MosaicBwdConfig:
   dq_mode: str = "separate"
   producer_regs: int = 40
   dq_chunks: int = 8
+  dq_chunk_flops: float = 1.5e11
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -188,6 +194,8 @@ class MosaicBwdConfig:
       raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
     if not isinstance(self.dq_chunks, int) or self.dq_chunks < 1:
       raise ValueError(f"dq_chunks={self.dq_chunks!r} must be an int >= 1")
+    if not self.dq_chunk_flops >= 0:
+      raise ValueError(f"dq_chunk_flops={self.dq_chunk_flops!r} must be >= 0")
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
@@ -219,15 +227,26 @@ class MosaicBwdConfig:
     return self.dkv_block_q, head_dim // 2
 
   @classmethod
-  def for_problem(cls, q_len: int, kv_len: int, head_dim: int,
-                  itemsize: int = 2) -> "MosaicBwdConfig":
-    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM."""
+  def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
+                  deterministic: bool = True, segments: bool = False) -> "MosaicBwdConfig":
+    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM.
+    ``deterministic``: bitwise reproducible results asked for; ``segments``: the call
+    has segment ids (packed documents)."""
     # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
     # shrink with it to stay within the consumers' registers.
     dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
     rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
     cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
+    # "atomic" (5 matmuls, dQ added into HBM) at d=64, where it measured faster than
+    # "separate" (7 matmuls) in every cell: H200 2026-11-26, fwd+bwd x cuDNN, one launch,
+    # 1.02-1.10 against 0.94-1.01 (benchmarks/MOSAIC_NOTES.md, "Session 8"). Not at
+    # d=128: 0.92-0.99 against 0.91-1.16 (ahead by <= 3% at 4k/16k non-causal, behind
+    # by 10-15% at 1k and 4k causal; its consumers spill registers there). Packed
+    # documents keep "separate" (8 docs in 16k, causal, H100: 363 against 324 useful
+    # TFLOP/s at d=128, 291 against 284 at d=64).
+    if not (deterministic or segments) and head_dim == 64:
+      cfg = dataclasses.replace(cfg, dq_mode="atomic")
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
