@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jflash
+from jflash._src import determinism
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 
@@ -98,9 +99,11 @@ def max_rel_diff(a, b) -> float:
   return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
-def bwd_config(impl: str, s: int, d: int) -> MosaicBwdConfig:
-  """'mosaic_bwd[field=value,...]' -> the heuristic MosaicBwdConfig with those fields."""
-  cfg = MosaicBwdConfig.for_problem(s, s, d)
+def bwd_config(impl: str, s: int, d: int, segments: bool = False) -> MosaicBwdConfig:
+  """'mosaic_bwd[field=value,...]' -> the heuristic MosaicBwdConfig with those fields,
+  from the config the product would pick (XLA_FLAGS' determinism included)."""
+  cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=determinism.required(),
+                                    segments=segments)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
   # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
@@ -181,7 +184,7 @@ def main():
     if args.docs:
       ids, pairs = packed_ids(b, s, args.docs)
       flops = 4 * b * n * d * pairs[causal]
-    base = MosaicConfig.for_problem(s, s, d, segments=ids is not None)
+    base = MosaicConfig.for_problem(s, s, d, segments=ids is not None, causal=causal)
     configs = [None]
     if sweeping:
       regs = [tuple(int(x) for x in r.split("/")) for r in args.sweep_regs] or [
@@ -224,7 +227,7 @@ def main():
               with contextlib.ExitStack() as stack:
                 stack.enter_context(mosaic_backend.override_config(
                     dataclasses.replace(base, mosaic_backward=True)))
-                bwd_cfg = bwd_config(impl, s, d)
+                bwd_cfg = bwd_config(impl, s, d, segments=ids is not None)
                 stack.enter_context(mosaic_backend.override_bwd_config(bwd_cfg))
                 fn = fn.lower(q, k, v, do).compile()
               print(f"  {mode:6s} {impl} {bwd_cfg}", flush=True)

@@ -233,8 +233,9 @@ def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
 def test_mosaic_config_fits_shared_memory():
   from jflash._src.backends.mosaic.config import SMEM_BYTES
   for d in mosaic_backend.HEAD_DIMS:
-    for s, seg in itertools.product((64, 1000, 16384), (False, True)):
-      cfg = MosaicConfig.for_problem(s, s, d, segments=seg)
+    for s, seg, causal in itertools.product((64, 1000, 4096, 16384), (False, True),
+                                            (False, True)):
+      cfg = MosaicConfig.for_problem(s, s, d, segments=seg, causal=causal)
       assert cfg.smem_bytes(d, segments=seg) <= SMEM_BYTES, (d, s, cfg)
       assert cfg.block_kv <= max(64, -(-s // 64) * 64)
 
@@ -658,9 +659,9 @@ VARIANTS = {
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
     "fold_qouter": dict(fold_scale=True, q_outer=True),
-    # Q tiles per CTA: the default is 2 up to 4k keys (the interpret cases have 2 q
-    # tiles, so both run in one CTA, two Q buffers), so 1 (a CTA per tile) is the variant
-    # here; 3 (three Q buffers) leaves the CTA's last tile past the end, and with overlap
+    # Q tiles per CTA: the default is 2 (d>=128) or 4 (d=64) up to 4k keys (the
+    # interpret cases have 2 q tiles, so both run in one CTA, two Q buffers), so 1 (a
+    # CTA per tile) is the variant here; 3 (three Q buffers) leaves the CTA's last tile past the end, and with overlap
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),

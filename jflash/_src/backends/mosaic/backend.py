@@ -77,7 +77,8 @@ def forward(p: Problem, q, k, v, bias, arrays):
   h = q.shape[-1]
   d = padded_head_dim(h)
   cfg = override_config.value or MosaicConfig.for_problem(
-      p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize, segments=p.mask.has_segment_ids)
+      p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize, segments=p.mask.has_segment_ids,
+      causal=p.mask.causal)
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
@@ -94,7 +95,7 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   d = padded_head_dim(h)
   itemsize = jnp.dtype(q.dtype).itemsize
   cfg = override_config.value or MosaicConfig.for_problem(
-      p.q_len, p.kv_len, d, itemsize, segments=p.mask.has_segment_ids)
+      p.q_len, p.kv_len, d, itemsize, segments=p.mask.has_segment_ids, causal=p.mask.causal)
   if not (cfg.mosaic_backward and d in bwd_lib.HEAD_DIMS and bias is None):
     # The Triton kernels only need the lse, which the forward above writes with the
     # same contract (natural log, +inf on empty rows).

@@ -82,23 +82,31 @@ class MosaicConfig:
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
-                  segments: bool = False) -> "MosaicConfig":
+                  segments: bool = False, causal: bool = False) -> "MosaicConfig":
     """A heuristic default per (padded) head dim, shrunk to fit shared memory.
-    ``segments``: the call has segment ids (packed documents)."""
+    ``segments``: the call has segment ids (packed documents); ``causal``: a causal mask."""
     del q_len
     # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.07 at s=16k,
     # 0.91 -> 0.97 at 4k non-causal; 192 keys lost at 1k/4k): half the steps, so half the
     # per-step barrier and ping-pong handoffs per key. Not with packed documents, whose
     # key runs are short and whose edges waste up to a tile each (8 docs in 16k, causal:
-    # 288 -> 236 useful TFLOP/s). d=128 keeps 128 (a 64x256 f32 score tile would not fit
-    # in registers beside the accumulator); d=256 needs 64-key tiles to keep the 64x256
-    # f32 accumulator, the scores and the ring within registers and SMEM.
-    block_kv, stages = {64: (128, 3) if segments else (256, 2), 128: (128, 2),
-                        256: (64, 2)}[head_dim]
+    # 288 -> 236 useful TFLOP/s), nor causal up to 2k keys, where a 64-row consumer has
+    # 2.5 steps of 256 keys on average, 40% of them masked (H200, 2026-11-26, s=1k, four
+    # q tiles per CTA: 231-256 TFLOP/s with 128 keys against 204-216 with 256; even at 4k).
+    # d=128 keeps 128 (a 64x256 f32 score tile would not fit in registers beside the
+    # accumulator); d=256 needs 64-key tiles to keep the 64x256 f32 accumulator, the
+    # scores and the ring within registers and SMEM.
+    short_causal = causal and kv_len <= 2048
+    block_kv, stages = {64: (128, 3) if segments else (128 if short_causal else 256, 2),
+                        128: (128, 2), 256: (64, 2)}[head_dim]
     block_kv = min(block_kv, max(64, -(-kv_len // 64) * 64))
-    # Two q tiles per CTA up to 4k keys (H100, 2026-11-22: +1..+12% fwd at s=1k/4k over
-    # one, d=64 and 128, causal or not); at 16k one (two: -2..-3% causal, 0 otherwise).
-    tiles = 2 if kv_len <= 4096 else 1
+    # Several q tiles per CTA up to 4k keys: the K/V ring runs on from one tile to the
+    # next, hiding each tile's prologue and epilogue. Two at d>=128 (H100, 2026-11-22:
+    # +1..+12% fwd at s=1k/4k over one); four at d=64, whose tiles are shorter (H200,
+    # 2026-11-26, fwd TFLOP/s, four against two: 1k 357-380 / 338, 4k 478-485 / 449-454
+    # non-causal; 4k causal 372-387 / 374; eight mixed). At 16k one (two: -2..-3%
+    # causal, 0 otherwise).
+    tiles = (4 if head_dim <= 64 else 2) if kv_len <= 4096 else 1
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
