@@ -99,11 +99,12 @@ def max_rel_diff(a, b) -> float:
   return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
-def bwd_config(impl: str, s: int, d: int, segments: bool = False) -> MosaicBwdConfig:
+def bwd_config(impl: str, s: int, d: int, segments: bool = False,
+               causal: bool = False) -> MosaicBwdConfig:
   """'mosaic_bwd[field=value,...]' -> the heuristic MosaicBwdConfig with those fields,
   from the config the product would pick (XLA_FLAGS' determinism included)."""
   cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=determinism.required(),
-                                    segments=segments)
+                                    segments=segments, causal=causal)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
   # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
@@ -227,7 +228,7 @@ def main():
               with contextlib.ExitStack() as stack:
                 stack.enter_context(mosaic_backend.override_config(
                     dataclasses.replace(base, mosaic_backward=True)))
-                bwd_cfg = bwd_config(impl, s, d, segments=ids is not None)
+                bwd_cfg = bwd_config(impl, s, d, segments=ids is not None, causal=causal)
                 stack.enter_context(mosaic_backend.override_bwd_config(bwd_cfg))
                 fn = fn.lower(q, k, v, do).compile()
               print(f"  {mode:6s} {impl} {bwd_cfg}", flush=True)

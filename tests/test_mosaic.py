@@ -486,22 +486,26 @@ def test_mosaic_bwd_config_refuses_unknown_dq_mode():
     MosaicBwdConfig(dq_mode="fused")
 
 
-@pytest.mark.parametrize("d, s, deterministic, segments, mode", [
-    (64, 64, False, False, "atomic"),
-    (64, 1024, False, False, "atomic"),
-    (64, 16384, False, False, "atomic"),
-    (128, 1024, False, False, "separate"),  # measured slower, or no faster, at d=128
-    (128, 16384, False, False, "separate"),
-    (64, 16384, True, False, "separate"),  # reproducible results asked for
-    (128, 16384, True, False, "separate"),
-    (64, 16384, False, True, "separate"),  # packed documents
+@pytest.mark.parametrize("d, s, causal, deterministic, segments, mode", [
+    (64, 64, True, False, False, "atomic"),
+    (64, 1024, False, False, False, "atomic"),
+    (64, 16384, True, False, False, "atomic"),
+    (128, 1024, False, False, False, "separate"),  # measured slower at d=128 up to 1k
+    (128, 4096, True, False, False, "separate"),  # and at 4k causal
+    (128, 4096, False, False, False, "atomic"),
+    (128, 16384, True, False, False, "atomic"),
+    (64, 16384, False, True, False, "separate"),  # reproducible results asked for
+    (128, 16384, False, True, False, "separate"),
+    (64, 16384, True, False, True, "separate"),  # packed documents
+    (128, 16384, True, False, True, "separate"),
 ])
-def test_mosaic_bwd_config_picks_dq_mode(d, s, deterministic, segments, mode):
-  cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=deterministic, segments=segments)
+def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, mode):
+  cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=deterministic, segments=segments,
+                                    causal=causal)
   assert cfg.dq_mode == mode
   assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
   # Without a word on determinism, a direct caller gets the reproducible config.
-  assert MosaicBwdConfig.for_problem(s, s, d).dq_mode == "separate"
+  assert MosaicBwdConfig.for_problem(s, s, d, causal=causal).dq_mode == "separate"
 
 
 @pytest.mark.parametrize("flags, mode", [

@@ -102,7 +102,7 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
     return triton_backend.backward(p, q, k, v, bias, arrays, lse, dout, delta, want_dbias)
   bcfg = override_bwd_config.value or MosaicBwdConfig.for_problem(
       p.q_len, p.kv_len, d, itemsize, deterministic=p.deterministic,
-      segments=p.mask.has_segment_ids)
+      segments=p.mask.has_segment_ids, causal=p.mask.causal)
   tp, sp = round_up(p.q_len, bcfg.q_multiple), round_up(p.kv_len, bcfg.k_multiple)
   # Padded rows get lse = +inf (p = 0) and delta = 0; padded keys lie past kv_valid.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)

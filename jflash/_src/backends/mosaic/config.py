@@ -104,9 +104,10 @@ class MosaicConfig:
     # next, hiding each tile's prologue and epilogue. Two at d>=128 (H100, 2026-11-22:
     # +1..+12% fwd at s=1k/4k over one); four at d=64, whose tiles are shorter (H200,
     # 2026-11-26, fwd TFLOP/s, four against two: 1k 357-380 / 338, 4k 478-485 / 449-454
-    # non-causal; 4k causal 372-387 / 374; eight mixed). At 16k one (two: -2..-3%
-    # causal, 0 otherwise).
-    tiles = (4 if head_dim <= 64 else 2) if kv_len <= 4096 else 1
+    # non-causal; 4k causal 372-387 / 374; eight mixed), and at d=128 without a causal
+    # mask (two H200 runs, four against two: 1k +6%, +7%; 4k +3%, -3%; causal 1k -5%).
+    # At 16k one (two: -2..-3% causal, 0 otherwise).
+    tiles = (4 if head_dim <= 64 or not causal else 2) if kv_len <= 4096 else 1
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
@@ -236,25 +237,30 @@ class MosaicBwdConfig:
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
-                  deterministic: bool = True, segments: bool = False) -> "MosaicBwdConfig":
+                  deterministic: bool = True, segments: bool = False,
+                  causal: bool = False) -> "MosaicBwdConfig":
     """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM.
     ``deterministic``: bitwise reproducible results asked for; ``segments``: the call
-    has segment ids (packed documents)."""
+    has segment ids (packed documents); ``causal``: a causal mask."""
     # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
     # shrink with it to stay within the consumers' registers.
     dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
     rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
     cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
-    # "atomic" (5 matmuls, dQ added into HBM) at d=64, where it measured faster than
-    # "separate" (7 matmuls) in every cell: H200 2026-11-26, fwd+bwd x cuDNN, one launch,
-    # 1.02-1.10 against 0.94-1.01 (benchmarks/MOSAIC_NOTES.md, "Session 8"). Not at
-    # d=128: 0.92-0.99 against 0.91-1.16 (ahead by <= 3% at 4k/16k non-causal, behind
-    # by 10-15% at 1k and 4k causal; its consumers spill registers there). Packed
-    # documents keep "separate" (8 docs in 16k, causal, H100: 363 against 324 useful
-    # TFLOP/s at d=128, 291 against 284 at d=64).
-    if not (deterministic or segments) and head_dim == 64:
-      cfg = dataclasses.replace(cfg, dq_mode="atomic")
+    # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
+    # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
+    # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
+    # d=128 from 4k keys without a causal mask and from 8k with one, with
+    # producer_regs=24 (its consumers spill registers at d=128; more for them helps):
+    # 4k 0.97 against 0.93, 16k 0.95 / 0.98 against 0.90 / 0.95; not at 4k causal (0.97
+    # against 0.98) nor at 1k (0.97 / 0.99 against 1.07 / 1.16). Packed documents keep
+    # "separate" (8 docs in 16k, causal, H100: 363 against 324 useful TFLOP/s at d=128,
+    # 291 against 284 at d=64).
+    long = kv_len >= (8192 if causal else 4096)
+    if not (deterministic or segments) and (head_dim == 64 or long):
+      cfg = dataclasses.replace(cfg, dq_mode="atomic",
+                                producer_regs=40 if head_dim == 64 else 24)
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
