@@ -2,7 +2,7 @@
 # The one script run on the GPU machine: GPU tests, then the benchmark.
 #   bash benchmarks/gpu_check.sh [bench.py args...]    e.g. --quick --s 4096
 #   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; JOBS=4 test shards, SHARD_TIMEOUT s each;
-#   TESTS=<pytest -k expr>. Output goes to $OUT (default ./bench_out):
+#   TESTS=<pytest -k expr>, or TEST_IDS_FILE=<file of test ids>. Output goes to $OUT (default ./bench_out):
 #   gpu_tests.log, bench.log, results.json, results.md, tflops.png.
 #   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
 #   train_step.log, train_step.md, train_step.json.
@@ -36,8 +36,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   jobs="${JOBS:-4}"
   echo "== pytest -m gpu in $jobs shards${TESTS:+ (-k $TESTS)}"
   shards="$(mktemp -d)"  # per-shard files stay out of $OUT (few files come back)
-  python3 -m pytest -m gpu -q --collect-only ${TESTS:+-k "$TESTS"} tests 2>/dev/null \
-    | grep '::' > "$shards/ids"
+  if [ -n "${TEST_IDS_FILE:-}" ]; then
+    # TEST_IDS_FILE: run exactly these test ids, one per line (e.g. those a cut-short
+    # run did not finish), instead of collecting.
+    grep '::' "$TEST_IDS_FILE" > "$shards/ids"
+  else
+    python3 -m pytest -m gpu -q --collect-only ${TESTS:+-k "$TESTS"} tests 2>/dev/null \
+      | grep '::' > "$shards/ids"
+  fi
   echo "$(wc -l < "$shards/ids") tests"
   pids=()
   for ((i = 0; i < jobs; i++)); do

@@ -499,6 +499,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
+  if why := cfg.split_dq_unsupported(d):
+    raise NotImplementedError(why)
 
   bq, stages, fused, split = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq, cfg.split_dq
   # Per consumer's 64 keys, over query tiles of bq rows.

@@ -235,6 +235,17 @@ class MosaicBwdConfig:
       return self.dkv_block_q // 2, head_dim
     return self.dkv_block_q, head_dim // 2
 
+  def split_dq_unsupported(self, head_dim: int) -> str | None:
+    """Why ``split_dq`` cannot run at ``head_dim`` (None if it can): halving the head
+    dim of a 64-row partial must leave whole 64-column tiles, which Mosaic slices."""
+    cols = self.dq_half_shape(head_dim)[1]
+    if self.split_dq and cols % 64:
+      return (f"MosaicBwdConfig(dq_mode='atomic', consumers=2, dkv_block_q="
+              f"{self.dkv_block_q}) splits dQ at head_dim={head_dim} into {cols}-column "
+              "halves, and Mosaic slices whole 64-column tiles: use dkv_block_q >= 128 "
+              "or dq_mode='separate'")
+    return None
+
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
                   deterministic: bool = True, segments: bool = False,
@@ -245,8 +256,11 @@ class MosaicBwdConfig:
     # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
     # shrink with it to stay within the consumers' registers.
     dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
-    rows = lambda n: max(64, min(n, -(-q_len // 64) * 64))
-    cols = lambda n: max(64, min(n, -(-kv_len // 64) * 64))
+    # Tiles no longer than the padded lengths, which are multiples of 128 (two
+    # consumers of 64) at least: a 128-row dK/dV step keeps the split dQ's halves whole
+    # 64-row wgmma tiles at d=64 (dq_half_shape), where 64 rows would halve the head dim.
+    rows = lambda n: max(64, min(n, -(-q_len // 128) * 128))
+    cols = lambda n: max(64, min(n, -(-kv_len // 128) * 128))
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
@@ -259,8 +273,9 @@ class MosaicBwdConfig:
     # 291 against 284 at d=64).
     long = kv_len >= (8192 if causal else 4096)
     if not (deterministic or segments) and (head_dim == 64 or long):
-      cfg = dataclasses.replace(cfg, dq_mode="atomic",
-                                producer_regs=40 if head_dim == 64 else 24)
+      atomic = dataclasses.replace(cfg, dq_mode="atomic",
+                                   producer_regs=40 if head_dim == 64 else 24)
+      cfg = cfg if atomic.split_dq_unsupported(head_dim) else atomic
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
