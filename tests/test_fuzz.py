@@ -36,6 +36,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
@@ -174,9 +175,28 @@ def _tiles(impl: str, case: Case, blocks: dict | None):
 # helpers' bound on such problems by up to ~2.3 ulps (REGRESSIONS below): 4 ulps of slack
 # (at 1.0) there keeps the fuzzing meaningful. Each row's dbias (summed over keys) is off
 # by do . (O - rounded O), exactly 0 in exact arithmetic; a bias broadcast over B, N or T
-# sums that over its rows, so its slack grows with the square root of their number.
-# out, lse and dv keep helpers' strict bound.
+# sums that over its rows, so its slack grows with the square root of their number. That
+# term is a dot product over the head dim, so at large head dims it can pass 4 ulps:
+# _dbias_rounding_slack bounds it from the case itself (an H100 draw at h=96 was off by
+# 0.051 against a bound of 0.033, 2026-11-26). out, lse and dv keep helpers' strict bound.
 FA_GRAD_SLACK = {jnp.dtype(jnp.float16): 4 * 2.0**-10, jnp.dtype(jnp.bfloat16): 4 * 2.0**-7}
+
+
+def _dbias_rounding_slack(case: Case, expected) -> float:
+  """Twice the largest dbias error that rounding O to ``case.dtype`` alone can cause,
+  relative as helpers.rel_err: each row r adds P_rj * (do_r . (O_r - rounded O_r)) to
+  dbias[r, j] (P_rj <= 1; summed over keys, exactly that dot product), summed over the
+  rows that one bias entry is broadcast across. O is the float32 reference's."""
+  _, _, _, do = case.inputs()
+  out, _ = test_attention.run_reference(case, jnp.float32)
+  out = np.asarray(out, np.float64)
+  rounded = np.asarray(jnp.asarray(out, case.dtype).astype(jnp.float32), np.float64)
+  per_row = np.abs(np.einsum("btnh,btnh->bnt", np.asarray(do, np.float64), out - rounded))
+  # Sum each row's term into the bias entry it is broadcast from ([B, N, T] of the bias).
+  axes = tuple(i for i, size in enumerate(case.bias[:3]) if size == 1 and per_row.shape[i] > 1)
+  per_entry = per_row.sum(axis=axes, keepdims=True)
+  scale = max(1.0, float(np.abs(np.asarray(expected, np.float64)).max()))
+  return 2 * float(per_entry.max()) / scale
 
 
 def _fa_assert_close(case: Case):
@@ -188,7 +208,10 @@ def _fa_assert_close(case: Case):
   def assert_close(name, actual, expected, baseline, dtype):
     dtype = jnp.dtype(dtype)
     slack = {"dq": 1.0, "dk": 1.0, "dbias": math.sqrt(rows_per_dbias)}.get(name, 0.0)
-    atol = {dtype: helpers.ATOL[dtype] + slack * FA_GRAD_SLACK.get(dtype, 0.0)}
+    slack *= FA_GRAD_SLACK.get(dtype, 0.0)
+    if name == "dbias" and dtype in FA_GRAD_SLACK:
+      slack = max(slack, _dbias_rounding_slack(case, expected))
+    atol = {dtype: helpers.ATOL[dtype] + slack}
     with mock.patch.dict(helpers.ATOL, atol):
       helpers.assert_close(name, actual, expected, baseline, dtype)
 
@@ -265,6 +288,13 @@ REGRESSIONS = [
                              q_lengths=[15], segments="packed", scale=1.67219042752948,
                              bias=(1, 1, 1, 1), seed=2214), None,
                  id="bf16_scalar_bias_dbias_tolerance"),
+    # dbias of a per-row bias at h=96 (GPU fuzz, H100, 2026-11-26): 0.0513 in "xla" and
+    # "triton" alike, over 4 ulps; within _dbias_rounding_slack's bound from the case.
+    *[pytest.param(impl, Case(b=1, t=397, s=397, k=1, h=96, dtype=jnp.bfloat16,
+                              is_causal=True, window=470, q_lengths=[183], kv_lengths=[284],
+                              segments="packed", scale=0.99999, bias=(1, 2, 397, 1),
+                              seed=10092), None, id=f"bf16_h96_row_bias_dbias_{impl}")
+      for impl in ("xla", "triton")],
 ]
 
 
