@@ -2,8 +2,10 @@
 
 Both recompute ``p = exp2(s * log2e - lse * log2e)`` tile by tile from the natural-log
 lse of the forward (+inf on empty rows, so p = 0 there with no mask); ``delta =
-rowsum(dO * O) - dlse`` comes precomputed. By default (``cfg.dq_mode="separate"``) no
-atomics: every output tile is owned by one CTA, so results are bitwise reproducible.
+rowsum(dO * O) - dlse`` comes precomputed. With ``cfg.dq_mode="separate"`` no atomics:
+every output tile is owned by one CTA, so results are bitwise reproducible
+(MosaicBwdConfig.for_problem picks it where that is asked for; elsewhere, where faster,
+"atomic").
 Each CTA runs ``cfg.consumers`` consumer warpgroups of 64 rows (the M of one wgmma) and
 one TMA producer warpgroup that streams the other operand through a ring of ``stages``
 SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
