@@ -189,7 +189,7 @@ def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
   consecutive ``[first, ...)``: both ends of a key tile's query range grow with the key
   tile (a band), and the empty ranges (keys past kv_valid) come last. ``first`` is the
   ``lo`` of mask.kv_block_range for that query tile over 64-key blocks: the same band
-  seen from the query side (tests/test_mosaic.py checks the two agree)."""
+  seen from the query side (tests/test_mosaic_bwd.py checks the two agree)."""
   first = mask_lib.kv_block_range(p.mask, i * bq, bq, WG_ROWS, nk, q_valid, kv_valid)[0]
   return k_tile - first
 
