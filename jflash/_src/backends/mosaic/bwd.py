@@ -596,9 +596,9 @@ def fused_dq_launches(p: Problem, cfg: MosaicBwdConfig, batch: int, heads: int,
   forward FLOPs each (4 b h T S d, halved when causal; windows are not counted, so a
   windowed call may get more launches than its work warrants), between 1 and
   ``cfg.dq_chunks``."""
-  flops = 4 * batch * heads * p.q_len * p.kv_len * head_dim * (0.5 if p.mask.causal else 1.0)
   if cfg.dq_chunk_flops == 0:
     return cfg.dq_chunks
+  flops = 4 * batch * heads * p.q_len * p.kv_len * head_dim * (0.5 if p.mask.causal else 1.0)
   return max(1, min(cfg.dq_chunks, int(flops // cfg.dq_chunk_flops)))
 
 

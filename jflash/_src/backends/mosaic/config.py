@@ -273,9 +273,9 @@ class MosaicBwdConfig:
     # 291 against 284 at d=64).
     long = kv_len >= (8192 if causal else 4096)
     if not (deterministic or segments) and (head_dim == 64 or long):
-      atomic = dataclasses.replace(cfg, dq_mode="atomic",
-                                   producer_regs=40 if head_dim == 64 else 24)
-      cfg = cfg if atomic.split_dq_unsupported(head_dim) else atomic
+      # (The 128-row floor of ``rows`` keeps its split dQ whole: split_dq_unsupported.)
+      cfg = dataclasses.replace(cfg, dq_mode="atomic",
+                                producer_regs=40 if head_dim == 64 else 24)
     while cfg.dkv_stages > 2 and cfg.dkv_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, dkv_stages=cfg.dkv_stages - 1)
     while cfg.dq_stages > 2 and cfg.dq_smem_bytes(head_dim, itemsize) > SMEM_BYTES:
