@@ -107,8 +107,11 @@ def bwd_config(impl: str, s: int, d: int, segments: bool = False,
                                     segments=segments, causal=causal)
   spec = impl[len("mosaic_bwd["):-1] if impl.endswith("]") else ""
   fields = dict(kv.split("=") for kv in spec.split(",") if kv)
-  # Each value parsed as the field's type: ints, and strings such as dq_mode=atomic.
-  return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in fields.items()})
+  # Each value parsed as the field's type: ints, bools as 0/1, and strings such as
+  # dq_mode=atomic.
+  parse = lambda t, v: bool(int(v)) if t is bool else t(v)
+  return dataclasses.replace(
+      cfg, **{k: parse(type(getattr(cfg, k)), v) for k, v in fields.items()})
 
 
 def fwd_config(base: MosaicConfig, spec: str) -> MosaicConfig:

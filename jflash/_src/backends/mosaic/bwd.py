@@ -98,12 +98,26 @@ def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
   """From a tile of q.k products and of dO.v products to ``(P, dS)`` (dS with respect to
   ``x = scale * qk``). ``lse``, ``delta``: per query, along ``axis`` of the tile (1 for
   [q, k] tiles, 0 for the transposed [k, q] tiles); ``vis``: the predicate or None."""
+  pr, t = _probs(p, qk, lse, axis, vis)
+  return pr, _dscores(pr, t, dp, delta, axis)
+
+
+def _per_q(x, shape, axis: int):
+  return lax.broadcast_in_dim(x, shape, [1 - axis])
+
+
+def _probs(p: Problem, qk, lse, axis: int, vis):
+  """The first half of ``_grad_scores``: ``(P, t)`` (t: the soft-cap's tanh or None)."""
   s, t = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
   if vis is not None:
     s = jnp.where(vis, s, -jnp.inf)
-  per_q = lambda x: lax.broadcast_in_dim(x, s.shape, [1 - axis])
-  pr = jnp.exp2(s - per_q(lse * logits_lib.LOG2E))  # 0 where masked or on empty rows
-  return pr, logits_lib.dscores(pr * (dp - per_q(delta)), t)
+  # 0 where masked or on empty rows (lse = +inf).
+  return jnp.exp2(s - _per_q(lse * logits_lib.LOG2E, s.shape, axis)), t
+
+
+def _dscores(pr, t, dp, delta, axis: int):
+  """The second half of ``_grad_scores``: dS from P and the dO.v products."""
+  return logits_lib.dscores(pr * (dp - _per_q(delta, pr.shape, axis)), t)
 
 
 class _Ring:
@@ -337,9 +351,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
                                transpose=True)
+      stage = stage_smem.at[wg] if interpret else None
+      if cfg.dv_early and not interpret:
+        return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       dst = dst.astype(dtype)
-      stage = stage_smem.at[wg] if interpret else None
       mmas = ((dst, q_s), (pt.astype(dtype), do_s))
       if cfg.split_dq:
         # dK and dV run while we wait for the other consumer's dS^T; then our half of the
@@ -350,6 +366,32 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
         plgpu.commit_smem()
       dk, dv = _mmas((dk, dv), mmas, stage)
+      if cfg.fused_dq:
+        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
+                h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+                q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+      return dk, dv
+
+    def early_step(c, i, g, accs, st, dpt, lse, delta, vis, q_s, do_s):
+      """``cfg.dv_early``: dV's wgmma is issued from P^T before dS^T is computed, and dK's
+      after it, one wait for both; P^T's f32 tile is dead before dS^T's is made."""
+      pt, t = _probs(p, st, lse, 0, vis)
+      pt16 = pt.astype(dtype)
+
+      def f(refs):
+        dk_ref, dv_ref = refs
+        plgpu.wgmma(dv_ref, pt16, do_s)
+        dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
+        if cfg.split_dq:
+          share_ds(c, dst)
+        elif cfg.fused_dq:
+          ds_smem.at[wg][...] = dst
+          plgpu.commit_smem()
+        plgpu.wgmma(dk_ref, dst, q_s)
+
+      dk, dv = pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
+      if cfg.split_dq:
+        return dq_half_step(c, i, g, (dk, dv), (), None)
       if cfg.fused_dq:
         _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
                 h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
@@ -369,7 +411,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       # dK and dV complete first: issuing the dQ half in their wgmma group (one wait a
       # step, not two) kept P^T and dS^T live beside three accumulators and measured no
       # faster (H100, benchmarks/MOSAIC_NOTES.md, session 6).
-      accs = _mmas(accs, mmas, stage) if mmas else ()
+      accs = _mmas(accs, mmas, stage) if mmas else accs
       plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
       (dq,) = _matmuls(mm[0], mm[1:])
       _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g, kt=kt * wgs,
@@ -625,6 +667,19 @@ def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q,
   # In the interpreter one slab per 64-key tile (see _add_dq), summed in key order.
   slabs = (nk * cfg.consumers,) if p.interpret else ()
 
+  def cast_dq(acc):
+    part = jax.freeze(acc)
+    return ((part.sum(0) if p.interpret else part) * p.scale).astype(q.dtype)
+
+  if len(blocks) == 1:
+    # One launch writes every key's dK and dV, so they are plain outputs: no zero-filled
+    # carries for the kernel to overwrite (2 x 64 MiB of writes on the grid's shapes).
+    acc = jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32))
+    dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                 grid=(b, kh, nk))(*args, *extra, jnp.zeros((2,), jnp.int32), acc)
+    return cast_dq(acc), dk, dv
+
   def launch(i, carry):
     dq, dk, dv = carry
     b0, h0 = lax.div(i, per_b) * nb, lax.rem(i, per_b) * nh
@@ -632,11 +687,8 @@ def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q,
     acc = jax.new_ref(jnp.zeros((*slabs, nb, tp, nh * groups, d), jnp.float32))
     dk, dv = jax.new_ref(dk), jax.new_ref(dv)
     dkv(body, out_type=(), grid=(nb, nh, nk))(*args, *extra, offsets, acc, dk, dv)
-    part = jax.freeze(acc)
-    part = part.sum(0) if p.interpret else part
     zero = jnp.zeros((), b0.dtype)
-    dq = lax.dynamic_update_slice(dq, (part * p.scale).astype(q.dtype),
-                                  (b0, zero, h0 * groups, zero))
+    dq = lax.dynamic_update_slice(dq, cast_dq(acc), (b0, zero, h0 * groups, zero))
     return dq, jax.freeze(dk), jax.freeze(dv)
 
   init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))

@@ -169,6 +169,8 @@ class MosaicBwdConfig:
     ``"separate"`` on the H100).
   ``producer_regs``: setmaxnreg of the TMA warpgroup; the consumers share what is left
   (``consumer_regs``).
+  ``dv_early`` (experiment): the dK/dV kernel issues dV's wgmma from P^T before it
+  computes dS^T (bwd.early_step), so fewer f32 score tiles are live at once.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -188,6 +190,7 @@ class MosaicBwdConfig:
   producer_regs: int = 40
   dq_chunks: int = 8
   dq_chunk_flops: float = 1.5e11
+  dv_early: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
