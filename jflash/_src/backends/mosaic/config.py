@@ -169,8 +169,9 @@ class MosaicBwdConfig:
     ``"separate"`` on the H100).
   ``producer_regs``: setmaxnreg of the TMA warpgroup; the consumers share what is left
   (``consumer_regs``).
-  ``dv_early`` (experiment): the dK/dV kernel issues dV's wgmma from P^T before it
-  computes dS^T (bwd.early_step), so fewer f32 score tiles are live at once.
+  ``dv_early``: the dK/dV kernel issues dV's wgmma from P^T before it computes dS^T
+  (bwd.early_step), so fewer f32 score tiles are live at once (GPU only: the
+  interpreter stages both through SMEM either way).
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -274,6 +275,13 @@ class MosaicBwdConfig:
     # against 0.98) nor at 1k (0.97 / 0.99 against 1.07 / 1.16). Packed documents keep
     # "separate" (8 docs in 16k, causal, H100: 363 against 324 useful TFLOP/s at d=128,
     # 291 against 284 at d=64).
+    # d=128: dV's wgmma issued before dS^T is made (``dv_early``; fewer live f32 tiles:
+    # ptxas spills 180-304 bytes instead of 232-368 with "atomic"). H200 2026-11-26,
+    # fwd+bwd x cuDNN, default -> dv_early: 1k 1.05 -> 1.07, 1.13 -> 1.14 (causal); 4k
+    # 0.95 -> 0.98, 1.01 -> 1.04; 16k 0.95 -> 0.95, 0.94 -> 0.95. Not at d=64: 1.11 ->
+    # 1.04, 1.08 -> 1.01, 1.06 -> 1.02 without a causal mask (even with one).
+    if head_dim == 128:
+      cfg = dataclasses.replace(cfg, dv_early=True)
     long = kv_len >= (8192 if causal else 4096)
     if not (deterministic or segments) and (head_dim == 64 or long):
       # (The 128-row floor of ``rows`` keeps its split dQ whole: split_dq_unsupported.)
