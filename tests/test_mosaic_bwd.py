@@ -318,6 +318,8 @@ def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, 
                                     causal=causal)
   assert cfg.dq_mode == mode
   assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
+  # dV's wgmma before dS^T at d=128 in every mode (measured faster there, slower at d=64).
+  assert cfg.dv_early == (d == 128)
   # Without a word on determinism, a direct caller gets the reproducible config.
   assert MosaicBwdConfig.for_problem(s, s, d, causal=causal).dq_mode == "separate"
 
