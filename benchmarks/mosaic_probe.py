@@ -178,6 +178,8 @@ def main():
   sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong
                   or args.sweep_overlap or args.sweep_fold_scale or args.sweep_q_outer
                   or args.sweep_q_tiles or args.sweep_regs)
+  if (sweeping or args.variants) and "mosaic" not in impls:
+    impls.append("mosaic")  # the forward sweeps and variants are configs of "mosaic"
   rows = []
   for heads, s, causal in itertools.product(args.heads, args.s, causals):
     n, d = (int(x) for x in heads.split("x"))
