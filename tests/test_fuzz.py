@@ -16,7 +16,8 @@ Profiles, picked by the environment variable JFLASH_HYPOTHESIS_PROFILE (default 
 * ``ci``: derandomized (the same examples on every run, so CI is reproducible), 16 "xla"
   and 8 "triton" examples (~3 minutes on 2 cores), no example database, no shrinking.
 * ``gpu``: more examples; the ``gpu``-marked tests always use it, fuzzing "triton" and (on
-  Hopper) "mosaic" compiled on the GPU at T, S up to 600 and head dims up to 128.
+  Hopper) "mosaic" compiled on the GPU at T, S up to 600 and head dims up to 128, in
+  ``GPU_PARTS`` parts of their own seeds (reproducible, each short enough for one shard).
 * ``explore``: random (not derandomized), many examples, shrinks failures: for hunting
   bugs locally, ``JFLASH_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py -k "xla"``.
 
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
@@ -251,12 +252,33 @@ def test_fuzz_triton(case, blocks):
   fuzz_check(case, "triton", blocks)
 
 
+# The "gpu" profile's examples run in GPU_PARTS seeded parts, each its own test: one test
+# of all 30 "triton" draws took over 570 s on an H100 (each draw compiles its own kernels),
+# past benchmarks/gpu_check.sh's shard limit, which then lost pytest's report. A part is
+# reproducible alone (``-k "test_fuzz_triton_gpu and 3"``) and draws its own cases.
+GPU_PARTS = {"triton": 6, "mosaic": 3}
+
+
+def _fuzz_gpu_part(impl: str, strategy, part: int):
+  """Part ``part`` of ``impl``'s "gpu"-profile fuzzing: its share of the examples, drawn
+  from seed ``part``."""
+  base = _settings("gpu", impl)
+  n = -(-base.max_examples // GPU_PARTS[impl])
+
+  @seed(part)
+  @settings(base, max_examples=n, derandomize=False)
+  @given(case=strategy)
+  def run(case):
+    fuzz_check(case, impl)
+
+  run()
+
+
 @pytest.mark.gpu
-@_settings("gpu", "triton")
-@given(case=cases(max_len=600, head_dims=GPU_HEAD_DIMS))
-def test_fuzz_triton_gpu(case):
+@pytest.mark.parametrize("part", range(GPU_PARTS["triton"]))
+def test_fuzz_triton_gpu(part):
   """"triton" compiled on the GPU, default tiles, shapes that span several of them."""
-  fuzz_check(case, "triton")
+  _fuzz_gpu_part("triton", cases(max_len=600, head_dims=GPU_HEAD_DIMS), part)
 
 
 def _mosaic_case(case: Case) -> Case:
@@ -268,13 +290,12 @@ def _mosaic_case(case: Case) -> Case:
 
 
 @pytest.mark.gpu
-@_settings("gpu", "mosaic")
-@given(case=cases(max_len=600, head_dims=GPU_HEAD_DIMS).map(_mosaic_case))
-def test_fuzz_mosaic_gpu(case):
+@pytest.mark.parametrize("part", range(GPU_PARTS["mosaic"]))
+def test_fuzz_mosaic_gpu(part):
   """"mosaic" (Hopper only) on the GPU: its forward and backward kernels, default config."""
   if str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
     pytest.skip("mosaic needs an sm90 GPU")
-  fuzz_check(case, "mosaic")
+  _fuzz_gpu_part("mosaic", cases(max_len=600, head_dims=GPU_HEAD_DIMS).map(_mosaic_case), part)
 
 
 # Failures hypothesis found, minimised, kept as fixed cases: (impl, case, tiles).

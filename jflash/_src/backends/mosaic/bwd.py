@@ -367,9 +367,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         plgpu.commit_smem()
       dk, dv = _mmas((dk, dv), mmas, stage)
       if cfg.fused_dq:
-        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
-                h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
-                q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+        add_dq(i, g)
       return dk, dv
 
     def early_step(c, i, g, accs, st, dpt, lse, delta, vis, q_s, do_s):
@@ -393,10 +391,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       if cfg.split_dq:
         return dq_half_step(c, i, g, (dk, dv), (), None)
       if cfg.fused_dq:
-        _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
-                h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
-                q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+        add_dq(i, g)
       return dk, dv
+
+    def add_dq(i, g):
+      """The fused dQ without ``split_dq``: this consumer's dS (in ds_smem) times its K,
+      added into query tile ``i``'s rows of head ``g``'s dQ."""
+      _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
+              h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
+              q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
 
     def share_ds(c, dst):
       """``cfg.split_dq``: this consumer's dS^T into its rows of the step's buffer (two,
