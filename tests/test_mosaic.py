@@ -52,6 +52,9 @@ GPU_CASES = {
                         window=(200, 30)),
     "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
                              softcap=20.0, is_causal=True),
+    # d=64 past 4096 keys: the three-stage ring of 256-key tiles (MosaicConfig.for_problem).
+    "bf16_d64_causal_5000": Case(b=1, t=5000, s=5000, n=2, k=1, h=64, dtype=jnp.bfloat16,
+                                 is_causal=True),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
     # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
     # d <= 128, the Triton one for d = 256.
@@ -215,6 +218,16 @@ def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
   cfg = dataclasses.replace(MosaicConfig.for_problem(t, t, d), **config)
   f = jax.jit(lambda q, k, v, a, c, *ids: mosaic_fwd.forward(p, cfg, q, k, v, a, c, *ids))
   f.trace(q, kv, kv, lens, lens, *ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_long_d64_default_lowers_for_cuda(causal):
+  """Past 4k keys d=64 takes three stages of 256-key tiles: they fit sm90's SMEM only
+  without Mosaic's reduction scratch (fwd.py), which the lowering checks."""
+  cfg = MosaicConfig.for_problem(16384, 16384, 64, causal=causal)
+  assert (cfg.block_kv, cfg.stages) == (256, 3)
+  _lower_forward_for_cuda(64, causal, None, block_kv=cfg.block_kv, stages=cfg.stages,
+                          q_tiles_per_cta=cfg.q_tiles_per_cta)
 
 
 @pytest.mark.parametrize("d, causal, config", [

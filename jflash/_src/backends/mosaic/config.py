@@ -13,7 +13,8 @@ CONSUMER_WGS = 2
 # Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers and
 # what Mosaic adds to the scratch buffers counted here: its lowering reports 2.6 KiB more
 # than smem_bytes (d=128: 232552 against 229888 with three Q buffers, 232544 with one Q
-# buffer and stages=3), over 227 KiB, where a 1 KiB margin had passed both.
+# buffer and stages=3), over 227 KiB, where a 1 KiB margin had passed both. 2 KiB of
+# that is Mosaic's reduction scratch, which the forward no longer reserves (fwd.py).
 SMEM_BYTES = 227 * 1024 - 4 * 1024
 # 64K registers per SM over 128 threads per warpgroup: the per-thread register counts of
 # the producer and the consumers (setmaxnreg) may add up to at most this.
@@ -96,9 +97,12 @@ class MosaicConfig:
     # d=128 keeps 128 (a 64x256 f32 score tile would not fit in registers beside the
     # accumulator); d=256 needs 64-key tiles to keep the 64x256 f32 accumulator, the
     # scores and the ring within registers and SMEM.
+    # d=64 past 4k keys: a third 256-key stage (H100, 2026-11-26, fwd TFLOP/s against
+    # two: s=16k 476 -> 485 non-causal, 471 -> 479 causal; at 4k -1%). It fits since the
+    # forward reserves no SMEM for cross-warp reductions (fwd.py).
     short_causal = causal and kv_len <= 2048
-    block_kv, stages = {64: (128, 3) if segments else (128 if short_causal else 256, 2),
-                        128: (128, 2), 256: (64, 2)}[head_dim]
+    d64 = (128, 3) if segments else (128 if short_causal else 256, 3 if kv_len > 4096 else 2)
+    block_kv, stages = {64: d64, 128: (128, 2), 256: (64, 2)}[head_dim]
     block_kv = min(block_kv, max(64, -(-kv_len // 64) * 64))
     # Several q tiles per CTA up to 4k keys: the K/V ring runs on from one tile to the
     # next, hiding each tile's prologue and epilogue. Two at d>=128 (H100, 2026-11-22:

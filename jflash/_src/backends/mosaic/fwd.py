@@ -542,7 +542,10 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       grid_names=names,
       num_threads=CONSUMER_WGS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      # No SMEM reserved for cross-warp reductions (2 KiB by default): the kernel's row
+      # max and sum reduce within a warp, and Mosaic refuses a reduction that would need
+      # it. The 2 KiB let d=64 hold a third stage of 256-key tiles.
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="jflash_mosaic_fwd",
   )(q, k, v, q_valid, kv_valid, *extra)
