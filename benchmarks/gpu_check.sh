@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [bench.py args...]    e.g. --quick --s 4096
 #   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; JOBS=4 test shards, SHARD_TIMEOUT s each;
 #   TESTS=<pytest -k expr>, or TEST_IDS_FILE=<file of test ids>. Output goes to $OUT (default ./bench_out):
-#   gpu_tests.log, bench.log, results.json, results.md, tflops.png.
+#   gpu_tests.log, failures.log (each failing test's report, written as it fails),
+#   bench.log, results.json, results.md, tflops.png.
 #   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
 #   train_step.log, train_step.md, train_step.json.
 # Exits with the pytest status, so a benchmark hiccup cannot hide a failing kernel.
@@ -45,6 +46,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       | grep '::' > "$shards/ids"
   fi
   echo "$(wc -l < "$shards/ids") tests"
+  # tests/conftest.py appends every failure here at once: a shard cut by its time limit
+  # loses pytest's final report, not these.
+  export JFLASH_FAILURE_LOG="$OUT/failures.log"
+  rm -f "$JFLASH_FAILURE_LOG"
   pids=()
   for ((i = 0; i < jobs; i++)); do
     awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/ids" > "$shards/$i.ids"
@@ -70,6 +75,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   done_n="$(grep -cE "::.* (PASSED|SKIPPED)" "$OUT/gpu_tests.log")"
   echo "finished (passed or skipped): $done_n of $(wc -l < "$shards/ids")"
   [ "$done_n" -eq "$(wc -l < "$shards/ids")" ] || test_status=1
+  [ -s "$JFLASH_FAILURE_LOG" ] && { echo "== failures (also in failures.log)"; head -c 6000 "$JFLASH_FAILURE_LOG"; }
   echo "== pytest exit status: $test_status"
 fi
 
