@@ -58,9 +58,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # Each shard stops by SHARD_TIMEOUT seconds, so a slow one cannot take the logs down.
     # numpy's BLAS (the float64 references) gets its share of the cores, not all of them
     # in every shard: oversubscribed, the references took minutes per test.
+    # The shards' JAX pools take 70% of the GPU's memory, not 90%: the rest is the CUDA
+    # driver's, for 13 contexts and their command buffers (with 90%, H100 2026-11-26:
+    # RESOURCE_EXHAUSTED "instantiate command buffer" in three tests, the cause of the
+    # test_fuzz_triton_gpu failures of sessions 8 and 9).
     threads=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
-    XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.9 / $jobs, 3))")" \
+    XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $jobs, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
       --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &
     pids+=($!)
