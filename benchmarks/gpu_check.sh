@@ -60,8 +60,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # in every shard: oversubscribed, the references took minutes per test.
     # The shards' JAX pools take 70% of the GPU's memory, not 90%: the rest is the CUDA
     # driver's, for 13 contexts and their command buffers (with 90%, H100 2026-11-26:
-    # RESOURCE_EXHAUSTED "instantiate command buffer" in three tests, the cause of the
-    # test_fuzz_triton_gpu failures of sessions 8 and 9).
+    # RESOURCE_EXHAUSTED "instantiate command buffer" in three tests, test_fuzz_triton_gpu
+    # among them: likely session 9's unexplained failure of it too).
     threads=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $jobs, 3))")" \
