@@ -97,11 +97,13 @@ class MosaicConfig:
     # d=128 keeps 128 (a 64x256 f32 score tile would not fit in registers beside the
     # accumulator); d=256 needs 64-key tiles to keep the 64x256 f32 accumulator, the
     # scores and the ring within registers and SMEM.
-    # d=64 past 4k keys: a third 256-key stage (H100, 2026-11-26, fwd TFLOP/s against
-    # two: s=16k 476 -> 485 non-causal, 471 -> 479 causal; at 4k -1%). It fits since the
-    # forward reserves no SMEM for cross-warp reductions (fwd.py).
+    # d=64, causal, past 4k keys: a third 256-key stage (two H100 runs, 2026-11-26, s=16k
+    # fwd TFLOP/s against two stages: causal 471 -> 479 and 468 -> 487; non-causal 476 ->
+    # 485 but 493 -> 482, so not there; 4k -1%). It fits since the forward reserves no
+    # SMEM for cross-warp reductions (fwd.py).
     short_causal = causal and kv_len <= 2048
-    d64 = (128, 3) if segments else (128 if short_causal else 256, 3 if kv_len > 4096 else 2)
+    long_causal = causal and kv_len > 4096
+    d64 = (128, 3) if segments else (128 if short_causal else 256, 3 if long_causal else 2)
     block_kv, stages = {64: d64, 128: (128, 2), 256: (64, 2)}[head_dim]
     block_kv = min(block_kv, max(64, -(-kv_len // 64) * 64))
     # Several q tiles per CTA up to 4k keys: the K/V ring runs on from one tile to the
