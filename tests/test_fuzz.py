@@ -245,8 +245,9 @@ def test_fuzz_triton(case, blocks):
 
 # The "gpu" profile's examples run in GPU_PARTS seeded parts, each its own test: one test
 # of all 30 "triton" draws took over 570 s on an H100 (each draw compiles its own kernels),
-# past benchmarks/gpu_check.sh's shard limit, which then lost pytest's report. A part is
-# reproducible alone (``-k "test_fuzz_triton_gpu and 3"``) and draws its own cases.
+# past benchmarks/gpu_check.sh's shard limit, which then lost pytest's report (the
+# slowest part, [1], took 418 s on an H100). A part is reproducible alone
+# (``pytest -m gpu "tests/test_fuzz.py::test_fuzz_triton_gpu[3]"``) and draws its own cases.
 GPU_PARTS = {"triton": 6, "mosaic": 3}
 
 
