@@ -52,7 +52,7 @@ GPU_CASES = {
                         window=(200, 30)),
     "bf16_d80_softcap": Case(b=1, t=512, s=512, n=2, k=2, h=80, dtype=jnp.bfloat16,
                              softcap=20.0, is_causal=True),
-    # d=64 past 4096 keys: the three-stage ring of 256-key tiles (MosaicConfig.for_problem).
+    # d=64, causal, past 4096 keys: the three-stage ring of 256-key tiles (for_problem).
     "bf16_d64_causal_5000": Case(b=1, t=5000, s=5000, n=2, k=1, h=64, dtype=jnp.bfloat16,
                                  is_causal=True),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
