@@ -87,7 +87,23 @@ BWD_INTERPRET_CASES = {
     "segment_pair_lengths_empty_one_wg": (
         SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
         MosaicBwdConfig(dkv_block_q=128, dq_block_kv=128, consumers=1)),
+    # d=256 (its default config splits the head dim between the consumers, who share
+    # one 64-row tile); and d=160, padded to 256, with lengths, an empty kv row, GQA.
+    "bf16_causal_cross_tail_gqa_d256": (
+        Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.bfloat16, is_causal=True), None),
+    "f16_softcap_lengths_empty_gqa_d160": (
+        Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
+             q_lengths=[130, 70], kv_lengths=[90, 0]), None),
 }
+
+
+def test_d256_interpret_cases_split_the_head_dim():
+  for name in ("bf16_causal_cross_tail_gqa_d256", "f16_softcap_lengths_empty_gqa_d160"):
+    case = BWD_INTERPRET_CASES[name][0]
+    d = mosaic_backend.padded_head_dim(case.h)
+    assert d == 256
+    cfg = MosaicBwdConfig.for_problem(case.t, case.s, d)
+    assert cfg.split_head_dim and cfg.tiles_per_cta == 1 and cfg.head_cols(d) == 128
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
@@ -211,7 +227,8 @@ def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
 
 @pytest.mark.parametrize("d, causal, softcap, kh, segments", [
     (64, False, None, 2, False), (128, True, None, 4, False), (128, False, 30.0, 1, False),
-    (64, True, None, 2, True), (128, False, None, 4, True)])
+    (64, True, None, 2, True), (128, False, None, 4, True),
+    (256, True, None, 2, False), (256, False, 30.0, 4, True)])
 def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
   _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
 
@@ -299,6 +316,22 @@ def test_mosaic_bwd_config_refuses_unknown_dq_mode():
     MosaicBwdConfig(dq_mode="fused")
 
 
+@pytest.mark.parametrize("fields", [dict(consumers=1), dict(dq_mode="atomic")])
+def test_mosaic_bwd_config_split_head_dim_needs_two_consumers_and_no_fused_dq(fields):
+  with pytest.raises(ValueError, match="split_head_dim needs consumers=2"):
+    MosaicBwdConfig(split_head_dim=True, **fields)
+
+
+def test_mosaic_bwd_split_head_dim_refuses_half_tiles():
+  """d=64 would split into 32-column halves, which Mosaic cannot slice: refused before
+  any kernel is built, naming the config."""
+  cfg = MosaicBwdConfig(split_head_dim=True)
+  assert cfg.split_head_dim_unsupported(128) is None
+  assert "split_head_dim" in cfg.split_head_dim_unsupported(64)
+  with pytest.raises(NotImplementedError, match="split_head_dim=True"):
+    _lower_backward_for_cuda(64, False, None, 2, cfg=cfg)
+
+
 @pytest.mark.parametrize("d, s, causal, deterministic, segments, mode", [
     (64, 1, False, False, False, "atomic"),  # 128-row steps: halves of whole tiles
     (64, 64, True, False, False, "atomic"),
@@ -312,6 +345,7 @@ def test_mosaic_bwd_config_refuses_unknown_dq_mode():
     (128, 16384, False, True, False, "separate"),
     (64, 16384, True, False, True, "separate"),  # packed documents
     (128, 16384, True, False, True, "separate"),
+    (256, 16384, False, False, False, "separate"),  # split_head_dim has no fused dQ
 ])
 def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, mode):
   cfg = MosaicBwdConfig.for_problem(s, s, d, deterministic=deterministic, segments=segments,
@@ -320,6 +354,7 @@ def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, 
   assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
   # dV's wgmma before dS^T at d=128 in every mode (measured faster there, slower at d=64).
   assert cfg.dv_early == (d == 128)
+  assert cfg.split_head_dim == (d == 256)
   # Without a word on determinism, a direct caller gets the reproducible config.
   assert MosaicBwdConfig.for_problem(s, s, d, causal=causal).dq_mode == "separate"
 
@@ -367,7 +402,7 @@ def test_mosaic_bwd_config_fits_shared_memory():
   from jflash._src.backends.mosaic.config import DQ_MODES, SMEM_BYTES
   for d in mosaic_bwd.HEAD_DIMS:
     for s in (64, 1000, 16384):
-      for dq_mode in DQ_MODES:
+      for dq_mode in DQ_MODES if d < 256 else ["separate"]:  # d=256: split_head_dim
         cfg = dataclasses.replace(MosaicBwdConfig.for_problem(s, s, d), dq_mode=dq_mode)
         assert cfg.dkv_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
         assert cfg.dq_smem_bytes(d) <= SMEM_BYTES, (d, s, cfg)
@@ -389,6 +424,12 @@ BWD_GPU_CASES = {
     "segment_f16_d128_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=128,
                                                 dtype=jnp.float16, segments="pair",
                                                 q_lengths=[700, 100], kv_lengths=[0, 900]),
+    # d=256 (split_head_dim), padded d=192 with a window, GQA.
+    "bf16_d256_causal_gqa_tail_1000": Case(b=1, t=1000, s=1000, n=4, k=2, h=256,
+                                           dtype=jnp.bfloat16, is_causal=True),
+    "f16_d192_window_gqa_lengths": Case(b=2, t=700, s=900, n=4, k=1, h=192,
+                                        dtype=jnp.float16, window=(200, 30),
+                                        q_lengths=[700, 300], kv_lengths=[900, 500]),
 }
 
 
@@ -441,10 +482,12 @@ def _fused_dq_config(case: Case, dq_mode: str, **fields) -> MosaicBwdConfig:
                              **fields)
 
 
-# The fused dQ modes on the GPU: every BWD_GPU_CASES shape plus the ones with empty rows,
-# a window and a long causal run (many key tiles take turns on one query tile).
+# The fused dQ modes on the GPU: every BWD_GPU_CASES shape up to d=128 (d=256 splits
+# the head dim, which has no fused dQ) plus the ones with empty rows, a window and a
+# long causal run (many key tiles take turns on one query tile).
 FUSED_DQ_GPU_CASES = {
-    **BWD_GPU_CASES,
+    **{name: case for name, case in BWD_GPU_CASES.items()
+       if mosaic_backend.padded_head_dim(case.h) <= 128},
     "bf16_lengths_empty_rows": GPU_CASES["bf16_lengths_empty_rows"],
     "bf16_window": GPU_CASES["bf16_window"],
     "bf16_d128_causal_4k": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16,

@@ -2,7 +2,7 @@
 
 The forward pass is the FA3-style kernel of fwd.py. The backward pass is the Triton dK/dV
 and dQ kernels (backends/triton), or with ``MosaicConfig.mosaic_backward`` the Mosaic ones
-of bwd.py where they support the call (head dims up to 128): both need nothing from the
+of bwd.py where they support the call (no bias): both need nothing from the
 forward but the natural-log lse, which this forward writes with the same contract.
 
 ``supports`` refuses (NotImplementedError, naming what is missing) anything the forward

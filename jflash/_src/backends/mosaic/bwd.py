@@ -9,7 +9,10 @@ every output tile is owned by one CTA, so results are bitwise reproducible
 Each CTA runs ``cfg.consumers`` consumer warpgroups of 64 rows (the M of one wgmma) and
 one TMA producer warpgroup that streams the other operand through a ring of ``stages``
 SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
-with the slot).
+with the slot). With ``cfg.split_head_dim`` (d=256) the two consumers share one 64-row
+tile instead, both compute its full S and dP, and each accumulates half of the head dim
+of dK and dV (or dQ): the whole would not fit one warpgroup's registers. They write
+their halves into the tile's SMEM, meet, and the first stores it (``_store_tile``).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -63,7 +66,9 @@ from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-HEAD_DIMS = (64, 128)  # d=256 would not fit the dK and dV accumulators in registers
+# d=256 splits the head dim between the consumers (MosaicBwdConfig.split_head_dim): its
+# f32 dK and dV would not fit one warpgroup's registers.
+HEAD_DIMS = (64, 128, 256)
 
 
 def _matmuls(shape, *operands):
@@ -196,6 +201,39 @@ def _range_row(segs, b, tile, wg):
   return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
 
 
+def _own_tile(cfg: MosaicBwdConfig, wg, d: int):
+  """Which of the CTA's 64-row tiles consumer ``wg`` works on (keys in dK/dV, query rows
+  in dQ), and which columns of the head dim its gradients cover: a tile and all columns
+  of its own, or with ``split_head_dim`` the CTA's one tile, shared, and its half."""
+  if not cfg.split_head_dim:
+    return wg, None
+  half = cfg.head_cols(d)
+  return 0, pl.ds(wg * half, half)
+
+
+def _cols(ref, cols):
+  """``ref``'s columns ``cols`` (None: all of them, the ref itself)."""
+  return ref if cols is None else ref.at[:, cols]
+
+
+def _store_tile(cfg: MosaicBwdConfig, met, first, copies):
+  """TMA-stores the staged ``(smem, gmem)`` tiles (written and committed by this
+  consumer) and waits. With ``split_head_dim`` each consumer wrote its half of a shared
+  tile; a TMA store needs its SMEM contiguous, so the consumers meet on ``met`` and the
+  tile's ``first`` consumer stores the whole of it."""
+  def store():
+    for src, dst in copies:
+      plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+  if not cfg.split_head_dim:
+    store()
+    return
+  plgpu.barrier_arrive(met)
+  plgpu.barrier_wait(met)
+  pl.when(first)(store)
+
+
 def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
   """``"ordered"``: how many 64-key tiles add into query tile ``i`` before ``k_tile``.
 
@@ -285,23 +323,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   ``dq_acc`` holds only those (their query heads), from its own index 0."""
   offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
-   dq_smem, kv_full, full, consumed, ds_ready, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
+   dq_smem, kv_full, full, consumed, met, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
     # step is traced once per loop (masked, unmasked), which must share the turns.
     batch, tp, n, _ = dq_acc.shape
     sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * (tp // cfg.dkv_block_q),)))
-  bk, bq, wgs = WG_ROWS, cfg.dkv_block_q, cfg.consumers
+  bk, bq, wgs, tiles = WG_ROWS, cfg.dkv_block_q, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh_c, b_c, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
   kh, b = (kh_c + offsets[1], b_c + offsets[0]) if cfg.fused_dq else (kh_c, b_c)
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   kt = lax.axis_index("k")
-  cta_k0 = kt * (wgs * bk)
+  cta_k0 = kt * (tiles * bk)
   # Query tiles any consumer may need: what the producer loads, for every query head.
-  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, wgs * bk, bq, nq, q_valid, kv_valid,
-                                            _range_row(segs, b, kt, wgs))
+  u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, tiles * bk, bq, nq, q_valid,
+                                            kv_valid, _range_row(segs, b, kt, tiles))
   per_head = u_hi - u_lo
   ring = _Ring(cfg.dkv_stages, groups * per_head, full, consumed)
 
@@ -325,19 +363,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   @pl.when(wg < wgs)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-    k0 = cta_k0 + wg * bk
-    my_k, my_v = k_smem.at[pl.ds(wg * bk, bk)], v_smem.at[wg]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[wg])
-    if segs is not None:
-      plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(k0, bk)], kseg_smem.at[wg], kv_full.at[wg])
+    # This consumer's key tile and its columns of dK and dV (_own_tile).
+    own, cols = _own_tile(cfg, wg, d)
+    k0 = cta_k0 + own * bk
+    my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
+
+    @pl.when(wg == own)  # the tile's first consumer loads it
+    def _():
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[own])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[own])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(k0, bk)], kseg_smem.at[own],
+                                kv_full.at[own])
+
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
         for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
-                                        _range_row(segs, b, kt, wg)))
+                                        _range_row(segs, b, kt, own)))
     k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
-    plgpu.barrier_wait(kv_full.at[wg])
-    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[wg], layout=_ROW)
+    plgpu.barrier_wait(kv_full.at[own])
+    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
 
     def step(c, slot, i, carry, masked: bool, g):
       dk, dv = carry
@@ -356,7 +401,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       dst = dst.astype(dtype)
-      mmas = ((dst, q_s), (pt.astype(dtype), do_s))
+      mmas = ((dst, _cols(q_s, cols)), (pt.astype(dtype), _cols(do_s, cols)))
       if cfg.split_dq:
         # dK and dV run while we wait for the other consumer's dS^T; then our half of the
         # CTA's dQ partial.
@@ -378,14 +423,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
       def f(refs):
         dk_ref, dv_ref = refs
-        plgpu.wgmma(dv_ref, pt16, do_s)
+        plgpu.wgmma(dv_ref, pt16, _cols(do_s, cols))
         dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
         if cfg.split_dq:
           share_ds(c, dst)
         elif cfg.fused_dq:
           ds_smem.at[wg][...] = dst
           plgpu.commit_smem()
-        plgpu.wgmma(dk_ref, dst, q_s)
+        plgpu.wgmma(dk_ref, dst, _cols(q_s, cols))
 
       dk, dv = pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
       if cfg.split_dq:
@@ -407,7 +452,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       matmul that read it, which it waited for before meeting us at the step between)."""
       ds_smem.at[lax.rem(c, 2), pl.ds(wg * bk, bk)][...] = dst
       plgpu.commit_smem()
-      plgpu.barrier_arrive(ds_ready)
+      plgpu.barrier_arrive(met)
 
     def dq_half_step(c, i, g, accs, mmas, stage):
       mm, where = _dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, i=i, wg=wg)
@@ -415,7 +460,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       # step, not two) kept P^T and dS^T live beside three accumulators and measured no
       # faster (H100, benchmarks/MOSAIC_NOTES.md, session 6).
       accs = _mmas(accs, mmas, stage) if mmas else accs
-      plgpu.barrier_wait(ds_ready)  # the other consumer's dS^T is in too
+      plgpu.barrier_wait(met)  # the other consumer's dS^T is in too
       (dq,) = _matmuls(mm[0], mm[1:])
       _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g, kt=kt * wgs,
                    interpret=interpret)
@@ -433,37 +478,38 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
                     functools.partial(step, g=g), carry,
                     functools.partial(skipped, g=g) if cfg.split_dq else None)
 
-    zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = plgpu.layout_cast(jnp.zeros((bk, cfg.head_cols(d)), jnp.float32),
+                              plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
-    if cfg.split_dq:
-      # The other consumer's last dQ matmul read our K: meet once more before dK
-      # overwrites it.
-      plgpu.barrier_arrive(ds_ready)
-      plgpu.barrier_wait(ds_ready)
+    if cfg.split_dq or cfg.split_head_dim:
+      # The other consumer's last matmuls read our K (split_dq: its dQ half) or the
+      # shared K and V (split_head_dim): meet once more before dK and dV overwrite them.
+      plgpu.barrier_arrive(met)
+      plgpu.barrier_wait(met)
     # K's and V's slots now stage dK and dV (every wgmma reading them has completed).
-    my_k[...] = (dk * p.scale).astype(dtype)
-    my_v[...] = dv.astype(dtype)
+    _cols(my_k, cols)[...] = (dk * p.scale).astype(dtype)
+    _cols(my_v, cols)[...] = dv.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(my_k, dk_ref.at[b, pl.ds(k0, bk), kh])
-    plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, pl.ds(k0, bk), kh])
-    plgpu.wait_smem_to_gmem(0)
+    rows = (b, pl.ds(k0, bk), kh)
+    _store_tile(cfg, met, wg == own, ((my_k, dk_ref.at[rows]), (my_v, dv_ref.at[rows])))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, q_full, full,
-               consumed, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicBwdConfig,
-               nq: int, nk: int, groups: int, interpret: bool):
-  """``qseg_smem`` (a consumer's query ids), ``kseg_smem`` (the ring's key ids): None
-  without segment ids."""
-  bq, bk, wgs = WG_ROWS, cfg.dq_block_kv, cfg.consumers
+               consumed, met, qseg_smem, kseg_smem, *, segs, p: Problem,
+               cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
+  """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
+  without segment ids; ``met`` (split_head_dim only, else None): the consumers' last
+  meeting, before dQ overwrites the Q they share."""
+  bq, bk, wgs, tiles = WG_ROWS, cfg.dq_block_kv, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   # The last query tiles first: under a causal mask they have the most keys.
   qt = nq - 1 - lax.axis_index("q")
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
-  cta_q0 = qt * (wgs * bq)
-  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, wgs * bq, bk, nk, q_valid, kv_valid,
-                                             _range_row(segs, b, qt, wgs))
+  cta_q0 = qt * (tiles * bq)
+  u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, tiles * bq, bk, nk, q_valid,
+                                             kv_valid, _range_row(segs, b, qt, tiles))
   ring = _Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
 
   @pl.when(wg == wgs)
@@ -483,24 +529,29 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   @pl.when(wg < wgs)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-    q0 = cta_q0 + wg * bq
-    my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+    own, cols = _own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
+    q0 = cta_q0 + own * bq
+    my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, q_full.at[wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[wg])
-    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], q_full.at[wg])
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], q_full.at[wg])
-    if segs is not None:
-      plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[wg], q_full.at[wg])
+
+    @pl.when(wg == own)  # the tile's first consumer loads it
+    def _():
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, q_full.at[own])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[own])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[own], q_full.at[own])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[own], q_full.at[own])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[own], q_full.at[own])
+
     ranges = tuple(
         jnp.clip(x, u_lo, u_hi)
         for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
-                                         _range_row(segs, b, qt, wg)))
+                                         _range_row(segs, b, qt, own)))
     q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
-    plgpu.barrier_wait(q_full.at[wg])
-    q_seg = None if segs is None else plgpu.load(qseg_smem.at[wg], layout=_ROW)
-    lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
-    delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+    plgpu.barrier_wait(q_full.at[own])
+    q_seg = None if segs is None else plgpu.load(qseg_smem.at[own], layout=_ROW)
+    lse = plgpu.load(lse_smem.at[own], layout=_ROW)
+    delta = plgpu.load(delta_smem.at[own], layout=_ROW)
 
     def step(c, slot, j, dq, masked: bool):
       del c
@@ -512,26 +563,29 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
-      return _mmas((dq,), ((ds.astype(dtype), k_smem.at[slot]),), stage)[0]
+      return _mmas((dq,), ((ds.astype(dtype), _cols(k_smem.at[slot], cols)),), stage)[0]
 
-    zeros = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = plgpu.layout_cast(jnp.zeros((bq, cfg.head_cols(d)), jnp.float32),
+                              plgpu.Layout.WGMMA)
     dq = _visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
-    my_q[...] = (dq * p.scale).astype(dtype)  # Q's slot now stages dQ
+    if cfg.split_head_dim:  # the other consumer's last S and dP read the shared Q, dO
+      plgpu.barrier_arrive(met)
+      plgpu.barrier_wait(met)
+    _cols(my_q, cols)[...] = (dq * p.scale).astype(dtype)  # Q's slot now stages dQ
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(my_q, dq_ref.at[b, rows, h])
-    plgpu.wait_smem_to_gmem(0)
+    _store_tile(cfg, met, wg == own, ((my_q, dq_ref.at[b, rows, h]),))
 
 
 def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
              q_seg=None, kv_seg=None):
   """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
-  ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in {64, 128}), ``lse, delta [B, N, Tp]``
+  ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in HEAD_DIMS), ``lse, delta [B, N, Tp]``
   (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``,
   segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff ``p.mask.has_segment_ids``;
   padding ids never equal). Returns ``dq, dk, dv`` (padded)."""
   b, tp, n, d = q.shape
   sp, kh = k.shape[1], k.shape[2]
-  groups, wgs, interpret = n // kh, cfg.consumers, p.interpret
+  groups, wgs, tiles, interpret = n // kh, cfg.consumers, cfg.tiles_per_cta, p.interpret
   params = dict(
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -546,18 +600,18 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
-  if why := cfg.split_dq_unsupported(d):
+  if why := cfg.split_dq_unsupported(d) or cfg.split_head_dim_unsupported(d):
     raise NotImplementedError(why)
 
   bq, stages, fused, split = cfg.dkv_block_q, cfg.dkv_stages, cfg.fused_dq, cfg.split_dq
-  # Per consumer's 64 keys, over query tiles of bq rows.
-  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, wgs, by_rows=False)
+  # Per 64-key tile, over query tiles of bq rows.
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, tiles, by_rows=False)
            ) if seg else ()
   dkv = functools.partial(
       plgpu.kernel,
       scratch_types=[
-          smem_tile((wgs * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
-          smem_tile((wgs, WG_ROWS, d), v.dtype),
+          smem_tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
+          smem_tile((tiles, WG_ROWS, d), v.dtype),
           smem_tile((stages, bq, d), q.dtype),
           smem_tile((stages, bq, d), dout.dtype),
           plgpu.SMEM((stages, bq), jnp.float32),
@@ -570,11 +624,12 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           (smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
            smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
-          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=tiles),
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=wgs) if split else None,  # both consumers' dS^T in
-          ids((wgs, WG_ROWS)),  # the consumers' key ids
+          # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V.
+          plgpu.Barrier(num_arrivals=wgs) if split or cfg.split_head_dim else None,
+          ids((tiles, WG_ROWS)),  # the key tiles' ids
           ids((stages, bq)),  # the ring's query ids
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
@@ -585,7 +640,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   )
   body = functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
                            groups=groups, interpret=interpret)
-  nk = sp // (wgs * WG_ROWS)
+  nk = sp // (tiles * WG_ROWS)
   if fused:
     return _fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
   dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -593,26 +648,27 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                grid=(b, kh, nk))(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
-  nq = tp // (wgs * WG_ROWS)
-  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, wgs, by_rows=True)
+  nq = tp // (tiles * WG_ROWS)
+  extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, tiles, by_rows=True)
            ) if seg else ()
   dq = plgpu.kernel(
       functools.partial(_with_segments(_dq_kernel, seg), p=p, cfg=cfg, nq=nq,
                         nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          smem_tile((wgs, WG_ROWS, d), q.dtype),
-          smem_tile((wgs, WG_ROWS, d), dout.dtype),
-          plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
-          plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+          smem_tile((tiles, WG_ROWS, d), q.dtype),
+          smem_tile((tiles, WG_ROWS, d), dout.dtype),
+          plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
+          plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
           smem_tile((stages, bk, d), k.dtype),
           smem_tile((stages, bk, d), v.dtype),
           smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
-          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          ids((wgs, WG_ROWS)),  # the consumers' query ids
+          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,  # last meeting
+          ids((tiles, WG_ROWS)),  # the query tiles' ids
           ids((stages, bk)),  # the ring's key ids
       ],
       grid=(b, n, nq),  # the query tiles fastest (see above)

@@ -178,6 +178,12 @@ class MosaicBwdConfig:
   ``dv_early``: the dK/dV kernel issues dV's wgmma from P^T before it computes dS^T
   (bwd.early_step), so fewer f32 score tiles are live at once (GPU only: the
   interpreter stages both through SMEM either way).
+  ``split_head_dim``: the consumers share one 64-row tile (the keys of the dK/dV kernel,
+  the query rows of the dQ kernel) and each accumulates its half of the gradients' head
+  dim, where one warpgroup's registers cannot hold the whole: d=256, whose f32 dK and dV
+  (or dQ) of 64 rows take 256 (128) registers a thread. Both consumers compute the full
+  S and dP over the head dim, so the dK/dV kernel does 1.5x and the dQ kernel 1.67x the
+  matmuls of one consumer per tile. Needs ``consumers=2`` and ``dq_mode="separate"``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -198,6 +204,7 @@ class MosaicBwdConfig:
   dq_chunks: int = 8
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
+  split_head_dim: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -218,6 +225,27 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
+    if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
+      raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
+                       f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
+
+  @property
+  def tiles_per_cta(self) -> int:
+    """64-row tiles a CTA owns (keys in dK/dV, query rows in dQ): one per consumer, or
+    one in all with ``split_head_dim``."""
+    return 1 if self.split_head_dim else self.consumers
+
+  def head_cols(self, head_dim: int) -> int:
+    """Columns of the head dim each consumer's gradients cover."""
+    return head_dim // 2 if self.split_head_dim else head_dim
+
+  def split_head_dim_unsupported(self, head_dim: int) -> str | None:
+    """Why ``split_head_dim`` cannot run at ``head_dim`` (None if it can): its halves
+    must be whole 64-column tiles, which Mosaic slices."""
+    if self.split_head_dim and head_dim % 128:
+      return (f"MosaicBwdConfig(split_head_dim=True) halves head_dim={head_dim} into "
+              f"{head_dim // 2} columns, and Mosaic slices whole 64-column tiles")
+    return None
 
   @property
   def consumer_regs(self) -> int:
@@ -260,18 +288,20 @@ class MosaicBwdConfig:
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
                   deterministic: bool = True, segments: bool = False,
                   causal: bool = False) -> "MosaicBwdConfig":
-    """A heuristic default per (padded) head dim (64 or 128), shrunk to fit SMEM.
+    """A heuristic default per (padded) head dim (64, 128 or 256), shrunk to fit SMEM.
     ``deterministic``: bitwise reproducible results asked for; ``segments``: the call
     has segment ids (packed documents); ``causal``: a causal mask."""
     # The f32 accumulators (dK + dV, or dQ) grow with the head dim, so the score tiles
     # shrink with it to stay within the consumers' registers.
-    dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64)}[head_dim]
+    # d=256 splits the head dim between the consumers (``split_head_dim``).
+    dkv_block_q, dq_block_kv = {64: (128, 128), 128: (64, 64), 256: (64, 64)}[head_dim]
     # Tiles no longer than the padded lengths, which are multiples of 128 (two
     # consumers of 64) at least: a 128-row dK/dV step keeps the split dQ's halves whole
     # 64-row wgmma tiles at d=64 (dq_half_shape), where 64 rows would halve the head dim.
     rows = lambda n: max(64, min(n, -(-q_len // 128) * 128))
     cols = lambda n: max(64, min(n, -(-kv_len // 128) * 128))
-    cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv))
+    cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
+              split_head_dim=head_dim == 256)
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
     # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
@@ -288,8 +318,13 @@ class MosaicBwdConfig:
     # 1.04, 1.08 -> 1.01, 1.06 -> 1.02 without a causal mask (even with one).
     if head_dim == 128:
       cfg = dataclasses.replace(cfg, dv_early=True)
+    # d=256: more registers for the consumers (H100 2026-11-26, fwd+bwd TFLOP/s with
+    # producer_regs 40 -> 24: 4k 344 -> 350, 309 -> 321 causal; 16k 354 -> 365, 355 ->
+    # 363 causal; dv_early mixed: -1.4% .. +2.5%).
+    if head_dim == 256:
+      cfg = dataclasses.replace(cfg, producer_regs=24)
     long = kv_len >= (8192 if causal else 4096)
-    if not (deterministic or segments) and (head_dim == 64 or long):
+    if not (deterministic or segments or cfg.split_head_dim) and (head_dim == 64 or long):
       # (The 128-row floor of ``rows`` keeps its split dQ whole: split_dq_unsupported.)
       cfg = dataclasses.replace(cfg, dq_mode="atomic",
                                 producer_regs=40 if head_dim == 64 else 24)
@@ -303,7 +338,7 @@ class MosaicBwdConfig:
     """K and V of every consumer (reused for dK, dV) + the Q/dO/lse/delta ring; with a
     fused dQ, each consumer's dS^T tile and its f32 dQ partial (staged for the TMA add),
     or with ``split_dq`` two buffers of all consumers' dS^T and the partial in halves."""
-    kv = 2 * self.consumers * WG_ROWS * head_dim * itemsize
+    kv = 2 * self.tiles_per_cta * WG_ROWS * head_dim * itemsize
     ring = self.dkv_stages * self.dkv_block_q * (2 * head_dim * itemsize + 2 * 4)
     dq = 0
     if self.split_dq:  # two dS^T buffers of the CTA's keys + the partial, in halves
@@ -314,14 +349,14 @@ class MosaicBwdConfig:
     return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    """Q and dO of every consumer (Q reused for dQ), their lse/delta + the K/V ring."""
-    q = self.consumers * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
+    """Q and dO of every query tile (Q reused for dQ), their lse/delta + the K/V ring."""
+    q = self.tiles_per_cta * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
     return q + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
 
   @property
   def q_multiple(self) -> int:
-    return math.lcm(self.consumers * WG_ROWS, self.dkv_block_q)
+    return math.lcm(self.tiles_per_cta * WG_ROWS, self.dkv_block_q)
 
   @property
   def k_multiple(self) -> int:
-    return math.lcm(self.consumers * WG_ROWS, self.dq_block_kv)
+    return math.lcm(self.tiles_per_cta * WG_ROWS, self.dq_block_kv)
