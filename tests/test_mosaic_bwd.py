@@ -94,11 +94,16 @@ BWD_INTERPRET_CASES = {
     "f16_softcap_lengths_empty_gqa_d160": (
         Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
              q_lengths=[130, 70], kv_lengths=[90, 0]), None),
+    # Unordered segment ids with lengths: the ids of each half tile ride with it.
+    "segment_pair_lengths_empty_d256": (
+        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
+        None),
 }
 
 
 def test_d256_interpret_cases_split_the_head_dim():
-  for name in ("bf16_causal_cross_tail_gqa_d256", "f16_softcap_lengths_empty_gqa_d160"):
+  for name in ("bf16_causal_cross_tail_gqa_d256", "f16_softcap_lengths_empty_gqa_d160",
+               "segment_pair_lengths_empty_d256"):
     case = BWD_INTERPRET_CASES[name][0]
     d = mosaic_backend.padded_head_dim(case.h)
     assert d == 256

@@ -10,9 +10,11 @@ Each CTA runs ``cfg.consumers`` consumer warpgroups of 64 rows (the M of one wgm
 one TMA producer warpgroup that streams the other operand through a ring of ``stages``
 SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
 with the slot). With ``cfg.split_head_dim`` (d=256) the two consumers share one 64-row
-tile instead, both compute its full S and dP, and each accumulates half of the head dim
-of dK and dV (or dQ): the whole would not fit one warpgroup's registers. They write
-their halves into the tile's SMEM, meet, and the first stores it (``_store_tile``).
+tile instead, and each accumulates half of the head dim of dK and dV (or dQ): the whole
+would not fit one warpgroup's registers. Each computes S and dP against one 32-row half
+of the streamed tile, and they exchange P^T and dS^T (dS) through SMEM (``_Exchange``),
+so no matmul is done twice. At the end they write their halves of the result into the
+tile's SMEM, meet, and the first stores it (``_store_tile``).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -125,6 +127,56 @@ def _dscores(pr, t, dp, delta, axis: int):
   return logits_lib.dscores(pr * (dp - _per_q(delta, pr.shape, axis)), t)
 
 
+def _acc_smem(accs, operands, interpret: bool):
+  """``[acc + sum(a @ b for a, b in pairs)]`` for ``pairs`` of SMEM refs in ``operands``
+  (one list per accumulator): one wgmma group, one wait (in the interpreter, which has
+  no pre-initialised accumulators, fresh ones added)."""
+  if interpret:
+    out = []
+    for acc, pairs in zip(accs, operands):
+      out.append(acc + sum(_matmuls(acc.shape, *pairs)))
+    return tuple(out)
+
+  def f(refs):
+    for ref, pairs in zip(refs, operands):
+      for a, b in pairs:
+        plgpu.wgmma(ref, a, b)
+
+  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
+
+
+class _Exchange:
+  """``split_head_dim``: the consumers' share of one step's score tiles. The ring holds
+  the streamed tile in halves (``[2, 32, D]``, one TMA copy each). Consumer ``wg``
+  computes S and dP against half ``wg``, writes its P^T and dS^T (or dS) into entry
+  ``wg`` of the SMEM exchange tiles with ``put``, and both then multiply both halves
+  into their halves of the head dim. Every slice is a whole leading index: Mosaic
+  cannot slice a 128-byte-swizzled tile at a dynamic 32-row offset. ``met``: both
+  halves are in; ``done``: both consumers' matmuls of the last step, which read the
+  tiles, have completed (one SMEM copy of them, rewritten every step)."""
+
+  def __init__(self, ring: _Ring, met, done, wg):
+    self.ring, self.met, self.done = ring, met, done
+    self.halves = (wg, 1 - wg)  # own half first; both traced (see _acc_smem's callers)
+
+  def put(self, c, pairs):
+    """Writes each ``(tile, smem)``, once the last step's readers are done, and waits
+    for the other consumer's halves."""
+    pl.when(c > 0)(lambda: plgpu.barrier_wait(self.done))
+    for tile, ref in pairs:
+      ref[...] = tile
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(self.met)
+    plgpu.barrier_wait(self.met)
+
+  def finish(self, c):
+    """After this step's matmuls have completed: the tiles may be rewritten. (No arrival
+    after the last step: a phase nobody waits for would be left dangling.)"""
+    @pl.when(c + 1 < self.ring.total)
+    def _():
+      plgpu.barrier_arrive(self.done)
+
+
 class _Ring:
   """Step ``c`` (0, 1, ...) of a CTA's stream lives in slot ``c % stages``."""
 
@@ -199,6 +251,14 @@ def _with_segments(kernel, has_segments: bool):
 def _range_row(segs, b, tile, wg):
   """Row ``wg`` of this CTA's cta_segment_ranges (``wg`` = consumers: the union)."""
   return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
+
+
+def _ring_parts(cfg: MosaicBwdConfig, start, n: int):
+  """The TMA copies of one streamed tile of ``n`` rows from row ``start``: ``(first row,
+  rows)`` each; with ``split_head_dim`` two halves, one per ring sub-slot (_Exchange)."""
+  if not cfg.split_head_dim:
+    return [(start, n)]
+  return [(start, n // 2), (start + n // 2, n // 2)]
 
 
 def _own_tile(cfg: MosaicBwdConfig, wg, d: int):
@@ -323,7 +383,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   ``dq_acc`` holds only those (their query heads), from its own index 0."""
   offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
-   dq_smem, kv_full, full, consumed, met, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
+   dq_smem, kv_full, full, consumed, met, done, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
@@ -350,13 +410,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def load(c, slot):
       g = lax.div(c, per_head)
       h = kh * groups + g
-      rows = pl.ds((u_lo + c - g * per_head) * bq, bq)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], full.at[slot])
-      if segs is not None:
-        plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[slot], full.at[slot])
+      r0 = (u_lo + c - g * per_head) * bq
+      for x, (lo, n) in enumerate(_ring_parts(cfg, r0, bq)):
+        dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
+        rows = pl.ds(lo, n)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], dst(q_smem), full.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dst(do_smem), full.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], dst(lse_smem), full.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], dst(delta_smem), full.at[slot])
+        if segs is not None:
+          plgpu.copy_gmem_to_smem(segs[0].at[b, rows], dst(qseg_smem), full.at[slot])
 
     ring.produce(load)
 
@@ -365,6 +428,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     # This consumer's key tile and its columns of dK and dV (_own_tile).
     own, cols = _own_tile(cfg, wg, d)
+    # split_head_dim: P^T and dS^T of the step's query rows, half from each consumer.
+    xchg = _Exchange(ring, met, done, wg) if cfg.split_head_dim else None
     k0 = cta_k0 + own * bk
     my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
 
@@ -385,6 +450,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
 
     def step(c, slot, i, carry, masked: bool, g):
+      if xchg is not None:
+        return shared_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       st, dpt = _matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
@@ -414,6 +481,32 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       if cfg.fused_dq:
         add_dq(i, g)
       return dk, dv
+
+    def shared_step(c, slot, i, accs, masked):
+      """``split_head_dim``: S^T and dP^T of this consumer's half of the step's query
+      rows, then its half of dK's and dV's head dim over all of them (_Exchange)."""
+      half = bq // 2
+      q_h, do_h = (lambda w: q_smem.at[slot, w]), (lambda w: do_smem.at[slot, w])
+      st, dpt = _matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
+      lse = plgpu.load(lse_smem.at[slot, wg], layout=_COL)
+      delta = plgpu.load(delta_smem.at[slot, wg], layout=_COL)
+      vis = None
+      if masked:
+        q_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (i * bq + wg * half)
+        q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot, wg], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
+                               transpose=True)
+      pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
+      # Two refs, not two entries of one: wgmma's run_state cannot close over a ref
+      # indexed by a constant (Mosaic lowering: "Shaped arrays must be represented by
+      # ir.Values"); the halves are indexed by the traced wg and 1 - wg for that reason.
+      pt_x, ds_x = ds_smem
+      xchg.put(c, ((pt.astype(dtype), pt_x.at[wg]), (dst.astype(dtype), ds_x.at[wg])))
+      accs = _acc_smem(accs, ([(ds_x.at[w], _cols(q_h(w), cols)) for w in xchg.halves],
+                              [(pt_x.at[w], _cols(do_h(w), cols)) for w in xchg.halves]),
+                       interpret)
+      xchg.finish(c)
+      return accs
 
     def early_step(c, i, g, accs, st, dpt, lse, delta, vis, q_s, do_s):
       """``cfg.dv_early``: dV's wgmma is issued from P^T before dS^T is computed, and dK's
@@ -495,12 +588,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
-               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, q_full, full,
-               consumed, met, qseg_smem, kseg_smem, *, segs, p: Problem,
+               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, ds_smem,
+               q_full, full, consumed, met, done, qseg_smem, kseg_smem, *, segs, p: Problem,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
-  without segment ids; ``met`` (split_head_dim only, else None): the consumers' last
-  meeting, before dQ overwrites the Q they share."""
+  without segment ids; ``ds_smem``, ``met``, ``done``: split_head_dim only (else None),
+  the step's dS, half from each consumer, and the barriers of its _Exchange (``met``
+  also gathers both before dQ overwrites the Q they share)."""
   bq, bk, wgs, tiles = WG_ROWS, cfg.dq_block_kv, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   # The last query tiles first: under a causal mask they have the most keys.
@@ -518,11 +612,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
 
     def load(c, slot):
-      cols = (b, pl.ds((u_lo + c) * bk, bk), kh)
-      plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], full.at[slot])
-      if segs is not None:
-        plgpu.copy_gmem_to_smem(segs[1].at[cols[:2]], kseg_smem.at[slot], full.at[slot])
+      k0 = (u_lo + c) * bk
+      for x, (lo, n) in enumerate(_ring_parts(cfg, k0, bk)):
+        dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(lo, n), kh], dst(k_smem), full.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(lo, n), kh], dst(v_smem), full.at[slot])
+        if segs is not None:
+          plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(lo, n)], dst(kseg_smem), full.at[slot])
 
     ring.produce(load)
 
@@ -530,6 +626,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     own, cols = _own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
+    # split_head_dim: dS of the step's keys, half from each consumer.
+    xchg = _Exchange(ring, met, done, wg) if cfg.split_head_dim else None
     q0 = cta_q0 + own * bq
     my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
@@ -553,8 +651,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     lse = plgpu.load(lse_smem.at[own], layout=_ROW)
     delta = plgpu.load(delta_smem.at[own], layout=_ROW)
 
+    def shared_step(c, slot, j, dq, masked: bool):
+      """``split_head_dim``: S and dP of this consumer's half of the step's keys, then its
+      half of dQ's head dim over all of them (_Exchange)."""
+      half = bk // 2
+      k_h = lambda w: k_smem.at[slot, w]
+      s, dp = _matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
+      vis = None
+      if masked:
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (j * bk + wg * half)
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot, wg], layout=_COL)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+      _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
+      xchg.put(c, ((ds.astype(dtype), ds_smem.at[wg]),))
+      (dq,) = _acc_smem((dq,), ([(ds_smem.at[w], _cols(k_h(w), cols)) for w in xchg.halves],),
+                        interpret)
+      xchg.finish(c)
+      return dq
+
     def step(c, slot, j, dq, masked: bool):
-      del c
+      if xchg is not None:
+        return shared_step(c, slot, j, dq, masked)
       s, dp = _matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = None
       if masked:
@@ -600,6 +717,11 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
+  # A ring slot's rows: with split_head_dim two halves, one per consumer (_Exchange).
+  ring_rows = lambda n: (2, n // 2) if cfg.split_head_dim else (n,)
+  # ... and every wgmma operand swizzled by 64 bytes there: a transposed B of N = 32 rows
+  # needs it, and a wgmma's A and B share their swizzle.
+  tile = functools.partial(smem_tile, swizzle=64 if cfg.split_head_dim else 128)
   if why := cfg.split_dq_unsupported(d) or cfg.split_head_dim_unsupported(d):
     raise NotImplementedError(why)
 
@@ -610,27 +732,33 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   dkv = functools.partial(
       plgpu.kernel,
       scratch_types=[
-          smem_tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
-          smem_tile((tiles, WG_ROWS, d), v.dtype),
-          smem_tile((stages, bq, d), q.dtype),
-          smem_tile((stages, bq, d), dout.dtype),
-          plgpu.SMEM((stages, bq), jnp.float32),
-          plgpu.SMEM((stages, bq), jnp.float32),
+          tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
+          tile((tiles, WG_ROWS, d), v.dtype),
+          tile((stages, *ring_rows(bq), d), q.dtype),
+          tile((stages, *ring_rows(bq), d), dout.dtype),
+          plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
+          plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
           smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
-          # dS^T for dQ: per consumer, or (split) both consumers' in two buffers.
+          # dS^T for dQ: per consumer, or (split) both consumers' in two buffers; or
+          # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles.
           (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
-           smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else None),
+           smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else
+           (smem_tile((2, WG_ROWS, bq // 2), q.dtype, swizzle=64),) * 2
+           if cfg.split_head_dim else None),
           # The dQ partial staged for its TMA add: per consumer, or (split) its half.
           (smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
            smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=(4 + seg) * len(_ring_parts(cfg, 0, bq)),
+                        num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V.
+          # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V;
+          # split_head_dim, both halves of P^T and dS^T in; then done with them (_Exchange).
           plgpu.Barrier(num_arrivals=wgs) if split or cfg.split_head_dim else None,
+          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the key tiles' ids
-          ids((stages, bq)),  # the ring's query ids
+          ids((stages, *ring_rows(bq))),  # the ring's query ids
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
       # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
@@ -656,20 +784,24 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                         nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          smem_tile((tiles, WG_ROWS, d), q.dtype),
-          smem_tile((tiles, WG_ROWS, d), dout.dtype),
+          tile((tiles, WG_ROWS, d), q.dtype),
+          tile((tiles, WG_ROWS, d), dout.dtype),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
-          smem_tile((stages, bk, d), k.dtype),
-          smem_tile((stages, bk, d), v.dtype),
+          tile((stages, *ring_rows(bk), d), k.dtype),
+          tile((stages, *ring_rows(bk), d), v.dtype),
           smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
+          # split_head_dim: the step's dS, one half from each consumer.
+          smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=(2 + seg) * len(_ring_parts(cfg, 0, bk)), num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,  # last meeting
+          # split_head_dim: both halves of dS in (and the last meeting); done with dS.
+          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
+          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the query tiles' ids
-          ids((stages, bk)),  # the ring's key ids
+          ids((stages, *ring_rows(bk))),  # the ring's key ids
       ],
       grid=(b, n, nq),  # the query tiles fastest (see above)
       grid_names=("b", "h", "q"),

@@ -181,9 +181,10 @@ class MosaicBwdConfig:
   ``split_head_dim``: the consumers share one 64-row tile (the keys of the dK/dV kernel,
   the query rows of the dQ kernel) and each accumulates its half of the gradients' head
   dim, where one warpgroup's registers cannot hold the whole: d=256, whose f32 dK and dV
-  (or dQ) of 64 rows take 256 (128) registers a thread. Both consumers compute the full
-  S and dP over the head dim, so the dK/dV kernel does 1.5x and the dQ kernel 1.67x the
-  matmuls of one consumer per tile. Needs ``consumers=2`` and ``dq_mode="separate"``.
+  (or dQ) of 64 rows take 256 (128) registers a thread. Each computes S and dP for half
+  of the streamed tile's rows and they exchange P^T and dS^T (dS) through SMEM
+  (bwd._Exchange), so no matmul is done twice. Needs ``consumers=2`` and
+  ``dq_mode="separate"``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -245,6 +246,10 @@ class MosaicBwdConfig:
     if self.split_head_dim and head_dim % 128:
       return (f"MosaicBwdConfig(split_head_dim=True) halves head_dim={head_dim} into "
               f"{head_dim // 2} columns, and Mosaic slices whole 64-column tiles")
+    if self.split_head_dim and (self.dkv_block_q != WG_ROWS or self.dq_block_kv != WG_ROWS):
+      return ("MosaicBwdConfig(split_head_dim=True) streams 64-row tiles only (the two "
+              f"32-row halves of wgmma's N); got dkv_block_q={self.dkv_block_q}, "
+              f"dq_block_kv={self.dq_block_kv}")
     return None
 
   @property
@@ -346,12 +351,15 @@ class MosaicBwdConfig:
       dq += self.dkv_block_q * head_dim * 4
     elif self.fused_dq:
       dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
+    elif self.split_head_dim:  # the exchanged P^T and dS^T
+      dq = 2 * WG_ROWS * self.dkv_block_q * itemsize
     return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """Q and dO of every query tile (Q reused for dQ), their lse/delta + the K/V ring."""
     q = self.tiles_per_cta * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
-    return q + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
+    ds = WG_ROWS * self.dq_block_kv * itemsize if self.split_head_dim else 0  # exchanged dS
+    return q + ds + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
 
   @property
   def q_multiple(self) -> int:
