@@ -271,6 +271,17 @@ def _own_tile(cfg: MosaicBwdConfig, wg, d: int):
   return 0, pl.ds(wg * half, half)
 
 
+def _by_first(cfg: MosaicBwdConfig, wg, own):
+  """Decorator: runs the function now, in the consumer ``wg`` whose tile is ``own``
+  (the loads of that tile), or with ``split_head_dim`` only in its first consumer."""
+  def run(f):
+    if cfg.split_head_dim:
+      pl.when(wg == own)(f)
+    else:
+      f()
+  return run
+
+
 def _cols(ref, cols):
   """``ref``'s columns ``cols`` (None: all of them, the ref itself)."""
   return ref if cols is None else ref.at[:, cols]
@@ -433,7 +444,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     k0 = cta_k0 + own * bk
     my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
 
-    @pl.when(wg == own)  # the tile's first consumer loads it
+    @_by_first(cfg, wg, own)
     def _():
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[own])
       plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[own])
@@ -632,7 +643,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
 
-    @pl.when(wg == own)  # the tile's first consumer loads it
+    @_by_first(cfg, wg, own)
     def _():
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, q_full.at[own])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[own])
