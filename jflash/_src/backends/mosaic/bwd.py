@@ -12,9 +12,9 @@ SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is
 with the slot). With ``cfg.split_head_dim`` (d=256) the two consumers share one 64-row
 tile instead, and each accumulates half of the head dim of dK and dV (or dQ): the whole
 would not fit one warpgroup's registers. Each computes S and dP against one 32-row half
-of the streamed tile, and they exchange P^T and dS^T (dS) through SMEM (``_Exchange``),
+of the streamed tile, and they exchange P^T and dS^T (dS) through SMEM (``bwd_parts.Exchange``),
 so no matmul is done twice. At the end they write their halves of the result into the
-tile's SMEM, meet, and the first stores it (``_store_tile``).
+tile's SMEM, meet, and the first stores it (``bwd_parts.store_tile``).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -62,6 +62,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
+from jflash._src.backends.mosaic import bwd_parts as parts
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
 from jflash._src.backends.mosaic.fwd import cta_segment_ranges, smem_tile
 from jflash._src.problem import Problem
@@ -71,34 +72,6 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 # d=256 splits the head dim between the consumers (MosaicBwdConfig.split_head_dim): its
 # f32 dK and dV would not fit one warpgroup's registers.
 HEAD_DIMS = (64, 128, 256)
-
-
-def _matmuls(shape, *operands):
-  """``[a @ b for a, b in operands]``, SMEM operands, into fresh f32 accumulators: all
-  issued back to back, then one wait."""
-  def f(*accs):
-    for acc, (a, b) in zip(accs, operands):
-      plgpu.wgmma(acc, a, b)
-    return tuple(acc[...] for acc in accs)
-  return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
-
-
-def _mmas(accs, operands, stage):
-  """``[acc + lhs @ rhs]`` for ``(lhs, rhs)`` in ``operands``: ``lhs`` a 16-bit register
-  tile, ``rhs`` an SMEM ref. One wgmma group, one wait. ``stage`` (interpret mode only,
-  else None): SMEM tiles, one per operand, that carry ``lhs`` instead."""
-  if stage is not None:
-    for i, (lhs, _) in enumerate(operands):
-      stage.at[i][...] = lhs
-    plgpu.commit_smem()
-    prods = _matmuls(accs[0].shape, *[(stage.at[i], rhs) for i, (_, rhs) in enumerate(operands)])
-    return tuple(acc + x for acc, x in zip(accs, prods))
-
-  def f(refs):
-    for ref, (lhs, rhs) in zip(refs, operands):
-      plgpu.wgmma(ref, lhs, rhs)
-
-  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
 
 
 def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
@@ -127,114 +100,6 @@ def _dscores(pr, t, dp, delta, axis: int):
   return logits_lib.dscores(pr * (dp - _per_q(delta, pr.shape, axis)), t)
 
 
-def _acc_smem(accs, operands, interpret: bool):
-  """``[acc + sum(a @ b for a, b in pairs)]`` for ``pairs`` of SMEM refs in ``operands``
-  (one list per accumulator): one wgmma group, one wait (in the interpreter, which has
-  no pre-initialised accumulators, fresh ones added)."""
-  if interpret:
-    out = []
-    for acc, pairs in zip(accs, operands):
-      out.append(acc + sum(_matmuls(acc.shape, *pairs)))
-    return tuple(out)
-
-  def f(refs):
-    for ref, pairs in zip(refs, operands):
-      for a, b in pairs:
-        plgpu.wgmma(ref, a, b)
-
-  return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
-
-
-class _Exchange:
-  """``split_head_dim``: the consumers' share of one step's score tiles. The ring holds
-  the streamed tile in halves (``[2, 32, D]``, one TMA copy each). Consumer ``wg``
-  computes S and dP against half ``wg``, writes its P^T and dS^T (or dS) into entry
-  ``wg`` of the SMEM exchange tiles with ``put``, and both then multiply both halves
-  into their halves of the head dim. Every slice is a whole leading index: Mosaic
-  cannot slice a 128-byte-swizzled tile at a dynamic 32-row offset. ``met``: both
-  halves are in; ``done``: both consumers' matmuls of the last step, which read the
-  tiles, have completed (one SMEM copy of them, rewritten every step)."""
-
-  def __init__(self, ring: _Ring, met, done, wg):
-    self.ring, self.met, self.done = ring, met, done
-    self.halves = (wg, 1 - wg)  # own half first; both traced (see _acc_smem's callers)
-
-  def put(self, c, pairs):
-    """Writes each ``(tile, smem)``, once the last step's readers are done, and waits
-    for the other consumer's halves."""
-    pl.when(c > 0)(lambda: plgpu.barrier_wait(self.done))
-    for tile, ref in pairs:
-      ref[...] = tile
-    plgpu.commit_smem()
-    plgpu.barrier_arrive(self.met)
-    plgpu.barrier_wait(self.met)
-
-  def finish(self, c):
-    """After this step's matmuls have completed: the tiles may be rewritten. (No arrival
-    after the last step: a phase nobody waits for would be left dangling.)"""
-    @pl.when(c + 1 < self.ring.total)
-    def _():
-      plgpu.barrier_arrive(self.done)
-
-
-class _Ring:
-  """Step ``c`` (0, 1, ...) of a CTA's stream lives in slot ``c % stages``."""
-
-  def __init__(self, stages: int, total, full, consumed):
-    self.stages, self.total, self.full, self.consumed = stages, total, full, consumed
-
-  def slot(self, c):
-    return lax.rem(c, self.stages)
-
-  def produce(self, load):
-    """``load(c, slot)`` issues the TMA copies of step ``c`` onto ``full[slot]``."""
-    first = jnp.minimum(self.stages, self.total)
-    pl.loop(0, first)(lambda c: load(c, self.slot(c)))
-
-    @pl.loop(first, self.total)
-    def _steady(c):
-      plgpu.barrier_wait(self.consumed.at[self.slot(c)])
-      load(c, self.slot(c))
-
-  def acquire(self, c):
-    slot = self.slot(c)
-    plgpu.barrier_wait(self.full.at[slot])
-    return slot
-
-  def release(self, c):
-    # Arrive only where the producer will wait for this slot again: a barrier phase
-    # nobody waits for would be left dangling (the interpreter checks this).
-    @pl.when(c + self.stages < self.total)
-    def _():
-      plgpu.barrier_arrive(self.consumed.at[self.slot(c)])
-
-
-def _visit(ring: _Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
-  """Steps through ``[u_lo, u_hi)`` (ring steps ``base + i``): ``step(c, slot, i, carry,
-  masked)`` inside this consumer's ``(lo, full_lo, full_hi, hi)``, a skip outside (which
-  runs ``skipped(c, i)`` if given: work the other consumers wait for)."""
-  lo, full_lo, full_hi, hi = ranges
-
-  def skip(i, carry):
-    ring.acquire(base + i)  # keeps this warpgroup's barrier phases in step
-    if skipped is not None:
-      skipped(base + i, i)
-    ring.release(base + i)
-    return carry
-
-  def visit(i, carry, masked):
-    c = base + i
-    carry = step(c, ring.acquire(c), i, carry, masked)
-    ring.release(c)
-    return carry
-
-  carry = lax.fori_loop(u_lo, lo, skip, carry)
-  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
-  carry = lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True), carry)
-  return lax.fori_loop(hi, u_hi, skip, carry)
-
-
 def _with_segments(kernel, has_segments: bool):
   """plgpu.kernel's body for ``kernel``: 8 inputs, then (with segment ids) the q ids, kv
   ids and cta_segment_ranges, passed on as ``segs`` (None without them); the refs after
@@ -251,58 +116,6 @@ def _with_segments(kernel, has_segments: bool):
 def _range_row(segs, b, tile, wg):
   """Row ``wg`` of this CTA's cta_segment_ranges (``wg`` = consumers: the union)."""
   return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
-
-
-def _ring_parts(cfg: MosaicBwdConfig, start, n: int):
-  """The TMA copies of one streamed tile of ``n`` rows from row ``start``: ``(first row,
-  rows)`` each; with ``split_head_dim`` two halves, one per ring sub-slot (_Exchange)."""
-  if not cfg.split_head_dim:
-    return [(start, n)]
-  return [(start, n // 2), (start + n // 2, n // 2)]
-
-
-def _own_tile(cfg: MosaicBwdConfig, wg, d: int):
-  """Which of the CTA's 64-row tiles consumer ``wg`` works on (keys in dK/dV, query rows
-  in dQ), and which columns of the head dim its gradients cover: a tile and all columns
-  of its own, or with ``split_head_dim`` the CTA's one tile, shared, and its half."""
-  if not cfg.split_head_dim:
-    return wg, None
-  half = cfg.head_cols(d)
-  return 0, pl.ds(wg * half, half)
-
-
-def _by_first(cfg: MosaicBwdConfig, wg, own):
-  """Decorator: runs the function now, in the consumer ``wg`` whose tile is ``own``
-  (the loads of that tile), or with ``split_head_dim`` only in its first consumer."""
-  def run(f):
-    if cfg.split_head_dim:
-      pl.when(wg == own)(f)
-    else:
-      f()
-  return run
-
-
-def _cols(ref, cols):
-  """``ref``'s columns ``cols`` (None: all of them, the ref itself)."""
-  return ref if cols is None else ref.at[:, cols]
-
-
-def _store_tile(cfg: MosaicBwdConfig, met, first, copies):
-  """TMA-stores the staged ``(smem, gmem)`` tiles (written and committed by this
-  consumer) and waits. With ``split_head_dim`` each consumer wrote its half of a shared
-  tile; a TMA store needs its SMEM contiguous, so the consumers meet on ``met`` and the
-  tile's ``first`` consumer stores the whole of it."""
-  def store():
-    for src, dst in copies:
-      plgpu.copy_smem_to_gmem(src, dst)
-    plgpu.wait_smem_to_gmem(0)
-
-  if not cfg.split_head_dim:
-    store()
-    return
-  plgpu.barrier_arrive(met)
-  plgpu.barrier_wait(met)
-  pl.when(first)(store)
 
 
 def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
@@ -328,7 +141,7 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, 
   In the interpreter, which has neither TMA reductions nor semaphores, each key
   tile writes its own slab ``dq_acc[k_tile]`` (summed in key order by ``backward``)."""
   bq, d = dq_s.shape
-  (dq,) = _matmuls((bq, d), (ds_s.T, k_s))
+  (dq,) = parts.matmuls((bq, d), (ds_s.T, k_s))
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
   dq_s[...] = dq
   plgpu.commit_smem()
@@ -350,7 +163,7 @@ def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, 
 
 def _dq_half(ds_all, k_all, *, i, wg):
   """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys for query
-  tile ``i``, as ``(shape, lhs, rhs)`` for ``_matmuls``, and where it goes:
+  tile ``i``, as ``(shape, lhs, rhs)`` for ``parts.matmuls``, and where it goes:
   ``(rows, cols)`` of the query head.
 
   ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM; read only after the
@@ -412,7 +225,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, tiles * bk, bq, nq, q_valid,
                                             kv_valid, _range_row(segs, b, kt, tiles))
   per_head = u_hi - u_lo
-  ring = _Ring(cfg.dkv_stages, groups * per_head, full, consumed)
+  ring = parts.Ring(cfg.dkv_stages, groups * per_head, full, consumed)
 
   @pl.when(wg == wgs)
   def _producer():
@@ -422,7 +235,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       g = lax.div(c, per_head)
       h = kh * groups + g
       r0 = (u_lo + c - g * per_head) * bq
-      for x, (lo, n) in enumerate(_ring_parts(cfg, r0, bq)):
+      for x, (lo, n) in enumerate(parts.ring_parts(cfg, r0, bq)):
         dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
         rows = pl.ds(lo, n)
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], dst(q_smem), full.at[slot])
@@ -437,14 +250,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   @pl.when(wg < wgs)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-    # This consumer's key tile and its columns of dK and dV (_own_tile).
-    own, cols = _own_tile(cfg, wg, d)
+    # This consumer's key tile and its columns of dK and dV (parts.own_tile).
+    own, cols = parts.own_tile(cfg, wg, d)
     # split_head_dim: P^T and dS^T of the step's query rows, half from each consumer.
-    xchg = _Exchange(ring, met, done, wg) if cfg.split_head_dim else None
+    xchg = parts.Exchange(ring, met, done, wg) if cfg.split_head_dim else None
     k0 = cta_k0 + own * bk
     my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
 
-    @_by_first(cfg, wg, own)
+    @parts.by_first(cfg, wg, own)
     def _():
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k0, bk), kh], my_k, kv_full.at[own])
       plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k0, bk), kh], my_v, kv_full.at[own])
@@ -465,7 +278,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return shared_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-      st, dpt = _matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
+      st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot], layout=_COL)
       vis = None
@@ -479,7 +292,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       dst = dst.astype(dtype)
-      mmas = ((dst, _cols(q_s, cols)), (pt.astype(dtype), _cols(do_s, cols)))
+      mmas = ((dst, parts.cols_of(q_s, cols)), (pt.astype(dtype), parts.cols_of(do_s, cols)))
       if cfg.split_dq:
         # dK and dV run while we wait for the other consumer's dS^T; then our half of the
         # CTA's dQ partial.
@@ -488,17 +301,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       if cfg.fused_dq:
         ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
         plgpu.commit_smem()
-      dk, dv = _mmas((dk, dv), mmas, stage)
+      dk, dv = parts.mmas((dk, dv), mmas, stage)
       if cfg.fused_dq:
         add_dq(i, g)
       return dk, dv
 
     def shared_step(c, slot, i, accs, masked):
       """``split_head_dim``: S^T and dP^T of this consumer's half of the step's query
-      rows, then its half of dK's and dV's head dim over all of them (_Exchange)."""
+      rows, then its half of dK's and dV's head dim over all of them (parts.Exchange)."""
       half = bq // 2
       q_h, do_h = (lambda w: q_smem.at[slot, w]), (lambda w: do_smem.at[slot, w])
-      st, dpt = _matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
+      st, dpt = parts.matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
       lse = plgpu.load(lse_smem.at[slot, wg], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot, wg], layout=_COL)
       vis = None
@@ -513,9 +326,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       # ir.Values"); the halves are indexed by the traced wg and 1 - wg for that reason.
       pt_x, ds_x = ds_smem
       xchg.put(c, ((pt.astype(dtype), pt_x.at[wg]), (dst.astype(dtype), ds_x.at[wg])))
-      accs = _acc_smem(accs, ([(ds_x.at[w], _cols(q_h(w), cols)) for w in xchg.halves],
-                              [(pt_x.at[w], _cols(do_h(w), cols)) for w in xchg.halves]),
-                       interpret)
+      dk_pairs = [(ds_x.at[w], parts.cols_of(q_h(w), cols)) for w in xchg.halves]
+      dv_pairs = [(pt_x.at[w], parts.cols_of(do_h(w), cols)) for w in xchg.halves]
+      accs = parts.acc_smem(accs, (dk_pairs, dv_pairs), interpret)
       xchg.finish(c)
       return accs
 
@@ -527,14 +340,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
       def f(refs):
         dk_ref, dv_ref = refs
-        plgpu.wgmma(dv_ref, pt16, _cols(do_s, cols))
+        plgpu.wgmma(dv_ref, pt16, parts.cols_of(do_s, cols))
         dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
         if cfg.split_dq:
           share_ds(c, dst)
         elif cfg.fused_dq:
           ds_smem.at[wg][...] = dst
           plgpu.commit_smem()
-        plgpu.wgmma(dk_ref, dst, _cols(q_s, cols))
+        plgpu.wgmma(dk_ref, dst, parts.cols_of(q_s, cols))
 
       dk, dv = pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
       if cfg.split_dq:
@@ -563,9 +376,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       # dK and dV complete first: issuing the dQ half in their wgmma group (one wait a
       # step, not two) kept P^T and dS^T live beside three accumulators and measured no
       # faster (H100, benchmarks/MOSAIC_NOTES.md, session 6).
-      accs = _mmas(accs, mmas, stage) if mmas else accs
+      accs = parts.mmas(accs, mmas, stage) if mmas else accs
       plgpu.barrier_wait(met)  # the other consumer's dS^T is in too
-      (dq,) = _matmuls(mm[0], mm[1:])
+      (dq,) = parts.matmuls(mm[0], mm[1:])
       _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g, kt=kt * wgs,
                    interpret=interpret)
       return tuple(accs)
@@ -578,7 +391,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dq_half_step(c, i, g, (), (), stage_smem.at[wg] if interpret else None)
 
     def head(g, carry):
-      return _visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
+      return parts.visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
                     functools.partial(step, g=g), carry,
                     functools.partial(skipped, g=g) if cfg.split_dq else None)
 
@@ -591,11 +404,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       plgpu.barrier_arrive(met)
       plgpu.barrier_wait(met)
     # K's and V's slots now stage dK and dV (every wgmma reading them has completed).
-    _cols(my_k, cols)[...] = (dk * p.scale).astype(dtype)
-    _cols(my_v, cols)[...] = dv.astype(dtype)
+    parts.cols_of(my_k, cols)[...] = (dk * p.scale).astype(dtype)
+    parts.cols_of(my_v, cols)[...] = dv.astype(dtype)
     plgpu.commit_smem()
     rows = (b, pl.ds(k0, bk), kh)
-    _store_tile(cfg, met, wg == own, ((my_k, dk_ref.at[rows]), (my_v, dv_ref.at[rows])))
+    parts.store_tile(cfg, met, wg == own, ((my_k, dk_ref.at[rows]), (my_v, dv_ref.at[rows])))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
@@ -604,7 +417,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
   without segment ids; ``ds_smem``, ``met``, ``done``: split_head_dim only (else None),
-  the step's dS, half from each consumer, and the barriers of its _Exchange (``met``
+  the step's dS, half from each consumer, and the barriers of its parts.Exchange (``met``
   also gathers both before dQ overwrites the Q they share)."""
   bq, bk, wgs, tiles = WG_ROWS, cfg.dq_block_kv, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
@@ -615,7 +428,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   cta_q0 = qt * (tiles * bq)
   u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, tiles * bq, bk, nk, q_valid,
                                              kv_valid, _range_row(segs, b, qt, tiles))
-  ring = _Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
+  ring = parts.Ring(cfg.dq_stages, u_hi - u_lo, full, consumed)
 
   @pl.when(wg == wgs)
   def _producer():
@@ -624,7 +437,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     def load(c, slot):
       k0 = (u_lo + c) * bk
-      for x, (lo, n) in enumerate(_ring_parts(cfg, k0, bk)):
+      for x, (lo, n) in enumerate(parts.ring_parts(cfg, k0, bk)):
         dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(lo, n), kh], dst(k_smem), full.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(lo, n), kh], dst(v_smem), full.at[slot])
@@ -636,14 +449,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   @pl.when(wg < wgs)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-    own, cols = _own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
+    own, cols = parts.own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
     # split_head_dim: dS of the step's keys, half from each consumer.
-    xchg = _Exchange(ring, met, done, wg) if cfg.split_head_dim else None
+    xchg = parts.Exchange(ring, met, done, wg) if cfg.split_head_dim else None
     q0 = cta_q0 + own * bq
     my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
 
-    @_by_first(cfg, wg, own)
+    @parts.by_first(cfg, wg, own)
     def _():
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, q_full.at[own])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, q_full.at[own])
@@ -664,10 +477,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     def shared_step(c, slot, j, dq, masked: bool):
       """``split_head_dim``: S and dP of this consumer's half of the step's keys, then its
-      half of dQ's head dim over all of them (_Exchange)."""
+      half of dQ's head dim over all of them (parts.Exchange)."""
       half = bk // 2
       k_h = lambda w: k_smem.at[slot, w]
-      s, dp = _matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
+      s, dp = parts.matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (j * bk + wg * half)
@@ -675,15 +488,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       xchg.put(c, ((ds.astype(dtype), ds_smem.at[wg]),))
-      (dq,) = _acc_smem((dq,), ([(ds_smem.at[w], _cols(k_h(w), cols)) for w in xchg.halves],),
-                        interpret)
+      pairs = [(ds_smem.at[w], parts.cols_of(k_h(w), cols)) for w in xchg.halves]
+      (dq,) = parts.acc_smem((dq,), (pairs,), interpret)
       xchg.finish(c)
       return dq
 
     def step(c, slot, j, dq, masked: bool):
       if xchg is not None:
         return shared_step(c, slot, j, dq, masked)
-      s, dp = _matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
+      s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
@@ -691,17 +504,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
-      return _mmas((dq,), ((ds.astype(dtype), _cols(k_smem.at[slot], cols)),), stage)[0]
+      k_s = parts.cols_of(k_smem.at[slot], cols)
+      return parts.mmas((dq,), ((ds.astype(dtype), k_s),), stage)[0]
 
     zeros = plgpu.layout_cast(jnp.zeros((bq, cfg.head_cols(d)), jnp.float32),
                               plgpu.Layout.WGMMA)
-    dq = _visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
+    dq = parts.visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
     if cfg.split_head_dim:  # the other consumer's last S and dP read the shared Q, dO
       plgpu.barrier_arrive(met)
       plgpu.barrier_wait(met)
-    _cols(my_q, cols)[...] = (dq * p.scale).astype(dtype)  # Q's slot now stages dQ
+    parts.cols_of(my_q, cols)[...] = (dq * p.scale).astype(dtype)  # Q's slot now stages dQ
     plgpu.commit_smem()
-    _store_tile(cfg, met, wg == own, ((my_q, dq_ref.at[b, rows, h]),))
+    parts.store_tile(cfg, met, wg == own, ((my_q, dq_ref.at[b, rows, h]),))
 
 
 def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
@@ -728,7 +542,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
-  # A ring slot's rows: with split_head_dim two halves, one per consumer (_Exchange).
+  # A ring slot's rows: with split_head_dim two halves, one per consumer (parts.Exchange).
   ring_rows = lambda n: (2, n // 2) if cfg.split_head_dim else (n,)
   # ... and every wgmma operand swizzled by 64 bytes there: a transposed B of N = 32 rows
   # needs it, and a wgmma's A and B share their swizzle.
@@ -761,11 +575,11 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
            smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(4 + seg) * len(_ring_parts(cfg, 0, bq)),
+          plgpu.Barrier(num_arrivals=(4 + seg) * len(parts.ring_parts(cfg, 0, bq)),
                         num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V;
-          # split_head_dim, both halves of P^T and dS^T in; then done with them (_Exchange).
+          # split_head_dim, both halves of P^T and dS^T in; then done with them (parts.Exchange).
           plgpu.Barrier(num_arrivals=wgs) if split or cfg.split_head_dim else None,
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the key tiles' ids
@@ -806,7 +620,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(2 + seg) * len(_ring_parts(cfg, 0, bk)), num_barriers=stages),
+          plgpu.Barrier(num_arrivals=(2 + seg) * len(parts.ring_parts(cfg, 0, bk)),
+                        num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           # split_head_dim: both halves of dS in (and the last meeting); done with dS.
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,

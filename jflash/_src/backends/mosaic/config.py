@@ -183,7 +183,7 @@ class MosaicBwdConfig:
   dim, where one warpgroup's registers cannot hold the whole: d=256, whose f32 dK and dV
   (or dQ) of 64 rows take 256 (128) registers a thread. Each computes S and dP for half
   of the streamed tile's rows and they exchange P^T and dS^T (dS) through SMEM
-  (bwd._Exchange), so no matmul is done twice. Needs ``consumers=2`` and
+  (bwd_parts.Exchange), so no matmul is done twice. Needs ``consumers=2`` and
   ``dq_mode="separate"``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
