@@ -325,7 +325,8 @@ class MosaicBwdConfig:
       cfg = dataclasses.replace(cfg, dv_early=True)
     # d=256: more registers for the consumers (H100 2026-11-26, fwd+bwd TFLOP/s with
     # producer_regs 40 -> 24: 4k 344 -> 350, 309 -> 321 causal; 16k 354 -> 365, 355 ->
-    # 363 causal; dv_early mixed: -1.4% .. +2.5%).
+    # 363 causal; dv_early mixed: -1.4% .. +2.5%; measured on the first split_head_dim,
+    # which computed S and dP in both consumers).
     if head_dim == 256:
       cfg = dataclasses.replace(cfg, producer_regs=24)
     long = kv_len >= (8192 if causal else 4096)
