@@ -542,6 +542,9 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
   ids = lambda n: plgpu.SMEM(n, jnp.int32) if seg else None
+  # The interpreter's SMEM copies of register operands (split_head_dim has none: its
+  # exchanged tiles are in SMEM already).
+  staged = interpret and not cfg.split_head_dim
   # A ring slot's rows: with split_head_dim two halves, one per consumer (parts.Exchange).
   ring_rows = lambda n: (2, n // 2) if cfg.split_head_dim else (n,)
   # ... and every wgmma operand swizzled by 64 bytes there: a transposed B of N = 32 rows
@@ -563,7 +566,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           tile((stages, *ring_rows(bq), d), dout.dtype),
           plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
           plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
-          smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if interpret else None,  # dS^T, P^T
+          smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if staged else None,  # dS^T, P^T
           # dS^T for dQ: per consumer, or (split) both consumers' in two buffers; or
           # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles.
           (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
@@ -615,7 +618,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
           tile((stages, *ring_rows(bk), d), k.dtype),
           tile((stages, *ring_rows(bk), d), v.dtype),
-          smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if interpret else None,  # dS
+          smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if staged else None,  # dS
           # split_head_dim: the step's dS, one half from each consumer.
           smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
