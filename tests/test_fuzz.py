@@ -16,7 +16,8 @@ Profiles, picked by the environment variable JFLASH_HYPOTHESIS_PROFILE (default 
 * ``ci``: derandomized (the same examples on every run, so CI is reproducible), 16 "xla"
   and 8 "triton" examples (~3 minutes on 2 cores), no example database, no shrinking.
 * ``gpu``: more examples; the ``gpu``-marked tests always use it, fuzzing "triton" and (on
-  Hopper) "mosaic" compiled on the GPU at T, S up to 600 and head dims up to 128, in
+  Hopper) "mosaic" compiled on the GPU at T, S up to 600 and head dims up to 128 (256 for
+  "mosaic"), in
   ``GPU_PARTS`` parts of their own seeds (reproducible, each short enough for one shard).
 * ``explore``: random (not derandomized), many examples, shrinks failures: for hunting
   bugs locally, ``JFLASH_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py -k "xla"``.
@@ -83,6 +84,9 @@ def _settings(profile: str, impl: str):
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 CPU_HEAD_DIMS = (8, 16, 24, 32, 40)
 GPU_HEAD_DIMS = (8, 16, 24, 32, 40, 64, 80, 96, 128)
+# "mosaic" also draws the head dims of its split-head-dim backward (d=256, and 160 padded
+# to 256): the two consumers' halves and their P^T / dS^T exchange.
+MOSAIC_GPU_HEAD_DIMS = GPU_HEAD_DIMS + (160, 256)
 
 
 @st.composite
@@ -275,7 +279,7 @@ def test_fuzz_triton_gpu(part):
 
 def _mosaic_case(case: Case) -> Case:
   """The same draw without what "mosaic" refuses (bias, dense mask, f32): half
-  precision, head dims up to 128 (padded to 64/128 by the backend). Segment ids stay:
+  precision, head dims up to 256 (padded to 64/128/256 by the backend). Segment ids stay:
   the Mosaic forward and backward kernels serve them."""
   dtype = case.dtype if case.dtype != jnp.float32 else jnp.bfloat16
   return dataclasses.replace(case, bias=None, dense=None, dtype=dtype)
@@ -287,7 +291,19 @@ def test_fuzz_mosaic_gpu(part):
   """"mosaic" (Hopper only) on the GPU: its forward and backward kernels, default config."""
   if str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
     pytest.skip("mosaic needs an sm90 GPU")
-  _fuzz_gpu_part("mosaic", cases(max_len=600, head_dims=GPU_HEAD_DIMS).map(_mosaic_case), part)
+  _fuzz_gpu_part("mosaic", cases(max_len=600, head_dims=MOSAIC_GPU_HEAD_DIMS).map(_mosaic_case),
+                 part)
+
+
+@pytest.mark.gpu
+def test_fuzz_mosaic_gpu_wide_heads():
+  """"mosaic" at head dims 160 and 256 only (a part of its own, seed ``GPU_PARTS``): the
+  backward's split head dim, whose consumers exchange P^T and dS^T (bwd_parts.Exchange),
+  which the mixed parts above draw rarely."""
+  if str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
+    pytest.skip("mosaic needs an sm90 GPU")
+  _fuzz_gpu_part("mosaic", cases(max_len=600, head_dims=(160, 256)).map(_mosaic_case),
+                 GPU_PARTS["mosaic"])
 
 
 # Failures hypothesis found, minimised, kept as fixed cases: (impl, case, tiles).
