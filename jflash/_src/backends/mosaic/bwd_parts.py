@@ -150,6 +150,91 @@ def visit(ring: Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
   return lax.fori_loop(hi, u_hi, skip, carry)
 
 
+class SplitStep:
+  """``split_head_dim``: one step of a consumer, in three parts. ``scores_ops(slot)``: the
+  (A, B) operands of its S and dP (or S^T and dP^T) against its half of the streamed
+  tile, into fresh f32 accumulators of ``shape``; ``grads(c, slot, i, xs, masked)``: from
+  those products to the ``(tile, exchange ref)`` pairs it puts (parts.Exchange);
+  ``update_ops(slot)``: per gradient accumulator, the (A, B) pairs that read the
+  exchanged tiles and the streamed tile in ``slot``."""
+
+  def __init__(self, xchg: Exchange, shape, scores_ops, grads, update_ops, interpret: bool):
+    self.xchg, self.shape, self.interpret = xchg, shape, interpret
+    self.scores_ops, self.grads, self.update_ops = scores_ops, grads, update_ops
+
+  def __call__(self, c, slot, i, accs, masked):
+    """The step as ``visit`` runs it: products, exchange, then the update, waited for."""
+    xs = matmuls(self.shape, *self.scores_ops(slot))
+    self.xchg.put(c, self.grads(c, slot, i, xs, masked))
+    accs = acc_smem(accs, self.update_ops(slot), self.interpret)
+    self.xchg.finish(c)
+    return accs
+
+  def visit_deferred(self, base, u_lo, u_hi, ranges, accs):
+    """``visit`` with each step's update deferred into the next step
+    (``MosaicBwdConfig.defer_update``): step i issues step i-1's update, then its own S
+    and dP, and waits for the update alone; it can then pass step i-1's ring slot and
+    exchange tiles on while the products run, and waits for them once. One wgmma wait
+    and issue a step instead of two. The first step of the range has no update before
+    it, the last one's runs after the loop."""
+    ring, xchg = self.xchg.ring, self.xchg
+    lo, full_lo, full_hi, hi = ranges
+
+    def skip(i, carry):
+      ring.acquire(base + i)  # keeps this warpgroup's barrier phases in step
+      ring.release(base + i)
+      return carry
+
+    @pl.when(lo < hi)
+    def _first():
+      c = base + lo
+      slot = ring.acquire(c)
+      # Tile lo may or may not need the predicate: the masked path is right for both.
+      xchg.put(c, self.grads(c, slot, lo, matmuls(self.shape, *self.scores_ops(slot)), True))
+
+    def step(i, accs, masked):
+      c = base + i
+      slot = ring.acquire(c)
+      updates, products = self.update_ops(ring.slot(c - 1)), self.scores_ops(slot)
+
+      def issue(*refs):
+        x_refs, y_refs = refs[:len(products)], refs[len(products):]
+        for ref, acc, pairs in zip(y_refs, accs, updates):
+          if not self.interpret:  # the interpreter has no pre-initialised accumulators
+            ref[...] = acc
+          for a, b in pairs:
+            plgpu.wgmma(ref, a, b)
+        for ref, (a, b) in zip(x_refs, products):
+          plgpu.wgmma(ref, a, b)
+        plgpu.wgmma_wait(len(products))  # the update is done, the products may run on
+        ys = tuple(plgpu.wgmma_accumulator_load(r, wait_n=None) for r in y_refs)
+        ring.release(c - 1)
+        xchg.finish(c - 1)
+        return ys, tuple(r[...] for r in x_refs)
+
+      ys, xs = pl.run_scoped(issue, *[plgpu.ACC(self.shape, jnp.float32) for _ in products],
+                             *[plgpu.ACC(a.shape, jnp.float32) for a in accs])
+      if self.interpret:
+        ys = tuple(a + y for a, y in zip(accs, ys))
+      xchg.put(c, self.grads(c, slot, i, xs, masked))
+      return ys
+
+    def last(accs):
+      c = base + hi - 1
+      accs = acc_smem(accs, self.update_ops(ring.slot(c)), self.interpret)
+      ring.release(c)
+      xchg.finish(c)
+      return accs
+
+    after = lambda x: jnp.maximum(x, lo + 1)
+    accs = lax.fori_loop(u_lo, lo, skip, accs)
+    accs = lax.fori_loop(lo + 1, full_lo, functools.partial(step, masked=True), accs)
+    accs = lax.fori_loop(after(full_lo), full_hi, functools.partial(step, masked=False), accs)
+    accs = lax.fori_loop(after(full_hi), hi, functools.partial(step, masked=True), accs)
+    accs = lax.cond(lo < hi, last, lambda a: a, accs)
+    return lax.fori_loop(hi, u_hi, skip, accs)
+
+
 def ring_parts(cfg: MosaicBwdConfig, start, n: int):
   """The TMA copies of one streamed tile of ``n`` rows from row ``start``: ``(first row,
   rows)`` each; with ``split_head_dim`` two halves, one per ring sub-slot (Exchange)."""
