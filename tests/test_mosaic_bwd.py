@@ -98,28 +98,17 @@ BWD_INTERPRET_CASES = {
     "segment_pair_lengths_empty_d256": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
         None),
-    # The same with each step's dK/dV (dQ) update deferred into the next step
-    # (MosaicBwdConfig.defer_update): ranges of one tile (the first step is also the
-    # last), the first and last steps masked, key heads of two query heads each.
-    "bf16_causal_cross_tail_gqa_d256_deferred": (
-        Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.bfloat16, is_causal=True),
-        MosaicBwdConfig(split_head_dim=True, defer_update=True)),
-    "segment_pair_lengths_empty_d160_deferred": (
-        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=160),
-        MosaicBwdConfig(split_head_dim=True, defer_update=True)),
 }
 
 
 def test_d256_interpret_cases_split_the_head_dim():
   for name in ("bf16_causal_cross_tail_gqa_d256", "f16_softcap_lengths_empty_gqa_d160",
-               "segment_pair_lengths_empty_d256", "bf16_causal_cross_tail_gqa_d256_deferred",
-               "segment_pair_lengths_empty_d160_deferred"):
-    case, cfg = BWD_INTERPRET_CASES[name]
+               "segment_pair_lengths_empty_d256"):
+    case = BWD_INTERPRET_CASES[name][0]
     d = mosaic_backend.padded_head_dim(case.h)
     assert d == 256
-    cfg = cfg or MosaicBwdConfig.for_problem(case.t, case.s, d)
+    cfg = MosaicBwdConfig.for_problem(case.t, case.s, d)
     assert cfg.split_head_dim and cfg.tiles_per_cta == 1 and cfg.head_cols(d) == 128
-    assert cfg.defer_update == name.endswith("_deferred")
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
@@ -247,16 +236,6 @@ def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
     (256, True, None, 2, False), (256, False, 30.0, 4, True)])
 def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
   _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
-
-
-@pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
-def test_mosaic_backward_deferred_update_lowers_for_cuda(causal, softcap, segments):
-  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, defer_update=True)
-
-
-def test_mosaic_bwd_config_defer_update_needs_split_head_dim():
-  with pytest.raises(ValueError, match="defer_update needs split_head_dim"):
-    MosaicBwdConfig(defer_update=True)
 
 
 @pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])

@@ -306,11 +306,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         add_dq(i, g)
       return dk, dv
 
-    def shared_grads(c, slot, i, xs, masked):
-      """``split_head_dim``: P^T and dS^T of this consumer's half of the step's query rows
-      from its S^T and dP^T ``xs``, paired with their exchange refs (parts.SplitStep)."""
+    def shared_step(c, slot, i, accs, masked):
+      """``split_head_dim``: S^T and dP^T of this consumer's half of the step's query
+      rows, then its half of dK's and dV's head dim over all of them (parts.Exchange)."""
       half = bq // 2
-      st, dpt = xs
+      q_h, do_h = (lambda w: q_smem.at[slot, w]), (lambda w: do_smem.at[slot, w])
+      st, dpt = parts.matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
       lse = plgpu.load(lse_smem.at[slot, wg], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot, wg], layout=_COL)
       vis = None
@@ -324,19 +325,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       # indexed by a constant (Mosaic lowering: "Shaped arrays must be represented by
       # ir.Values"); the halves are indexed by the traced wg and 1 - wg for that reason.
       pt_x, ds_x = ds_smem
-      return ((pt.astype(dtype), pt_x.at[wg]), (dst.astype(dtype), ds_x.at[wg]))
-
-    # split_head_dim: S^T and dP^T of this consumer's half of the step's query rows, then
-    # its half of dK's and dV's head dim over all of them.
-    q_h, do_h = (lambda slot, w: q_smem.at[slot, w]), (lambda slot, w: do_smem.at[slot, w])
-    shared_step = None if xchg is None else parts.SplitStep(
-        xchg, (bk, bq // 2),
-        lambda slot: ((my_k, q_h(slot, wg).T), (my_v, do_h(slot, wg).T)),
-        shared_grads,
-        lambda slot: ([(ds_smem[1].at[w], parts.cols_of(q_h(slot, w), cols)) for w in xchg.halves],
-                      [(ds_smem[0].at[w], parts.cols_of(do_h(slot, w), cols))
-                       for w in xchg.halves]),
-        interpret)
+      xchg.put(c, ((pt.astype(dtype), pt_x.at[wg]), (dst.astype(dtype), ds_x.at[wg])))
+      dk_pairs = [(ds_x.at[w], parts.cols_of(q_h(w), cols)) for w in xchg.halves]
+      dv_pairs = [(pt_x.at[w], parts.cols_of(do_h(w), cols)) for w in xchg.halves]
+      accs = parts.acc_smem(accs, (dk_pairs, dv_pairs), interpret)
+      xchg.finish(c)
+      return accs
 
     def early_step(c, i, g, accs, st, dpt, lse, delta, vis, q_s, do_s):
       """``cfg.dv_early``: dV's wgmma is issued from P^T before dS^T is computed, and dK's
@@ -397,8 +391,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dq_half_step(c, i, g, (), (), stage_smem.at[wg] if interpret else None)
 
     def head(g, carry):
-      if cfg.defer_update:
-        return shared_step.visit_deferred(g * per_head - u_lo, u_lo, u_hi, ranges, carry)
       return parts.visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
                     functools.partial(step, g=g), carry,
                     functools.partial(skipped, g=g) if cfg.split_dq else None)
@@ -483,32 +475,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     lse = plgpu.load(lse_smem.at[own], layout=_ROW)
     delta = plgpu.load(delta_smem.at[own], layout=_ROW)
 
-    def shared_grads(c, slot, j, xs, masked):
-      """``split_head_dim``: dS of this consumer's half of the step's keys from its S and
-      dP ``xs``, paired with its exchange ref (parts.SplitStep)."""
+    def shared_step(c, slot, j, dq, masked: bool):
+      """``split_head_dim``: S and dP of this consumer's half of the step's keys, then its
+      half of dQ's head dim over all of them (parts.Exchange)."""
       half = bk // 2
-      s, dp = xs
+      k_h = lambda w: k_smem.at[slot, w]
+      s, dp = parts.matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
       vis = None
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (j * bk + wg * half)
         kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot, wg], layout=_COL)
         vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
-      return ((ds.astype(dtype), ds_smem.at[wg]),)
-
-    # split_head_dim: S and dP of this consumer's half of the step's keys, then its half
-    # of dQ's head dim over all of them.
-    k_h = lambda slot, w: k_smem.at[slot, w]
-    shared_step = None if xchg is None else parts.SplitStep(
-        xchg, (bq, bk // 2),
-        lambda slot: ((my_q, k_h(slot, wg).T), (my_do, v_smem.at[slot, wg].T)),
-        shared_grads,
-        lambda slot: ([(ds_smem.at[w], parts.cols_of(k_h(slot, w), cols)) for w in xchg.halves],),
-        interpret)
+      xchg.put(c, ((ds.astype(dtype), ds_smem.at[wg]),))
+      pairs = [(ds_smem.at[w], parts.cols_of(k_h(w), cols)) for w in xchg.halves]
+      (dq,) = parts.acc_smem((dq,), (pairs,), interpret)
+      xchg.finish(c)
+      return dq
 
     def step(c, slot, j, dq, masked: bool):
       if xchg is not None:
-        return shared_step(c, slot, j, (dq,), masked)[0]
+        return shared_step(c, slot, j, dq, masked)
       s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = None
       if masked:
@@ -522,10 +509,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     zeros = plgpu.layout_cast(jnp.zeros((bq, cfg.head_cols(d)), jnp.float32),
                               plgpu.Layout.WGMMA)
-    if cfg.defer_update:
-      (dq,) = shared_step.visit_deferred(-u_lo, u_lo, u_hi, ranges, (zeros,))
-    else:
-      dq = parts.visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
+    dq = parts.visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
     if cfg.split_head_dim:  # the other consumer's last S and dP read the shared Q, dO
       plgpu.barrier_arrive(met)
       plgpu.barrier_wait(met)

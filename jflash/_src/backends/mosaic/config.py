@@ -185,9 +185,6 @@ class MosaicBwdConfig:
   of the streamed tile's rows and they exchange P^T and dS^T (dS) through SMEM
   (bwd_parts.Exchange), so no matmul is done twice. Needs ``consumers=2`` and
   ``dq_mode="separate"``.
-  ``defer_update``: ``split_head_dim`` only: each step's dK/dV (dQ) matmuls are issued
-  at the start of the next step, ahead of its S and dP, so that a step waits for the
-  tensor cores once rather than twice (bwd_parts.SplitStep.visit_deferred).
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -209,7 +206,6 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
-  defer_update: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -230,9 +226,6 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
-    if self.defer_update and not self.split_head_dim:
-      raise ValueError("defer_update needs split_head_dim (it defers the update of the "
-                       "exchanged tiles)")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
