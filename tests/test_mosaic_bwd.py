@@ -98,6 +98,15 @@ BWD_INTERPRET_CASES = {
     "segment_pair_lengths_empty_d256": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
         None),
+    # The dK/dV kernel's S^T and dP^T divided by role (MosaicBwdConfig.dkv_roles), with a
+    # soft-cap (whose factor 1 - t^2 consumer 0 passes on), and with segment ids.
+    "f16_softcap_lengths_empty_gqa_d160_roles": (
+        Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
+             q_lengths=[130, 70], kv_lengths=[90, 0]),
+        MosaicBwdConfig(split_head_dim=True, dkv_roles=True)),
+    "segment_pair_lengths_empty_d256_roles": (
+        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
+        MosaicBwdConfig(split_head_dim=True, dkv_roles=True)),
 }
 
 
@@ -236,6 +245,16 @@ def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
     (256, True, None, 2, False), (256, False, 30.0, 4, True)])
 def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments):
   _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
+
+
+@pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
+def test_mosaic_backward_dkv_roles_lowers_for_cuda(causal, softcap, segments):
+  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dkv_roles=True)
+
+
+def test_mosaic_bwd_config_dkv_roles_needs_split_head_dim():
+  with pytest.raises(ValueError, match="dkv_roles needs split_head_dim"):
+    MosaicBwdConfig(dkv_roles=True)
 
 
 @pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])

@@ -207,7 +207,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   ``dq_acc`` holds only those (their query heads), from its own index 0."""
   offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
-   dq_smem, kv_full, full, consumed, met, done, kseg_smem, qseg_smem) = refs[2 * cfg.fused_dq:]
+   dq_smem, kv_full, full, consumed, met, done, ready, kseg_smem,
+   qseg_smem) = refs[2 * cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
@@ -235,8 +236,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       g = lax.div(c, per_head)
       h = kh * groups + g
       r0 = (u_lo + c - g * per_head) * bq
-      for x, (lo, n) in enumerate(parts.ring_parts(cfg, r0, bq)):
-        dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
+      for x, (lo, n) in enumerate(parts.ring_parts(cfg.dkv_halves, r0, bq)):
+        dst = lambda ref: ref.at[slot, x] if cfg.dkv_halves else ref.at[slot]
         rows = pl.ds(lo, n)
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], dst(q_smem), full.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dst(do_smem), full.at[slot])
@@ -274,6 +275,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
 
     def step(c, slot, i, carry, masked: bool, g):
+      if cfg.dkv_roles:
+        return role_step(c, slot, i, carry, masked)
       if xchg is not None:
         return shared_step(c, slot, i, carry, masked)
       dk, dv = carry
@@ -329,6 +332,49 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dk_pairs = [(ds_x.at[w], parts.cols_of(q_h(w), cols)) for w in xchg.halves]
       dv_pairs = [(pt_x.at[w], parts.cols_of(do_h(w), cols)) for w in xchg.halves]
       accs = parts.acc_smem(accs, (dk_pairs, dv_pairs), interpret)
+      xchg.finish(c)
+      return accs
+
+    def role_step(c, slot, i, accs, masked):
+      """``cfg.dkv_roles``: consumer 0 computes S^T and P^T of the whole streamed tile,
+      consumer 1 dP^T and, once P^T is in, dS^T; through SMEM each passes its tiles to
+      the other (``ready``: P^T in, dS^T in), and both multiply them into their halves
+      of dK's and dV's head dim. With a soft-cap consumer 0 also passes P^T (1 - t^2),
+      the factor dS^T takes from the tanh."""
+      q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+      pt_x, g_x, ds_x = ds_smem
+
+      @pl.when(wg == 0)
+      def _probs_role():
+        (st,) = parts.matmuls((bk, bq), (my_k, q_s.T))
+        lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+        vis = None
+        if masked:
+          q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
+          q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
+          vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
+                                 transpose=True)
+        pt, t = _probs(p, st, lse, 0, vis)
+        pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
+        pt_x[...] = pt.astype(dtype)
+        if t is not None:
+          g_x[...] = logits_lib.dscores(pt, t).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ready.at[0])
+        plgpu.barrier_wait(ready.at[1])
+
+      @pl.when(wg == 1)
+      def _dscores_role():
+        (dpt,) = parts.matmuls((bk, bq), (my_v, do_s.T))
+        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+        plgpu.barrier_wait(ready.at[0])  # (after the last step's readers: see above)
+        g = plgpu.load(pt_x if g_x is None else g_x, (), layout=plgpu.Layout.WGMMA)
+        ds_x[...] = (g.astype(jnp.float32) * (dpt - _per_q(delta, dpt.shape, 0))).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ready.at[1])
+
+      accs = parts.acc_smem(accs, ([(ds_x, parts.cols_of(q_s, cols))],
+                                   [(pt_x, parts.cols_of(do_s, cols))]), interpret)
       xchg.finish(c)
       return accs
 
@@ -437,7 +483,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     def load(c, slot):
       k0 = (u_lo + c) * bk
-      for x, (lo, n) in enumerate(parts.ring_parts(cfg, k0, bk)):
+      for x, (lo, n) in enumerate(parts.ring_parts(cfg.split_head_dim, k0, bk)):
         dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(lo, n), kh], dst(k_smem), full.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(lo, n), kh], dst(v_smem), full.at[slot])
@@ -545,11 +591,12 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   # The interpreter's SMEM copies of register operands (split_head_dim has none: its
   # exchanged tiles are in SMEM already).
   staged = interpret and not cfg.split_head_dim
-  # A ring slot's rows: with split_head_dim two halves, one per consumer (parts.Exchange).
-  ring_rows = lambda n: (2, n // 2) if cfg.split_head_dim else (n,)
+  # A ring slot's rows: in halves, one per consumer (parts.Exchange), under split_head_dim
+  # (the dK/dV kernel's without dkv_roles) ...
+  ring_rows = lambda n, halves: (2, n // 2) if halves else (n,)
   # ... and every wgmma operand swizzled by 64 bytes there: a transposed B of N = 32 rows
   # needs it, and a wgmma's A and B share their swizzle.
-  tile = functools.partial(smem_tile, swizzle=64 if cfg.split_head_dim else 128)
+  tiler = lambda halves: functools.partial(smem_tile, swizzle=64 if halves else 128)
   if why := cfg.split_dq_unsupported(d) or cfg.split_head_dim_unsupported(d):
     raise NotImplementedError(why)
 
@@ -557,20 +604,26 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   # Per 64-key tile, over query tiles of bq rows.
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, tiles, by_rows=False)
            ) if seg else ()
+  halves, tile = cfg.dkv_halves, tiler(cfg.dkv_halves)
+  roles = cfg.dkv_roles
   dkv = functools.partial(
       plgpu.kernel,
       scratch_types=[
           tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
           tile((tiles, WG_ROWS, d), v.dtype),
-          tile((stages, *ring_rows(bq), d), q.dtype),
-          tile((stages, *ring_rows(bq), d), dout.dtype),
-          plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
-          plgpu.SMEM((stages, *ring_rows(bq)), jnp.float32),
+          tile((stages, *ring_rows(bq, halves), d), q.dtype),
+          tile((stages, *ring_rows(bq, halves), d), dout.dtype),
+          plgpu.SMEM((stages, *ring_rows(bq, halves)), jnp.float32),
+          plgpu.SMEM((stages, *ring_rows(bq, halves)), jnp.float32),
           smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if staged else None,  # dS^T, P^T
           # dS^T for dQ: per consumer, or (split) both consumers' in two buffers; or
-          # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles.
+          # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles; or
+          # (dkv_roles) P^T, P^T (1 - t^2) (soft-cap only) and dS^T, whole.
           (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
            smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else
+           (smem_tile((WG_ROWS, bq), q.dtype),
+            smem_tile((WG_ROWS, bq), q.dtype) if p.softcap is not None else None,
+            smem_tile((WG_ROWS, bq), q.dtype)) if roles else
            (smem_tile((2, WG_ROWS, bq // 2), q.dtype, swizzle=64),) * 2
            if cfg.split_head_dim else None),
           # The dQ partial staged for its TMA add: per consumer, or (split) its half.
@@ -578,15 +631,17 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
            smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(4 + seg) * len(parts.ring_parts(cfg, 0, bq)),
+          plgpu.Barrier(num_arrivals=(4 + seg) * len(parts.ring_parts(halves, 0, bq)),
                         num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V;
           # split_head_dim, both halves of P^T and dS^T in; then done with them (parts.Exchange).
           plgpu.Barrier(num_arrivals=wgs) if split or cfg.split_head_dim else None,
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
+          # dkv_roles: P^T in (from consumer 0), dS^T in (from consumer 1).
+          plgpu.Barrier(num_barriers=2) if roles else None,
           ids((tiles, WG_ROWS)),  # the key tiles' ids
-          ids((stages, *ring_rows(bq))),  # the ring's query ids
+          ids((stages, *ring_rows(bq, halves))),  # the ring's query ids
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
       # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
@@ -604,6 +659,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                grid=(b, kh, nk))(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
+  halves, tile = cfg.split_head_dim, tiler(cfg.split_head_dim)
   nq = tp // (tiles * WG_ROWS)
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, tiles, by_rows=True)
            ) if seg else ()
@@ -616,21 +672,21 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           tile((tiles, WG_ROWS, d), dout.dtype),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
-          tile((stages, *ring_rows(bk), d), k.dtype),
-          tile((stages, *ring_rows(bk), d), v.dtype),
+          tile((stages, *ring_rows(bk, halves), d), k.dtype),
+          tile((stages, *ring_rows(bk, halves), d), v.dtype),
           smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if staged else None,  # dS
           # split_head_dim: the step's dS, one half from each consumer.
           smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(2 + seg) * len(parts.ring_parts(cfg, 0, bk)),
+          plgpu.Barrier(num_arrivals=(2 + seg) * len(parts.ring_parts(halves, 0, bk)),
                         num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           # split_head_dim: both halves of dS in (and the last meeting); done with dS.
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the query tiles' ids
-          ids((stages, *ring_rows(bk))),  # the ring's key ids
+          ids((stages, *ring_rows(bk, halves))),  # the ring's key ids
       ],
       grid=(b, n, nq),  # the query tiles fastest (see above)
       grid_names=("b", "h", "q"),

@@ -150,10 +150,10 @@ def visit(ring: Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
   return lax.fori_loop(hi, u_hi, skip, carry)
 
 
-def ring_parts(cfg: MosaicBwdConfig, start, n: int):
+def ring_parts(halves: bool, start, n: int):
   """The TMA copies of one streamed tile of ``n`` rows from row ``start``: ``(first row,
-  rows)`` each; with ``split_head_dim`` two halves, one per ring sub-slot (Exchange)."""
-  if not cfg.split_head_dim:
+  rows)`` each; with ``halves`` two, one per ring sub-slot (Exchange)."""
+  if not halves:
     return [(start, n)]
   return [(start, n // 2), (start + n // 2, n // 2)]
 

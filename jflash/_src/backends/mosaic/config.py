@@ -185,6 +185,11 @@ class MosaicBwdConfig:
   of the streamed tile's rows and they exchange P^T and dS^T (dS) through SMEM
   (bwd_parts.Exchange), so no matmul is done twice. Needs ``consumers=2`` and
   ``dq_mode="separate"``.
+  ``dkv_roles``: ``split_head_dim``'s dK/dV kernel divides S^T and dP^T by role rather
+  than by rows: consumer 0 computes S^T and P^T, consumer 1 dP^T and dS^T (from P^T),
+  each over the whole streamed tile (wgmma N=64, where halves of rows give N=32, which
+  reads more SMEM per multiply than SMEM delivers), and they pass P^T and dS^T to each
+  other through SMEM. Its ring holds whole tiles.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -206,6 +211,7 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
+  dkv_roles: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -226,9 +232,18 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
+    if self.dkv_roles and not self.split_head_dim:
+      raise ValueError("dkv_roles needs split_head_dim (it divides the work of a shared "
+                       "key tile)")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
+
+  @property
+  def dkv_halves(self) -> bool:
+    """The dK/dV kernel's ring holds each streamed tile in two 32-row halves, one per
+    consumer (``split_head_dim`` without ``dkv_roles``)."""
+    return self.split_head_dim and not self.dkv_roles
 
   @property
   def tiles_per_cta(self) -> int:
@@ -352,8 +367,8 @@ class MosaicBwdConfig:
       dq += self.dkv_block_q * head_dim * 4
     elif self.fused_dq:
       dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
-    elif self.split_head_dim:  # the exchanged P^T and dS^T
-      dq = 2 * WG_ROWS * self.dkv_block_q * itemsize
+    elif self.split_head_dim:  # the exchanged P^T and dS^T (dkv_roles: + P^T (1 - t^2))
+      dq = (3 if self.dkv_roles else 2) * WG_ROWS * self.dkv_block_q * itemsize
     return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
