@@ -98,26 +98,31 @@ BWD_INTERPRET_CASES = {
     "segment_pair_lengths_empty_d256": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
         None),
-    # The dK/dV kernel's S^T and dP^T divided by role (MosaicBwdConfig.dkv_roles), with a
-    # soft-cap (whose factor 1 - t^2 consumer 0 passes on), and with segment ids.
-    "f16_softcap_lengths_empty_gqa_d160_roles": (
+    # d=256's dK/dV kernel divides S^T and dP^T by role (MosaicBwdConfig.dkv_roles); in
+    # f16 without a soft-cap P^T's own tile is dS^T's factor. The two cases after it run
+    # the kernel's other way, halves of the streamed rows (dkv_roles=False).
+    "f16_causal_cross_tail_gqa_d256": (
+        Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.float16, is_causal=True), None),
+    "f16_softcap_lengths_empty_gqa_d160_halves": (
         Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
              q_lengths=[130, 70], kv_lengths=[90, 0]),
-        MosaicBwdConfig(split_head_dim=True, dkv_roles=True)),
-    "segment_pair_lengths_empty_d256_roles": (
+        MosaicBwdConfig(split_head_dim=True)),
+    "segment_pair_lengths_empty_d256_halves": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
-        MosaicBwdConfig(split_head_dim=True, dkv_roles=True)),
+        MosaicBwdConfig(split_head_dim=True)),
 }
 
 
 def test_d256_interpret_cases_split_the_head_dim():
-  for name in ("bf16_causal_cross_tail_gqa_d256", "f16_softcap_lengths_empty_gqa_d160",
-               "segment_pair_lengths_empty_d256"):
-    case = BWD_INTERPRET_CASES[name][0]
+  names = [n for n in BWD_INTERPRET_CASES if n.endswith(("_d256", "_d160", "_halves"))]
+  assert len(names) == 6
+  for name in names:
+    case, cfg = BWD_INTERPRET_CASES[name]
     d = mosaic_backend.padded_head_dim(case.h)
     assert d == 256
-    cfg = MosaicBwdConfig.for_problem(case.t, case.s, d)
+    cfg = cfg or MosaicBwdConfig.for_problem(case.t, case.s, d)
     assert cfg.split_head_dim and cfg.tiles_per_cta == 1 and cfg.head_cols(d) == 128
+    assert cfg.dkv_roles != name.endswith("_halves")
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
@@ -248,8 +253,9 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments
 
 
 @pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
-def test_mosaic_backward_dkv_roles_lowers_for_cuda(causal, softcap, segments):
-  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dkv_roles=True)
+def test_mosaic_backward_dkv_halves_lowers_for_cuda(causal, softcap, segments):
+  """d=256's dK/dV kernel the other way (the default is ``dkv_roles``)."""
+  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dkv_roles=False)
 
 
 def test_mosaic_bwd_config_dkv_roles_needs_split_head_dim():
@@ -378,7 +384,7 @@ def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, 
   assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
   # dV's wgmma before dS^T at d=128 in every mode (measured faster there, slower at d=64).
   assert cfg.dv_early == (d == 128)
-  assert cfg.split_head_dim == (d == 256)
+  assert cfg.split_head_dim == cfg.dkv_roles == (d == 256)
   # Without a word on determinism, a direct caller gets the reproducible config.
   assert MosaicBwdConfig.for_problem(s, s, d, causal=causal).dq_mode == "separate"
 

@@ -339,8 +339,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       """``cfg.dkv_roles``: consumer 0 computes S^T and P^T of the whole streamed tile,
       consumer 1 dP^T and, once P^T is in, dS^T; through SMEM each passes its tiles to
       the other (``ready``: P^T in, dS^T in), and both multiply them into their halves
-      of dK's and dV's head dim. With a soft-cap consumer 0 also passes P^T (1 - t^2),
-      the factor dS^T takes from the tanh."""
+      of dK's and dV's head dim. dS^T = G (dP^T - delta) takes G = P^T, times 1 - t^2
+      under a soft-cap, from consumer 0 in float16 (``g_x``; P^T's own tile where that
+      is f16 and there is no soft-cap): in bfloat16 its rounding doubled dK's error
+      against cuDNN's (H100, d=256, s=16k causal: 2.5e-3 -> 5.1e-3), f16 (G is in
+      [0, 1]) keeps it near the f32 path's."""
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       pt_x, g_x, ds_x = ds_smem
 
@@ -357,8 +360,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         pt, t = _probs(p, st, lse, 0, vis)
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         pt_x[...] = pt.astype(dtype)
-        if t is not None:
-          g_x[...] = logits_lib.dscores(pt, t).astype(dtype)
+        if g_x is not None:
+          g_x[...] = logits_lib.dscores(pt, t).astype(g_x.dtype)
         plgpu.commit_smem()
         plgpu.barrier_arrive(ready.at[0])
         plgpu.barrier_wait(ready.at[1])
@@ -618,11 +621,13 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if staged else None,  # dS^T, P^T
           # dS^T for dQ: per consumer, or (split) both consumers' in two buffers; or
           # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles; or
-          # (dkv_roles) P^T, P^T (1 - t^2) (soft-cap only) and dS^T, whole.
+          # (dkv_roles) P^T, its factor of dS^T in f16 (see _dkv_kernel's role_step;
+          # None where P^T's own tile is that) and dS^T, whole.
           (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
            smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else
            (smem_tile((WG_ROWS, bq), q.dtype),
-            smem_tile((WG_ROWS, bq), q.dtype) if p.softcap is not None else None,
+            None if p.softcap is None and q.dtype == jnp.float16 else
+            smem_tile((WG_ROWS, bq), jnp.float16),
             smem_tile((WG_ROWS, bq), q.dtype)) if roles else
            (smem_tile((2, WG_ROWS, bq // 2), q.dtype, swizzle=64),) * 2
            if cfg.split_head_dim else None),

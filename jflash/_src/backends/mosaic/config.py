@@ -320,8 +320,11 @@ class MosaicBwdConfig:
     # 64-row wgmma tiles at d=64 (dq_half_shape), where 64 rows would halve the head dim.
     rows = lambda n: max(64, min(n, -(-q_len // 128) * 128))
     cols = lambda n: max(64, min(n, -(-kv_len // 128) * 128))
+    # d=256: S^T and dP^T by role (``dkv_roles``; H100 2026-11-26 ~22:26, fwd+bwd
+    # TFLOP/s against halves of rows, two runs each: 4k 369-373 -> 388-401, causal 350
+    # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400).
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
-              split_head_dim=head_dim == 256)
+              split_head_dim=head_dim == 256, dkv_roles=head_dim == 256)
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
     # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
@@ -367,7 +370,7 @@ class MosaicBwdConfig:
       dq += self.dkv_block_q * head_dim * 4
     elif self.fused_dq:
       dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
-    elif self.split_head_dim:  # the exchanged P^T and dS^T (dkv_roles: + P^T (1 - t^2))
+    elif self.split_head_dim:  # the exchanged P^T and dS^T (dkv_roles: + dS^T's factor)
       dq = (3 if self.dkv_roles else 2) * WG_ROWS * self.dkv_block_q * itemsize
     return kv + ring + dq
 
