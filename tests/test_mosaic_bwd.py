@@ -110,6 +110,18 @@ BWD_INTERPRET_CASES = {
     "segment_pair_lengths_empty_d256_halves": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
         MosaicBwdConfig(split_head_dim=True)),
+    # The dQ kernel's S and dP by role too (MosaicBwdConfig.dq_roles): soft-cap, lengths
+    # with an empty kv row, GQA; unordered segment ids.
+    "f16_softcap_lengths_empty_gqa_d160_dq_roles": (
+        Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
+             q_lengths=[130, 70], kv_lengths=[90, 0]),
+        MosaicBwdConfig(split_head_dim=True, dkv_roles=True, dq_roles=True)),
+    "segment_pair_lengths_empty_d256_dq_roles": (
+        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
+        MosaicBwdConfig(split_head_dim=True, dkv_roles=True, dq_roles=True)),
+    "bf16_causal_cross_tail_gqa_d256_dq_roles": (
+        Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.bfloat16, is_causal=True),
+        MosaicBwdConfig(split_head_dim=True, dkv_roles=True, dq_roles=True)),
 }
 
 
@@ -258,9 +270,15 @@ def test_mosaic_backward_dkv_halves_lowers_for_cuda(causal, softcap, segments):
   _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dkv_roles=False)
 
 
-def test_mosaic_bwd_config_dkv_roles_needs_split_head_dim():
-  with pytest.raises(ValueError, match="dkv_roles needs split_head_dim"):
-    MosaicBwdConfig(dkv_roles=True)
+@pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
+def test_mosaic_backward_dq_roles_lowers_for_cuda(causal, softcap, segments):
+  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dq_roles=True)
+
+
+@pytest.mark.parametrize("name", ["dkv_roles", "dq_roles"])
+def test_mosaic_bwd_config_roles_need_split_head_dim(name):
+  with pytest.raises(ValueError, match=f"{name} needs split_head_dim"):
+    MosaicBwdConfig(**{name: True})
 
 
 @pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])

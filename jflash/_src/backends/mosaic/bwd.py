@@ -464,7 +464,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, ds_smem,
-               q_full, full, consumed, met, done, qseg_smem, kseg_smem, *, segs, p: Problem,
+               q_full, full, consumed, met, done, ready, qseg_smem, kseg_smem, *, segs,
+               p: Problem,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
   without segment ids; ``ds_smem``, ``met``, ``done``: split_head_dim only (else None),
@@ -488,8 +489,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     def load(c, slot):
       k0 = (u_lo + c) * bk
-      for x, (lo, n) in enumerate(parts.ring_parts(cfg.split_head_dim, k0, bk)):
-        dst = lambda ref: ref.at[slot, x] if cfg.split_head_dim else ref.at[slot]
+      for x, (lo, n) in enumerate(parts.ring_parts(cfg.dq_halves, k0, bk)):
+        dst = lambda ref: ref.at[slot, x] if cfg.dq_halves else ref.at[slot]
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(lo, n), kh], dst(k_smem), full.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(lo, n), kh], dst(v_smem), full.at[slot])
         if segs is not None:
@@ -544,7 +545,45 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       xchg.finish(c)
       return dq
 
+    def role_step(c, slot, j, dq, masked: bool):
+      """``cfg.dq_roles``: consumer 0 computes S and P of the whole streamed tile, and
+      passes dS's factor G (P, times 1 - t^2 under a soft-cap; f16, as in _dkv_kernel's
+      role_step) through SMEM; consumer 1 computes dP and, once G is in, dS, and passes
+      it back (``ready``: G in, dS in); both multiply dS into their halves of dQ."""
+      g_x, ds_x = ds_smem
+
+      @pl.when(wg == 0)
+      def _probs_role():
+        (s,) = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T))
+        vis = None
+        if masked:
+          k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
+          kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot], layout=_COL)
+          vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+        pr, t = _probs(p, s, lse, 1, vis)
+        pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
+        g_x[...] = logits_lib.dscores(pr, t).astype(g_x.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ready.at[0])
+        plgpu.barrier_wait(ready.at[1])
+
+      @pl.when(wg == 1)
+      def _dscores_role():
+        (dp,) = parts.matmuls((bq, bk), (my_do, v_smem.at[slot].T))
+        plgpu.barrier_wait(ready.at[0])  # (after the last step's readers: see above)
+        g = plgpu.load(g_x, (), layout=plgpu.Layout.WGMMA)
+        ds_x[...] = (g.astype(jnp.float32) * (dp - _per_q(delta, dp.shape, 1))).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ready.at[1])
+
+      (dq,) = parts.acc_smem((dq,), ([(ds_x, parts.cols_of(k_smem.at[slot], cols))],),
+                             interpret)
+      xchg.finish(c)
+      return dq
+
     def step(c, slot, j, dq, masked: bool):
+      if cfg.dq_roles:
+        return role_step(c, slot, j, dq, masked)
       if xchg is not None:
         return shared_step(c, slot, j, dq, masked)
       s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
@@ -666,7 +705,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                grid=(b, kh, nk))(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
-  halves, tile = cfg.split_head_dim, tiler(cfg.split_head_dim)
+  halves, tile = cfg.dq_halves, tiler(cfg.dq_halves)
   nq = tp // (tiles * WG_ROWS)
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, tiles, by_rows=True)
            ) if seg else ()
@@ -682,7 +721,10 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           tile((stages, *ring_rows(bk, halves), d), k.dtype),
           tile((stages, *ring_rows(bk, halves), d), v.dtype),
           smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if staged else None,  # dS
-          # split_head_dim: the step's dS, one half from each consumer.
+          # split_head_dim: the step's dS, one half from each consumer; or (dq_roles)
+          # dS's factor, in f16, and dS, whole.
+          (smem_tile((WG_ROWS, bk), jnp.float16), smem_tile((WG_ROWS, bk), q.dtype))
+          if cfg.dq_roles else
           smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
@@ -692,6 +734,8 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           # split_head_dim: both halves of dS in (and the last meeting); done with dS.
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
+          # dq_roles: G in (from consumer 0), dS in (from consumer 1).
+          plgpu.Barrier(num_barriers=2) if cfg.dq_roles else None,
           ids((tiles, WG_ROWS)),  # the query tiles' ids
           ids((stages, *ring_rows(bk, halves))),  # the ring's key ids
       ],

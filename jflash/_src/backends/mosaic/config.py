@@ -190,6 +190,8 @@ class MosaicBwdConfig:
   each over the whole streamed tile (wgmma N=64, where halves of rows give N=32, which
   reads more SMEM per multiply than SMEM delivers), and they pass P^T and dS^T to each
   other through SMEM. Its ring holds whole tiles.
+  ``dq_roles``: the same for ``split_head_dim``'s dQ kernel: consumer 0 computes S and P,
+  consumer 1 dP and dS.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -212,6 +214,7 @@ class MosaicBwdConfig:
   dv_early: bool = False
   split_head_dim: bool = False
   dkv_roles: bool = False
+  dq_roles: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -232,9 +235,10 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
-    if self.dkv_roles and not self.split_head_dim:
-      raise ValueError("dkv_roles needs split_head_dim (it divides the work of a shared "
-                       "key tile)")
+    for name in ("dkv_roles", "dq_roles"):
+      if getattr(self, name) and not self.split_head_dim:
+        raise ValueError(f"{name} needs split_head_dim (it divides the work of a shared "
+                         "tile)")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
@@ -244,6 +248,11 @@ class MosaicBwdConfig:
     """The dK/dV kernel's ring holds each streamed tile in two 32-row halves, one per
     consumer (``split_head_dim`` without ``dkv_roles``)."""
     return self.split_head_dim and not self.dkv_roles
+
+  @property
+  def dq_halves(self) -> bool:
+    """The same for the dQ kernel's ring (``split_head_dim`` without ``dq_roles``)."""
+    return self.split_head_dim and not self.dq_roles
 
   @property
   def tiles_per_cta(self) -> int:
@@ -377,7 +386,9 @@ class MosaicBwdConfig:
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """Q and dO of every query tile (Q reused for dQ), their lse/delta + the K/V ring."""
     q = self.tiles_per_cta * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
-    ds = WG_ROWS * self.dq_block_kv * itemsize if self.split_head_dim else 0  # exchanged dS
+    # The exchanged dS (dq_roles: + dS's factor, in f16).
+    ds = (2 if self.dq_roles else 1) * WG_ROWS * self.dq_block_kv * itemsize
+    ds = ds if self.split_head_dim else 0
     return q + ds + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
 
   @property
