@@ -25,6 +25,7 @@ from jflash._src import mask as mask_lib
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import bwd as mosaic_bwd
+from jflash._src.backends.mosaic import fused_dq
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 from jflash._src.mask import MaskSpec
 from jflash._src.problem import Problem
@@ -167,7 +168,7 @@ def _check_backward_interpret(case: Case, bwd_cfg: MosaicBwdConfig | None, mosai
 
 # The fused dQ (MosaicBwdConfig.dq_mode): the interpreter has neither TMA reductions nor
 # semaphores, so there each key tile (or with split_dq, each CTA) writes its own f32 slab
-# (bwd._add_dq, bwd._add_dq_half) and "atomic" with one consumer and "ordered" run the
+# (fused_dq.add_dq, fused_dq.add_dq_half) and "atomic" with one consumer and "ordered" run the
 # same code; the dS K matmul, the rows and heads it lands on and
 # the masking are what these check (one mode each, to save CPU time).
 # dq_chunk_flops=0: as many launches as the blocks of batches and key heads allow (the
@@ -212,7 +213,7 @@ def test_split_dq_interpret_cases_cover_both_halvings():
 
 
 def test_mosaic_ordered_dq_refuses_segment_ids():
-  """"ordered" takes turns by the band's first key tile (bwd._dq_turn), which segment
+  """"ordered" takes turns by the band's first key tile (fused_dq.dq_turn), which segment
   ranges do not follow: refused, naming both, rather than left to hang."""
   case = SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"]
   d = mosaic_backend.padded_head_dim(case.h)
@@ -237,7 +238,7 @@ def test_mosaic_backward_fused_dq_interpret_against_reference(name, mosaic_bwd_c
                                             (True, (100, None)), (False, (0, 200))])
 @pytest.mark.parametrize("bq", [64, 128])
 def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
-  """"ordered" dQ (bwd._dq_turn): the 64-key tiles that visit query tile i (by
+  """"ordered" dQ (fused_dq.dq_turn): the 64-key tiles that visit query tile i (by
   mask.q_block_range, as the dK/dV kernel loops) must get the turns 0, 1, ..., in key
   order, or a CTA waits forever (a turn too high) or two add at once (a repeat)."""
   left, right = window or (None, None)
@@ -252,7 +253,7 @@ def test_mosaic_ordered_dq_turns_count_exactly_the_visitors(causal, window, bq):
       for i in range(lo, hi):
         visitors[i].append(j)
     for i, js in visitors.items():
-      turns = [mosaic_bwd._dq_turn(p, bq, nk, i, j, q_valid, kv_valid) for j in js]
+      turns = [fused_dq.dq_turn(p, bq, nk, i, j, q_valid, kv_valid) for j in js]
       assert turns == list(range(len(js))), (t, s, q_valid, kv_valid, i, js, turns)
 
 
@@ -307,7 +308,7 @@ def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields
     (6, 1, 4, [(b, 2, 0, 1) for b in range(0, 6, 2)]),  # 6 batches into 3, not 4
 ])
 def test_dq_chunks_cover_every_block_once(batch, k_heads, want, blocks):
-  got = mosaic_bwd.dq_chunks(batch, k_heads, want)
+  got = fused_dq.dq_chunks(batch, k_heads, want)
   assert got == blocks
   cover = np.zeros((batch, k_heads), int)
   for b0, nb, h0, nh in got:
@@ -437,12 +438,12 @@ def test_mosaic_default_backward_follows_xla_determinism(flags, mode, monkeypatc
 def test_fused_dq_launches_keep_work_per_launch(b, n, s, d, causal, launches):
   cfg = MosaicBwdConfig(dq_mode="atomic")
   p = Problem(mask=MaskSpec(q_len=s, kv_len=s, causal=causal), scale=1.0)
-  got = mosaic_bwd.fused_dq_launches(p, cfg, b, n, d)
+  got = fused_dq.fused_dq_launches(p, cfg, b, n, d)
   assert got == launches
   flops = 4 * b * n * s * s * d / (2 if causal else 1)
   # Each launch keeps its share of work, unless one launch is all there is.
   assert got == 1 or flops / got >= cfg.dq_chunk_flops
-  assert mosaic_bwd.fused_dq_launches(p, dataclasses.replace(cfg, dq_chunk_flops=0), b, n,
+  assert fused_dq.fused_dq_launches(p, dataclasses.replace(cfg, dq_chunk_flops=0), b, n,
                                       d) == cfg.dq_chunks
 
 

@@ -24,12 +24,12 @@ tile's SMEM, meet, and the first stores it (``bwd_parts.store_tile``).
   ring streams K, V tiles over mask.kv_block_range. ``dQ += dS K``.
 * Fused dQ (``dq_mode`` "atomic" or "ordered", no dQ kernel): the dK/dV consumers also
   compute ``dS K`` for each query tile they visit and add it into an f32 dQ in HBM with
-  a TMA reduce-add (``_add_dq``): 5 matmuls per pair of tiles instead of 7. "atomic"
+  a TMA reduce-add (fused_dq.py): 5 matmuls per pair of tiles instead of 7. "atomic"
   adds in whatever order the CTAs reach a tile (not reproducible); "ordered" makes the
   64-key tiles take turns in key order on a semaphore per (b, head, query tile).
   "atomic" with two consumers (``cfg.split_dq``, FA3's layout) adds one partial per
   CTA instead of one per consumer: both put their dS^T in SMEM, meet on a barrier, and
-  each multiplies all 128 keys into its half of the partial (``_dq_half``); TMA
+  each multiplies all 128 keys into its half of the partial (``fused_dq.dq_half``); TMA
   reduce-adds run at ~3.2 TB/s on an H100 (benchmarks/tma_reduce_probe.py), so the bytes
   added bound the kernel.
   Deadlock freedom of "ordered": a key tile only waits for lower key tiles of the same
@@ -63,6 +63,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic import bwd_parts as parts
+from jflash._src.backends.mosaic import fused_dq
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
 from jflash._src.backends.mosaic.fwd import cta_segment_ranges, smem_tile
 from jflash._src.problem import Problem
@@ -118,84 +119,6 @@ def _range_row(segs, b, tile, wg):
   return None if segs is None else tuple(segs[2][b, tile, wg, j] for j in range(4))
 
 
-def _dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
-  """``"ordered"``: how many 64-key tiles add into query tile ``i`` before ``k_tile``.
-
-  The key tiles that visit query tile ``i`` (``i`` in their mask.q_block_range) are the
-  consecutive ``[first, ...)``: both ends of a key tile's query range grow with the key
-  tile (a band), and the empty ranges (keys past kv_valid) come last. ``first`` is the
-  ``lo`` of mask.kv_block_range for that query tile over 64-key blocks: the same band
-  seen from the query side (tests/test_mosaic_bwd.py checks the two agree)."""
-  first = mask_lib.kv_block_range(p.mask, i * bq, bq, WG_ROWS, nk, q_valid, kv_valid)[0]
-  return k_tile - first
-
-
-def _add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, b, h, i,
-            k_tile, nk: int, q_valid, kv_valid, interpret: bool):
-  """Adds ``dS K`` (``ds_s``: dS^T [64 keys, bq] in SMEM; ``k_s``: K [64, D]; key tile
-  ``k_tile`` of ``nk``) into rows ``i * bq ...`` of query head ``h`` of the f32 ``dq_acc``.
-
-  On the GPU: a TMA reduce-add of the partial, staged in ``dq_s`` (one buffer: the wait
-  for the previous add's read comes a whole step after it was issued). ``"ordered"``
-  waits for its turn on ``sems[b, h, i]``, lets the add land, then passes the turn on.
-  In the interpreter, which has neither TMA reductions nor semaphores, each key
-  tile writes its own slab ``dq_acc[k_tile]`` (summed in key order by ``backward``)."""
-  bq, d = dq_s.shape
-  (dq,) = parts.matmuls((bq, d), (ds_s.T, k_s))
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
-  dq_s[...] = dq
-  plgpu.commit_smem()
-  rows = pl.ds(i * bq, bq)
-  if interpret:
-    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[k_tile, b, rows, h])
-    return
-  if cfg.dq_mode == "atomic":
-    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
-    return
-  _, tp, n, _ = dq_acc.shape
-  sem = sems.at[(b * n + h) * (tp // bq) + i]
-  turn = _dq_turn(p, bq, nk, i, k_tile, q_valid, kv_valid)
-  plgpu.semaphore_wait(sem, turn, decrement=False)  # every earlier key tile has added
-  plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
-  plgpu.wait_smem_to_gmem(0)  # landed in HBM, not only read from SMEM
-  plgpu.semaphore_signal(sem, 1)
-
-
-def _dq_half(ds_all, k_all, *, i, wg):
-  """``cfg.split_dq``: this consumer's half of ``dS K`` over the CTA's keys for query
-  tile ``i``, as ``(shape, lhs, rhs)`` for ``parts.matmuls``, and where it goes:
-  ``(rows, cols)`` of the query head.
-
-  ``ds_all``: dS^T ``[2 * 64 keys, bq]`` of both consumers (SMEM; read only after the
-  consumers have met, when both are written); ``k_all``: K ``[2 * 64, D]``. With
-  ``bq >= 128`` each consumer takes half the rows, else half the head dim (wgmma's M is
-  64 at least). One partial per CTA and query tile in all (FA3's layout), half the
-  bytes of one per consumer."""
-  bq = ds_all.shape[1]
-  d = k_all.shape[1]
-  if bq >= 2 * WG_ROWS:
-    half = bq // 2
-    mm = ((half, d), ds_all.at[:, pl.ds(wg * half, half)].T, k_all)
-    return mm, (pl.ds(i * bq + wg * half, half), pl.ds(0, d))
-  half = d // 2
-  mm = ((bq, half), ds_all.T, k_all.at[:, pl.ds(wg * half, half)])
-  return mm, (pl.ds(i * bq, bq), pl.ds(wg * half, half))
-
-
-def _add_dq_half(dq, dq_s, dq_acc, where, *, b, h, kt, interpret: bool):
-  """Adds ``dq`` (a consumer's half, ``where`` = its ``(rows, cols)`` from ``_dq_half``)
-  into query head ``h`` of the f32 ``dq_acc`` with a TMA reduce-add staged in ``dq_s``.
-  TMA reduce-adds run at ~3.2 TB/s on an H100 (benchmarks/tma_reduce_probe.py), so the
-  bytes added bound the kernel. In the interpreter, which has no TMA reductions, the
-  CTA writes its own slab ``dq_acc[kt]``."""
-  rows, cols = where
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
-  dq_s[...] = dq
-  plgpu.commit_smem()
-  if interpret:
-    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[kt, b, rows, h, cols])
-  else:
-    plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h, cols], reduction_op="add")
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
@@ -203,7 +126,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   """``refs``: [offsets, dq_acc (fused dQ only)], dk, dv, then the scratch of
   ``backward``; ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query
   ids) are None without segment ids. With a fused dQ the grid covers batches
-  ``offsets[0] ...`` and key heads ``offsets[1] ...`` (see _fused_backward), and
+  ``offsets[0] ...`` and key heads ``offsets[1] ...`` (see fused_dq.fused_backward), and
   ``dq_acc`` holds only those (their query heads), from its own index 0."""
   offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
@@ -410,9 +333,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def add_dq(i, g):
       """The fused dQ without ``split_dq``: this consumer's dS (in ds_smem) times its K,
       added into query tile ``i``'s rows of head ``g``'s dQ."""
-      _add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
-              h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg, nk=k_ref.shape[1] // WG_ROWS,
-              q_valid=q_valid, kv_valid=kv_valid, interpret=interpret)
+      fused_dq.add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
+                      h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg,
+                      nk=k_ref.shape[1] // WG_ROWS, q_valid=q_valid, kv_valid=kv_valid,
+                      interpret=interpret)
 
     def share_ds(c, dst):
       """``cfg.split_dq``: this consumer's dS^T into its rows of the step's buffer (two,
@@ -423,15 +347,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       plgpu.barrier_arrive(met)
 
     def dq_half_step(c, i, g, accs, mmas, stage):
-      mm, where = _dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, i=i, wg=wg)
+      mm, where = fused_dq.dq_half(ds_smem.at[lax.rem(c, 2)], k_smem, i=i, wg=wg)
       # dK and dV complete first: issuing the dQ half in their wgmma group (one wait a
       # step, not two) kept P^T and dS^T live beside three accumulators and measured no
       # faster (H100, benchmarks/MOSAIC_NOTES.md, session 6).
       accs = parts.mmas(accs, mmas, stage) if mmas else accs
       plgpu.barrier_wait(met)  # the other consumer's dS^T is in too
       (dq,) = parts.matmuls(mm[0], mm[1:])
-      _add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g, kt=kt * wgs,
-                   interpret=interpret)
+      fused_dq.add_dq_half(dq, dq_smem.at[wg], dq_acc, where, b=b_c, h=kh_c * groups + g,
+                           kt=kt * wgs, interpret=interpret)
       return tuple(accs)
 
     def skipped(c, i, g):
@@ -627,7 +551,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   args = (q, k, v, dout, lse, delta, q_valid, kv_valid)
   seg = p.mask.has_segment_ids
   if seg and cfg.dq_mode == "ordered":
-    # _dq_turn assumes the key tiles visiting a query tile are consecutive from the
+    # fused_dq.dq_turn assumes the key tiles visiting a query tile are consecutive from the
     # band's first; segment ranges (not monotone for unordered ids) break that.
     raise NotImplementedError("MosaicBwdConfig.dq_mode='ordered' does not support "
                               "segment_ids yet; use dq_mode='atomic' or 'separate'")
@@ -699,7 +623,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                            groups=groups, interpret=interpret)
   nk = sp // (tiles * WG_ROWS)
   if fused:
-    return _fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
+    return fused_dq.fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
   dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                                jax.ShapeDtypeStruct(v.shape, v.dtype)],
                grid=(b, kh, nk))(*args, *extra)
@@ -745,78 +669,3 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       **params,
   )(*args, *extra)
   return dq, dk, dv
-
-
-def dq_chunks(batch: int, k_heads: int, want: int) -> list[tuple[int, int, int, int]]:
-  """The fused dQ's launches: ``(b0, nb, h0, nh)`` blocks of batches and key heads, at
-  most ``want`` of them (the key heads cut into the most equal parts that do not exceed
-  it, then the batches into as many as are left), so that the f32 dQ of one block is
-  all that is live at once."""
-  fit = lambda n, most: max(c for c in range(1, min(n, max(most, 1)) + 1) if n % c == 0)
-  ch = fit(k_heads, want)
-  cb = fit(batch, want // ch)
-  nb, nh = batch // cb, k_heads // ch
-  return [(i * nb, nb, j * nh, nh) for i in range(cb) for j in range(ch)]
-
-
-def fused_dq_launches(p: Problem, cfg: MosaicBwdConfig, batch: int, heads: int,
-                      head_dim: int) -> int:
-  """How many launches the fused dQ wants: as many as keep ``cfg.dq_chunk_flops`` of
-  forward FLOPs each (4 b h T S d, halved when causal; windows are not counted, so a
-  windowed call may get more launches than its work warrants), between 1 and
-  ``cfg.dq_chunks``."""
-  if cfg.dq_chunk_flops == 0:
-    return cfg.dq_chunks
-  flops = 4 * batch * heads * p.q_len * p.kv_len * head_dim * (0.5 if p.mask.causal else 1.0)
-  return max(1, min(cfg.dq_chunks, int(flops // cfg.dq_chunk_flops)))
-
-
-def _fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, k, v, nk):
-  """``cfg.fused_dq``: the dK/dV kernel adds dQ into an f32 buffer, launched once per
-  block of ``dq_chunks`` (``fused_dq_launches`` of them) in a loop: each launch zeroes an
-  f32 dQ of its block only, and its dQ is scaled and cast into the bf16/f16 result
-  before the next block's buffer is made, so the f32 adds cost ``2 / launches`` of dQ's
-  bytes of memory at peak instead of twice dQ. dQ, dK and dV are loop carries, updated
-  in place: the kernel writes its block of dK and dV straight into them (aliased refs),
-  dQ takes a dynamic_update_slice. The loop body, so the kernel, is lowered once; the
-  offsets are data. H200, fwd+bwd at s=32k, d=128: 1060 MiB peak (1.18x inputs +
-  outputs + gradients) in 8 launches, 1282 MiB (1.43x) in one.
-
-  Session 7 first built this as an unrolled sequence of jitted launches with dK and dV
-  refs passed through each: there the peak did not fall (likely copies of dK and dV at
-  every launch)."""
-  b, tp, n, d = q.shape
-  kh = k.shape[2]
-  groups = n // kh
-  blocks = dq_chunks(b, kh, fused_dq_launches(p, cfg, b, n, d))
-  _, nb, _, nh = blocks[0]
-  per_b = kh // nh  # blocks along the key heads, for each block of batches
-  # In the interpreter one slab per 64-key tile (see _add_dq), summed in key order.
-  slabs = (nk * cfg.consumers,) if p.interpret else ()
-
-  def cast_dq(acc):
-    part = jax.freeze(acc)
-    return ((part.sum(0) if p.interpret else part) * p.scale).astype(q.dtype)
-
-  if len(blocks) == 1:
-    # One launch writes every key's dK and dV, so they are plain outputs: no zero-filled
-    # carries for the kernel to overwrite (2 x 64 MiB of writes on the grid's shapes).
-    acc = jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32))
-    dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 grid=(b, kh, nk))(*args, *extra, jnp.zeros((2,), jnp.int32), acc)
-    return cast_dq(acc), dk, dv
-
-  def launch(i, carry):
-    dq, dk, dv = carry
-    b0, h0 = lax.div(i, per_b) * nb, lax.rem(i, per_b) * nh
-    offsets = jnp.stack([b0, h0]).astype(jnp.int32)
-    acc = jax.new_ref(jnp.zeros((*slabs, nb, tp, nh * groups, d), jnp.float32))
-    dk, dv = jax.new_ref(dk), jax.new_ref(dv)
-    dkv(body, out_type=(), grid=(nb, nh, nk))(*args, *extra, offsets, acc, dk, dv)
-    zero = jnp.zeros((), b0.dtype)
-    dq = lax.dynamic_update_slice(dq, cast_dq(acc), (b0, zero, h0 * groups, zero))
-    return dq, jax.freeze(dk), jax.freeze(dv)
-
-  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-  return lax.fori_loop(0, len(blocks), launch, init)

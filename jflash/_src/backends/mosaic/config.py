@@ -199,7 +199,7 @@ class MosaicBwdConfig:
   FLOPs (4 b h T S d, halved when causal). Each launch costs a fixed start and a tail
   (its last wave, longest under a causal mask): H200, d=64, 8 launches against one
   lost nothing at s=16k (0.14-0.28 TFLOP a launch) but 1-15% at 4k (0.03-0.07) and
-  9-14% at 1k (0.01-0.02); see bwd.fused_dq_launches.
+  9-14% at 1k (0.01-0.02); see fused_dq.fused_dq_launches.
   """
 
   dkv_block_q: int = 64
@@ -291,7 +291,7 @@ class MosaicBwdConfig:
   @property
   def split_dq(self) -> bool:
     """"atomic" with two consumers: FA3's layout, one dQ partial per CTA (its 128 keys)
-    and query tile, each consumer computing half of it (bwd._dq_half), rather than
+    and query tile, each consumer computing half of it (fused_dq.dq_half), rather than
     one partial per consumer: half the bytes added into HBM."""
     return self.dq_mode == "atomic" and self.consumers == 2
 
