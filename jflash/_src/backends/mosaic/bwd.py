@@ -197,6 +197,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     plgpu.barrier_wait(kv_full.at[own])
     kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
 
+    def vis_of(masked: bool, i, n: int, ids, w=None):
+      """The predicate of this consumer's keys against the ``n`` query rows of streamed
+      tile ``i`` (its part ``w`` of ``n`` rows, if given; ``ids``: their ids' SMEM ref,
+      or None), or None for a tile needing none."""
+      if not masked:
+        return None
+      iota = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_COL)
+      q_pos = iota + (i * bq if w is None else i * bq + w * n)
+      q_seg = None if segs is None else plgpu.load(ids, layout=_COL)
+      return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
+                              transpose=True)
+
+    q_ids = lambda *at: None if segs is None else qseg_smem.at[at]
+
     def step(c, slot, i, carry, masked: bool, g):
       if cfg.dkv_roles:
         return role_step(c, slot, i, carry, masked)
@@ -207,12 +221,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-      vis = None
-      if masked:
-        q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
-        q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
-                               transpose=True)
+      vis = vis_of(masked, i, bq, q_ids(slot))
       stage = stage_smem.at[wg] if interpret else None
       if cfg.dv_early and not interpret:
         return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
@@ -240,12 +249,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       st, dpt = parts.matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
       lse = plgpu.load(lse_smem.at[slot, wg], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot, wg], layout=_COL)
-      vis = None
-      if masked:
-        q_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (i * bq + wg * half)
-        q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot, wg], layout=_COL)
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
-                               transpose=True)
+      vis = vis_of(masked, i, half, q_ids(slot, wg), wg)
       pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
       # Two refs, not two entries of one: wgmma's run_state cannot close over a ref
       # indexed by a constant (Mosaic lowering: "Shaped arrays must be represented by
@@ -276,13 +280,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       def _probs_role():
         (st,) = parts.matmuls((bk, bq), (my_k, q_s.T))
         lse = plgpu.load(lse_smem.at[slot], layout=_COL)
-        vis = None
-        if masked:
-          q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
-          q_seg = None if segs is None else plgpu.load(qseg_smem.at[slot], layout=_COL)
-          vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
-                                 transpose=True)
-        pt, t = _probs(p, st, lse, 0, vis)
+        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, bq, q_ids(slot)))
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         pt_x[...] = pt.astype(dtype)
         if g_x is not None:
@@ -451,17 +449,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     lse = plgpu.load(lse_smem.at[own], layout=_ROW)
     delta = plgpu.load(delta_smem.at[own], layout=_ROW)
 
+    def vis_of(masked: bool, j, n: int, ids, w=None):
+      """The predicate of this consumer's query rows against the ``n`` keys of streamed
+      tile ``j`` (its part ``w`` of ``n`` keys, if given; ``ids``: their ids' SMEM ref,
+      or None), or None for a tile needing none."""
+      if not masked:
+        return None
+      iota = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_COL)
+      k_pos = iota + (j * bk if w is None else j * bk + w * n)
+      kv_seg = None if segs is None else plgpu.load(ids, layout=_COL)
+      return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+
+    k_ids = lambda *at: None if segs is None else kseg_smem.at[at]
+
     def shared_step(c, slot, j, dq, masked: bool):
       """``split_head_dim``: S and dP of this consumer's half of the step's keys, then its
       half of dQ's head dim over all of them (parts.Exchange)."""
       half = bk // 2
       k_h = lambda w: k_smem.at[slot, w]
       s, dp = parts.matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
-      vis = None
-      if masked:
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (half,), 0, layout=_COL) + (j * bk + wg * half)
-        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot, wg], layout=_COL)
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+      vis = vis_of(masked, j, half, k_ids(slot, wg), wg)
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       xchg.put(c, ((ds.astype(dtype), ds_smem.at[wg]),))
       pairs = [(ds_smem.at[w], parts.cols_of(k_h(w), cols)) for w in xchg.halves]
@@ -479,12 +486,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       @pl.when(wg == 0)
       def _probs_role():
         (s,) = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T))
-        vis = None
-        if masked:
-          k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
-          kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot], layout=_COL)
-          vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
-        pr, t = _probs(p, s, lse, 1, vis)
+        pr, t = _probs(p, s, lse, 1, vis_of(masked, j, bk, k_ids(slot)))
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         g_x[...] = logits_lib.dscores(pr, t).astype(g_x.dtype)
         plgpu.commit_smem()
@@ -511,11 +513,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       if xchg is not None:
         return shared_step(c, slot, j, dq, masked)
       s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
-      vis = None
-      if masked:
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
-        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot], layout=_COL)
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+      vis = vis_of(masked, j, bk, k_ids(slot))
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       k_s = parts.cols_of(k_smem.at[slot], cols)
