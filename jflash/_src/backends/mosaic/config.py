@@ -182,18 +182,18 @@ class MosaicBwdConfig:
   the query rows of the dQ kernel) and each accumulates its half of the gradients' head
   dim, where one warpgroup's registers cannot hold the whole: d=256, whose f32 dK and dV
   (or dQ) of 64 rows take 256 (128) registers a thread. Each computes S and dP for half
-  of the streamed tile's rows and they exchange P^T and dS^T (dS) through SMEM
-  (bwd_parts.Exchange), so no matmul is done twice. Needs ``consumers=2`` and
-  ``dq_mode="separate"``.
+  of the streamed tile's rows (or, with ``dkv_roles`` / ``dq_roles``, one of them for
+  all rows) and they exchange P^T and dS^T (dS) through SMEM (bwd_parts.Exchange), so
+  no matmul is done twice. Needs ``consumers=2`` and ``dq_mode="separate"``.
   ``dkv_roles``: ``split_head_dim``'s dK/dV kernel divides S^T and dP^T by role rather
   than by rows: consumer 0 computes S^T and P^T, consumer 1 dP^T and dS^T (from P^T),
   each over the whole streamed tile (wgmma N=64, where halves of rows give N=32, which
-  reads more SMEM per multiply than SMEM delivers), and they pass P^T and dS^T to each
-  other through SMEM. Its ring holds whole tiles.
+  reads more SMEM per multiply than SMEM delivers), and they pass P^T, dS^T and dS^T's
+  factor to each other through SMEM. Its ring holds whole tiles. The default at d=256.
   ``dq_roles``: the same for ``split_head_dim``'s dQ kernel: consumer 0 computes S and P,
   consumer 1 dP and dS.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
-  ``dq_chunks`` launches over blocks of batches and key heads (bwd.dq_chunks), each
+  ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
   of dQ's bytes at peak; but each launch keeps at least ``dq_chunk_flops`` of forward
   FLOPs (4 b h T S d, halved when causal). Each launch costs a fixed start and a tail
