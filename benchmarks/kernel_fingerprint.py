@@ -36,7 +36,7 @@ CASES = [
     (256, True, False, None, {}),
     (256, False, True, 30.0, {}),
     (256, True, True, None, dict(dkv_roles=False)),  # the variants of the split head dim
-    (256, True, True, 30.0, dict(dq_roles=True)),
+    (256, True, True, 30.0, dict(dq_roles=False)),
 ]
 
 

@@ -191,7 +191,7 @@ class MosaicBwdConfig:
   reads more SMEM per multiply than SMEM delivers), and they pass P^T, dS^T and dS^T's
   factor to each other through SMEM. Its ring holds whole tiles. The default at d=256.
   ``dq_roles``: the same for ``split_head_dim``'s dQ kernel: consumer 0 computes S and P,
-  consumer 1 dP and dS.
+  consumer 1 dP and dS. The default at d=256.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -331,9 +331,13 @@ class MosaicBwdConfig:
     cols = lambda n: max(64, min(n, -(-kv_len // 128) * 128))
     # d=256: S^T and dP^T by role (``dkv_roles``; H100 2026-11-26 ~22:26, fwd+bwd
     # TFLOP/s against halves of rows, two runs each: 4k 369-373 -> 388-401, causal 350
-    # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400).
+    # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400), and the dQ kernel's S
+    # and dP by role (``dq_roles``; H200 2026-11-27 ~00:33, two runs each against dQ by
+    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k 1.00 ->
+    # 1.02x cuDNN).
+    wide = head_dim == 256
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
-              split_head_dim=head_dim == 256, dkv_roles=head_dim == 256)
+              split_head_dim=wide, dkv_roles=wide, dq_roles=wide)
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
     # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
