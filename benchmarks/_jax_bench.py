@@ -105,28 +105,56 @@ def make_inputs(b, s, n, d, dtype, sets=2, seed=0):
 
 
 def time_fn(fn, input_sets, *, target_s, loops, min_reps, max_reps):
-  """Median seconds per call, over ``loops`` loops of back-to-back calls.
+  """Median seconds per call, over ``loops`` loops of back-to-back calls, the reps per
+  loop and the first call's seconds (compile).
 
   Calls are queued asynchronously and only the last one is waited on, so the
   host dispatch overlaps the GPU work as it does in a training step.
   """
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*input_sets[0]))
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for i in range(2):
-    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-  estimate = (time.perf_counter() - t0) / 2
-  reps = int(min(max_reps, max(min_reps, target_s / max(estimate, 1e-9))))
-  times = []
+  t = time_interleaved({"fn": fn}, input_sets, target_s=target_s, loops=loops,
+                       min_reps=min_reps, max_reps=max_reps)["fn"]
+  if isinstance(t, Exception):
+    raise t
+  return t
+
+
+def time_interleaved(fns, input_sets, *, target_s, loops, min_reps, max_reps):
+  """``time_fn`` for several callables side by side: ``{name: (median s, reps,
+  compile s) or exception}`` for ``fns`` ``{name: fn}``.
+
+  After each one's compile and estimate, the ``loops`` rounds take one loop of every
+  callable in turn, so a drift of the GPU's clocks (power, heat) over the cell reaches
+  all of them alike rather than whichever ran last."""
+  out, reps = {}, {}
+  for name, fn in fns.items():
+    try:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*input_sets[0]))
+      compile_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      for i in range(2):
+        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+      estimate = (time.perf_counter() - t0) / 2
+    except Exception as e:  # one impl's failure leaves the others' timings
+      out[name] = e
+      continue
+    reps[name] = int(min(max_reps, max(min_reps, target_s / max(estimate, 1e-9))))
+    out[name] = ([], reps[name], compile_s)
   for _ in range(loops):
-    t0 = time.perf_counter()
-    for i in range(reps):
-      out = fn(*input_sets[i % len(input_sets)])
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-    del out
-  return statistics.median(times), reps, compile_s
+    for name, n in reps.items():
+      if isinstance(out[name], Exception):
+        continue
+      try:
+        t0 = time.perf_counter()
+        for i in range(n):
+          res = fns[name](*input_sets[i % len(input_sets)])
+        jax.block_until_ready(res)
+        out[name][0].append((time.perf_counter() - t0) / n)
+        del res
+      except Exception as e:
+        out[name] = e
+  return {k: v if isinstance(v, Exception) else (statistics.median(v[0]), v[1], v[2])
+          for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------

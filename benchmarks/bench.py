@@ -76,8 +76,8 @@ def parse_args(argv=None):
 
 def timing(args):
   if args.quick:
-    return {"target_s": 0.03, "loops": 3, "min_reps": 2, "max_reps": 10}
-  return {"target_s": 0.1, "loops": 5, "min_reps": 3, "max_reps": 30}
+    return {"target_s": 0.02, "loops": 5, "min_reps": 2, "max_reps": 10}
+  return {"target_s": 0.05, "loops": 9, "min_reps": 3, "max_reps": 30}
 
 
 def feature_timing(args):
@@ -200,19 +200,24 @@ def run_jax(args, cells):
       inputs = None  # free the previous shapes first
       inputs = _jax_bench.make_inputs(c["b"], c["s"], c["n"], c["d"], dtype)
       inputs_for = (c["d"], c["s"])
-    for impl in jax_impls:
-      for mode in _jax_bench.IMPLS[impl][1]:
+    # Per mode, the impls' timed loops interleave (time_interleaved): ratios within a
+    # cell compare runs under the same clocks.
+    for mode in (_jax_bench.FWD, _jax_bench.FWDBWD):
+      fns = {}
+      for impl in jax_impls:
+        if mode not in _jax_bench.IMPLS[impl][1]:
+          continue
         logits = c["b"] * c["n"] * c["s"] ** 2
         if impl == "xla" and logits > XLA_LOGITS_LIMIT:
           c["results"].setdefault(impl, {})[mode] = {"error": "skipped: logits too large"}
           log(f"{tag} {impl} {mode}: skipped ({logits / 2**30:.0f} Gi logits)")
           continue
-        try:
-          fn = _jax_bench.make_fn(impl, mode, c["causal"])
-          sec, reps, compile_s = _jax_bench.time_fn(fn, inputs, **tm)
-          r = {"sec": sec, "reps": reps, "compile_s": round(compile_s, 2)}
-        except Exception as e:
-          r = {"error": _torch_bench.short_error(e)}
+        fns[impl] = _jax_bench.make_fn(impl, mode, c["causal"])
+      for impl, t in _jax_bench.time_interleaved(fns, inputs, **tm).items():
+        if isinstance(t, Exception):
+          r = {"error": _torch_bench.short_error(t)}
+        else:
+          r = {"sec": t[0], "reps": t[1], "compile_s": round(t[2], 2)}
         _finish(c, impl, mode, r, tag)
 
 
