@@ -236,6 +236,7 @@ def test_mosaic_long_d64_default_lowers_for_cuda(causal):
     # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
     (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
     (128, True, dict(q_tiles_per_cta=2, overlap=True)),
+    (128, False, dict(overlap=True, fence_softmax=True)), (64, True, dict(fence_softmax=True)),
     (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
@@ -257,6 +258,8 @@ def test_mosaic_config_fits_shared_memory():
 
 VARIANTS = {
     "overlap": dict(overlap=True),
+    "fence_softmax": dict(fence_softmax=True),
+    "overlap_fence_softmax": dict(overlap=True, fence_softmax=True),
     "overlap_no_pingpong_bkv64": dict(overlap=True, pingpong=False, block_kv=64),
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),

@@ -33,6 +33,14 @@ class MosaicConfig:
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
+  ``fence_softmax``: store each tile's row sums to SMEM (``fwd.fence``) before the next
+  side effect (the "softmax done" arrive of the ping-pong; under ``overlap``, the wait
+  for PV). Without it the compilers move the softmax below them: in the SASS of both
+  schedules (2026-11-27) a consumer arrives, or waits for PV, right after its scores
+  are in and runs the exps after, so the ping-pong passes the turn before the softmax
+  and the overlap does not overlap. An optimization barrier on the results kept the
+  PTX in order but not the SASS (ptxas moves the arrive, and serialises every wgmma of
+  the overlap: C7513).
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -52,6 +60,7 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
+  fence_softmax: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40
@@ -138,7 +147,8 @@ class MosaicConfig:
     q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
     ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
-    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
+    lse_and_fence = (1 + self.fence_softmax) * CONSUMER_WGS * self.block_q * 4
+    return q + ring + lse_and_fence + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:
