@@ -236,10 +236,21 @@ def test_mosaic_long_d64_default_lowers_for_cuda(causal):
     # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
     (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
     (128, True, dict(q_tiles_per_cta=2, overlap=True)),
-    (128, False, dict(overlap=True, fence_softmax=True)), (64, True, dict(fence_softmax=True)),
     (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
+
+
+@pytest.mark.parametrize("s, d, causal, segments, pingpong", [
+    (1024, 64, True, False, False), (700, 64, True, False, False),
+    (2048, 64, True, False, True), (1024, 64, False, False, True),
+    (1024, 64, True, True, True), (1024, 128, True, False, True)])
+def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segments,
+                                                              pingpong):
+  """The ping-pong barrier is dropped where it measured slower (d=64, causal, <= 1k
+  keys, no segment ids) and nowhere else; both schedules run the interpret cases."""
+  cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal)
+  assert cfg.pingpong == pingpong
 
 
 def test_mosaic_config_fits_shared_memory():
@@ -258,8 +269,6 @@ def test_mosaic_config_fits_shared_memory():
 
 VARIANTS = {
     "overlap": dict(overlap=True),
-    "fence_softmax": dict(fence_softmax=True),
-    "overlap_fence_softmax": dict(overlap=True, fence_softmax=True),
     "overlap_no_pingpong_bkv64": dict(overlap=True, pingpong=False, block_kv=64),
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),

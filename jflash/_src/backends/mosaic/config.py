@@ -7,8 +7,8 @@ import math
 
 # One consumer warpgroup owns 64 query rows: the M of one wgmma instruction.
 WG_ROWS = 64
-# Two consumer warpgroups per CTA (FA3): they share one K/V ring and take turns on the
-# tensor cores (ping-pong), so one's softmax hides behind the other's matmuls.
+# Two consumer warpgroups per CTA (FA3): they share one K/V ring and order their matmuls
+# with a schedule barrier (ping-pong); their softmaxes run side by side (fwd.py).
 CONSUMER_WGS = 2
 # Bytes of shared memory a CTA may use on sm90 (227 KiB), less a margin for barriers and
 # what Mosaic adds to the scratch buffers counted here: its lowering reports 2.6 KiB more
@@ -27,20 +27,13 @@ DQ_MODES = ("separate", "atomic", "ordered")
 class MosaicConfig:
   """``block_q``: query rows per consumer warpgroup (a CTA holds ``2 * block_q``);
   ``block_kv``: keys per pipeline step; ``stages``: K/V tiles in flight in the SMEM ring;
-  ``pingpong``: serialise the two warpgroups' matmuls with a schedule barrier.
+  ``pingpong``: order the two warpgroups' matmuls with a schedule barrier (H100
+  2026-11-27, fwd without it: -3..-12% at s=16k; at 1k even, but +3% at d=64 causal).
 
   Variants (benchmarks/mosaic_probe.py; timings in benchmarks/MOSAIC_NOTES.md):
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
-  ``fence_softmax``: store each tile's row sums to SMEM (``fwd.fence``) before the next
-  side effect (the "softmax done" arrive of the ping-pong; under ``overlap``, the wait
-  for PV). Without it the compilers move the softmax below them: in the SASS of both
-  schedules (2026-11-27) a consumer arrives, or waits for PV, right after its scores
-  are in and runs the exps after, so the ping-pong passes the turn before the softmax
-  and the overlap does not overlap. An optimization barrier on the results kept the
-  PTX in order but not the SASS (ptxas moves the arrive, and serialises every wgmma of
-  the overlap: C7513).
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -60,7 +53,6 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
-  fence_softmax: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40
@@ -123,7 +115,11 @@ class MosaicConfig:
     # mask (two H200 runs, four against two: 1k +6%, +7%; 4k +3%, -3%; causal 1k -5%).
     # At 16k one (two: -2..-3% causal, 0 otherwise).
     tiles = (4 if head_dim <= 64 or not causal else 2) if kv_len <= 4096 else 1
-    cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles)
+    # d=64, causal up to 1k keys: no ping-pong. H100 2026-11-27, fwd TFLOP/s without /
+    # with it, two calls: s=1k 268.3, 268.4 / 256.8, 260.9 and 264.6, 251.8, 255.0 /
+    # 251.0, 246.9; but s=2k 327.1, 328.1, 325.1 / 337.2, 329.8, and s=16k -9..-12%.
+    pingpong = not (head_dim == 64 and causal and kv_len <= 1024 and not segments)
+    cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
@@ -147,8 +143,7 @@ class MosaicConfig:
     q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
     ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
-    lse_and_fence = (1 + self.fence_softmax) * CONSUMER_WGS * self.block_q * 4
-    return q + ring + lse_and_fence + (ids if segments else 0)
+    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:

@@ -8,8 +8,11 @@ one (batch, head), run in turn (see ``q_tile``), and runs three warpgroups:
   (both consumers done with the slot);
 * two consumers, ``block_q`` rows each: ``wgmma`` for QK^T (Q and K from SMEM) and PV
   (P from registers), the online softmax in registers with ``exp2`` (the base-2 scale
-  folded into the scores by logits.scores). A schedule barrier makes them take turns on
-  the tensor cores (ping-pong), so one's softmax runs under the other's matmuls.
+  folded into the scores by logits.scores). A schedule barrier orders their matmuls
+  (ping-pong): one's QK^T is issued before the other's PV. In the compiled kernel the
+  two softmaxes run side by side: ptxas moves the "softmax done" arrive up to where the
+  scores are in, and forcing it below the softmax (the FA3 ping-pong, whose softmaxes
+  take turns) measured 2-12% slower (benchmarks/MOSAIC_NOTES.md, session 13).
 
 Which key tiles a consumer visits, and which need the element predicate, is asked of
 mask.kv_block_range; masked tiles call mask.visible. The producer loads the union of
@@ -98,7 +101,7 @@ def _unpack(*refs, p: Problem, **kw):
 
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
-            v_consumed, sched, fence_smem, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
+            v_consumed, sched, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
             nq: int, nk: int, groups: int, q_bufs: int, interpret: bool):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
   separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
@@ -196,13 +199,6 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     dtype = q_smem.dtype
     d = q_smem.shape[-1]
 
-    def fence(l):
-      """``cfg.fence_softmax``: store the row sums ``l`` (which every exp of the tile
-      feeds) to SMEM, so that the softmax must be done before the next arrive (a
-      release: stores before it stay before it) or wgmma wait."""
-      if fence_smem is not None:
-        fence_smem.at[wg][...] = l
-
     def softmax(qk, i, m, l, masked: bool, *, q_pos, q_seg, slot_of):
       """Online softmax of one score tile: (P in the input dtype, new m, new l, alpha)."""
       if fold:
@@ -289,9 +285,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
         acc = acc * _rows(alpha, acc.shape)
-        fence(l)
         if cfg.pingpong:
-          plgpu.barrier_arrive(sched)  # softmax done
+          # "Softmax done" in the source, but ptxas issues it as soon as the scores are
+          # in (nothing it orders depends on the exps); that schedule measured fastest.
+          plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_full.at[slot])
         if cfg.pingpong:
           plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
@@ -307,12 +304,11 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       pl.when(wg == 1)(sync)
       carry = lax.fori_loop(u_lo, lo, skip, init)
       if cfg.overlap:
-        carry = _overlapped(
-            carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
-            k_late=segs is not None, fence=fence, pv=pv, slot_of=slot_of,
-            release_k=release_k, release_v=release_v, my_q=my_q, k_smem=k_smem,
-            v_smem=v_smem, k_full=k_full, v_full=v_full,
-            p_smem=p_smem.at[wg] if interpret else None, dtype=dtype)
+        carry = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
+                            k_late=segs is not None, pv=pv, slot_of=slot_of,
+                            release_k=release_k, release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
+                            k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
+                            else None, dtype=dtype)
       else:
         carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
@@ -375,13 +371,16 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, fence, pv,
-                slot_of, release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
+def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, slot_of,
+                release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
   """The key tiles ``[lo, hi)`` of one consumer with FA3's intra-warpgroup overlap.
 
   Step i issues QK^T of tile i, then PV of tile i-1 (P from the step before), and runs
   the softmax of tile i as soon as its scores are in (``wait_n=1``: PV may still be in
-  flight). A prologue does tile lo alone, an epilogue the last PV.
+  flight). A prologue does tile lo alone, an epilogue the last PV. In the compiled
+  kernel the wait for PV comes before the exps (SASS, 2026-11-27), so the softmax does
+  not overlap PV; forcing it to (a store of the row sums before that wait) measured
+  8-10% slower still (benchmarks/MOSAIC_NOTES.md, session 13).
 
   Ping-pong points (``sync``): one before the prologue, two per later step (before and
   after issuing), two in the epilogue: ``1 + 2 * (hi - lo)`` in all, and just the one
@@ -389,8 +388,6 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, fence
   the phase between two points one warpgroup issues its matmuls while the other runs
   its softmax. ``p_smem`` (interpret mode only) stages P for a wgmma from SMEM.
   ``k_late``: release K's slot only after the softmax (which reads the key ids there).
-  ``fence(l)``: called with the softmax's row sums before the wait for PV
-  (``MosaicConfig.fence_softmax``).
   """
   acc0, m0, l0 = carry
   bq, bk = m0.shape[0], k_smem.shape[1]
@@ -443,7 +440,6 @@ def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, fence
       if not k_late:
         release_k(i)
       new = softmax(s, i, m, l, masked)
-      fence(new[2])
       if k_late:
         release_k(i)
       out = pv_ref[...]  # waits for PV
@@ -533,7 +529,6 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
-      plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32) if cfg.fence_softmax else None,
   ]
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
