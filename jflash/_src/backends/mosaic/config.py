@@ -34,6 +34,9 @@ class MosaicConfig:
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
+  ``qk_ahead``: the default schedule, but a consumer issues QK^T of tile i+1 right
+  behind PV of tile i and waits for both together, so that the tensor cores do not drain
+  between them (fwd.py ``ahead``).
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -53,6 +56,7 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
+  qk_ahead: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40
