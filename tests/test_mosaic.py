@@ -236,7 +236,6 @@ def test_mosaic_long_d64_default_lowers_for_cuda(causal):
     # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
     (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
     (128, True, dict(q_tiles_per_cta=2, overlap=True)),
-    (128, True, dict(qk_ahead=True)), (64, False, dict(qk_ahead=True, q_tiles_per_cta=3)),
     (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
@@ -270,7 +269,6 @@ def test_mosaic_config_fits_shared_memory():
 
 VARIANTS = {
     "overlap": dict(overlap=True),
-    "qk_ahead": dict(qk_ahead=True),
     "overlap_no_pingpong_bkv64": dict(overlap=True, pingpong=False, block_kv=64),
     "overlap_fold_qouter_regs": dict(overlap=True, fold_scale=True, q_outer=True,
                                      producer_regs=24, consumer_regs=240),
@@ -372,9 +370,7 @@ def test_mosaic_config_refuses_too_many_registers():
     # past the end); the pair, 2 q tiles in one CTA of 3 with the overlap schedule and
     # 64-key tiles.
     ("segment_packed_causal_gqa", "qtiles1"),
-    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64"),
-    # The next tile's QK^T issued a step ahead, with ids on masked tiles.
-    ("segment_packed_causal_gqa", "qk_ahead")])
+    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 

@@ -34,9 +34,6 @@ class MosaicConfig:
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
-  ``qk_ahead``: the default schedule, but a consumer issues QK^T of tile i+1 right
-  behind PV of tile i and waits for both together, so that the tensor cores do not drain
-  between them (fwd.py ``ahead``).
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -56,7 +53,6 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
-  qk_ahead: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40
@@ -342,8 +338,8 @@ class MosaicBwdConfig:
     # TFLOP/s against halves of rows, two runs each: 4k 369-373 -> 388-401, causal 350
     # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400), and the dQ kernel's S
     # and dP by role (``dq_roles``; H200 2026-11-27 ~00:33, two runs each against dQ by
-    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k causal
-    # 1.00 -> 1.02x cuDNN).
+    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k 1.00 ->
+    # 1.02x cuDNN).
     wide = head_dim == 256
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
               split_head_dim=wide, dkv_roles=wide, dq_roles=wide)

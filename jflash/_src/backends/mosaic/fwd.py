@@ -296,78 +296,6 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         release_v(i)
         return acc, m_new, l
 
-      def ahead(carry, lo, full_lo, full_hi, hi):
-        """``cfg.qk_ahead``: ``step``'s schedule, but each step issues QK^T of the next
-        tile right behind its PV and waits for both together; the barrier operations
-        keep ``step``'s order (the next tile's sync moves up with its QK^T)."""
-        def issue_qk(i, s_ref):
-          plgpu.barrier_wait(k_full.at[slot_of(i)])
-          plgpu.wgmma(s_ref, my_q, k_smem.at[slot_of(i)].T)
-          sync()  # our QK is issued: the other warpgroup may issue its PV
-
-        def first():
-          def body(s_ref):
-            issue_qk(lo, s_ref)
-            return s_ref[...]
-          return pl.run_scoped(body, plgpu.ACC((bq, bk), jnp.float32))
-
-        def turn(i, acc, s, m, l, masked):
-          p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
-          acc = acc * _rows(alpha, acc.shape)
-          if cfg.pingpong:
-            plgpu.barrier_arrive(sched)
-          plgpu.barrier_wait(v_full.at[slot_of(i)])
-          if cfg.pingpong:
-            plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
-          return acc, p16, m_new, l
-
-        def step_ahead(i, carry, masked: bool):
-          acc, m, l, s = carry
-          acc, p16, m, l = turn(i, acc, s, m, l, masked)
-
-          if not interpret:
-            # Both accumulators initialised and in one run_state: no copies in or out
-            # (a run_scoped PV accumulator would take the running sums by a copy).
-            def both(refs):
-              acc_ref, s_ref = refs
-              plgpu.wgmma(acc_ref, p16, v_smem.at[slot_of(i)])
-              issue_qk(i + 1, s_ref)
-
-            zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
-            acc, s = pl.run_state(both)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
-            release_v(i)
-            return acc, m, l, s
-
-          def body(pv_ref, s_ref):  # the interpreter (see the module docstring)
-            p_smem.at[wg][...] = p16
-            plgpu.commit_smem()
-            plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot_of(i)])
-            issue_qk(i + 1, s_ref)
-            s_next = plgpu.wgmma_accumulator_load(s_ref)  # both matmuls done
-            return acc + pv_ref[...], s_next
-
-          acc, s = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32),
-                                 plgpu.ACC((bq, bk), jnp.float32))
-          release_v(i)
-          return acc, m, l, s
-
-        def last(acc, m, l, s):
-          acc, p16, m, l = turn(hi - 1, acc, s, m, l, masked=True)
-          acc = pv(acc, p16, slot_of(hi - 1))
-          release_v(hi - 1)
-          return acc, m, l
-
-        acc, m, l = carry
-        s = lax.cond(lo < hi, first, lambda: plgpu.layout_cast(
-            jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA))
-        carry, end = (acc, m, l, s), hi - 1  # the last tile has no next QK^T
-        carry = lax.fori_loop(lo, jnp.minimum(full_lo, end),
-                              functools.partial(step_ahead, masked=True), carry)
-        carry = lax.fori_loop(full_lo, jnp.minimum(full_hi, end),
-                              functools.partial(step_ahead, masked=False), carry)
-        carry = lax.fori_loop(full_hi, end, functools.partial(step_ahead, masked=True), carry)
-        return lax.cond(lo < hi, last, lambda *c: c[:3], *carry)
-
       init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
@@ -381,8 +309,6 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
                             release_k=release_k, release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
                             k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
                             else None, dtype=dtype)
-      elif cfg.qk_ahead:
-        carry = ahead(carry, lo, full_lo, full_hi, hi)
       else:
         carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
