@@ -338,8 +338,8 @@ class MosaicBwdConfig:
     # TFLOP/s against halves of rows, two runs each: 4k 369-373 -> 388-401, causal 350
     # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400), and the dQ kernel's S
     # and dP by role (``dq_roles``; H200 2026-11-27 ~00:33, two runs each against dQ by
-    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k 1.00 ->
-    # 1.02x cuDNN).
+    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k causal
+    # 1.00 -> 1.02x cuDNN).
     wide = head_dim == 256
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
               split_head_dim=wide, dkv_roles=wide, dq_roles=wide)
