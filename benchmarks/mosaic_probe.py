@@ -17,8 +17,9 @@
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
 that) per implementation and the ratios mosaic/cudnn and mosaic/triton. Each number is
-the median over ``--loops`` loops of ``--reps`` back-to-back calls of a jitted function,
-after a compile and ``--warmup`` calls, ended by block_until_ready.
+the median over ``--loops`` loops of ``--reps`` back-to-back calls of a compiled function,
+after ``--warmup`` calls, ended by block_until_ready; within a cell and mode the loops
+of all implementations and variants take turns (``interleaved_seconds``).
 """
 
 from __future__ import annotations
@@ -75,17 +76,26 @@ def make_fn(impl: str, mode: str, causal: bool, segment_ids=None):
 
 
 def median_seconds(fn, args, *, warmup: int, reps: int, loops: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+  return interleaved_seconds({"fn": fn}, args, warmup=warmup, reps=reps, loops=loops)["fn"]
+
+
+def interleaved_seconds(fns, args, *, warmup: int, reps: int, loops: int) -> dict:
+  """Median seconds per call of each of ``fns`` ``{label: fn}``, after its compile and
+  ``warmup`` calls, over ``loops`` rounds in which every fn runs ``reps`` calls in
+  turn: a drift of the GPU's clocks reaches them all alike (bench.py does the same)."""
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))  # compile
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times = {label: [] for label in fns}
   for _ in range(loops):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
+    for label, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times[label].append((time.perf_counter() - t0) / reps)
+  return {label: statistics.median(t) for label, t in times.items()}
 
 
 def inputs(b, s, n, d, seed=0):
@@ -218,6 +228,7 @@ def main():
     for mode in args.modes:
       mult = 1.0 if mode == "fwd" else 3.5
       tflops = {}
+      compiled = {}  # label -> (impl, compiled fn), timed side by side below
       for impl in sorted(impls, key=lambda i: i != "cudnn"):  # cudnn first: the reference
         if impl.startswith("mosaic_bwd") and mode == "fwd":
           continue  # the same forward as mosaic
@@ -225,42 +236,48 @@ def main():
           continue  # jax.nn passes cuDNN no segment ids
         for cfg in (configs if impl == "mosaic" else [None]):
           label = impl if cfg is None else labels.get(id(cfg)) or sweep_label(cfg)
-          # The jitted dispatch caches traces by Problem, not by config: start clean.
+          # The jitted dispatch caches traces by Problem, not by config: start clean, and
+          # compile ahead of time under the config.
           jax.clear_caches()
           try:
             fn = make_fn(impl, mode, causal, ids)
-            if impl.startswith("mosaic_bwd"):
-              with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack:
+              if impl.startswith("mosaic_bwd"):
                 stack.enter_context(mosaic_backend.override_config(
                     dataclasses.replace(base, mosaic_backward=True)))
                 bwd_cfg = bwd_config(impl, s, d, segments=ids is not None, causal=causal)
                 stack.enter_context(mosaic_backend.override_bwd_config(bwd_cfg))
-                fn = fn.lower(q, k, v, do).compile()
-              print(f"  {mode:6s} {impl} {bwd_cfg}", flush=True)
-            if cfg is not None:
-              with mosaic_backend.override_config(cfg):
-                fn = fn.lower(q, k, v, do).compile()
-            sec = median_seconds(fn, (q, k, v, do), warmup=args.warmup, reps=args.reps,
-                                 loops=args.loops)
-            out = fn(q, k, v, do)
-            out = out if mode == "fwd" else out[0]
-            if ref_out is None and impl == "cudnn":
-              ref_out = out
-            if mode == "fwdbwd" and impl == "cudnn":
-              ref_grads = fn(q, k, v, do)[1]
-            if mode == "fwdbwd" and impl.startswith("mosaic_bwd") and ref_grads is not None:
-              grads = fn(q, k, v, do)[1]
-              print("  " + "  ".join(f"max|{g}-cudnn|/max|cudnn| {max_rel_diff(x, y):.2e}"
-                                     for g, x, y in zip(("dq", "dk", "dv"), grads, ref_grads)),
-                    flush=True)
-            diff = "" if ref_out is None else f"  max|out-cudnn|/max|cudnn| {max_rel_diff(out, ref_out):.2e}"
-            tf = mult * flops / sec / 1e12
-            tflops[label] = tf
-            print(f"  {mode:6s} {label:34s} {sec * 1e3:9.3f} ms {tf:7.1f} TFLOP/s{diff}", flush=True)
-            rows.append(dict(mode=mode, impl=label, b=b, s=s, n=n, d=d, causal=causal,
-                             ms=sec * 1e3, tflops=tf, device=dev.device_kind))
+                print(f"  {mode:6s} {impl} {bwd_cfg}", flush=True)
+              if cfg is not None:
+                stack.enter_context(mosaic_backend.override_config(cfg))
+              fn = fn.lower(q, k, v, do).compile()
+            while label in compiled:  # the same variant twice: time both
+              label += "'"
+            compiled[label] = (impl, fn)
           except Exception as e:  # a config may not fit, or an implementation refuse
             print(f"  {mode:6s} {label:34s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      secs = interleaved_seconds({label: fn for label, (_, fn) in compiled.items()},
+                                 (q, k, v, do), warmup=args.warmup, reps=args.reps,
+                                 loops=args.loops)
+      for label, (impl, fn) in compiled.items():
+        sec = secs[label]
+        out = fn(q, k, v, do)
+        out = out if mode == "fwd" else out[0]
+        if ref_out is None and impl == "cudnn":
+          ref_out = out
+        if mode == "fwdbwd" and impl == "cudnn":
+          ref_grads = fn(q, k, v, do)[1]
+        if mode == "fwdbwd" and impl.startswith("mosaic_bwd") and ref_grads is not None:
+          grads = fn(q, k, v, do)[1]
+          print("  " + "  ".join(f"max|{g}-cudnn|/max|cudnn| {max_rel_diff(x, y):.2e}"
+                                 for g, x, y in zip(("dq", "dk", "dv"), grads, ref_grads)),
+                flush=True)
+        diff = "" if ref_out is None else f"  max|out-cudnn|/max|cudnn| {max_rel_diff(out, ref_out):.2e}"
+        tf = mult * flops / sec / 1e12
+        tflops[label] = tf
+        print(f"  {mode:6s} {label:34s} {sec * 1e3:9.3f} ms {tf:7.1f} TFLOP/s{diff}", flush=True)
+        rows.append(dict(mode=mode, impl=label, b=b, s=s, n=n, d=d, causal=causal,
+                         ms=sec * 1e3, tflops=tf, device=dev.device_kind))
       for label, tf in tflops.items():
         if label.startswith("mosaic"):
           ratios = [f"{tf / tflops[o]:.2f}x {o}" for o in ("cudnn", "triton") if o in tflops]
