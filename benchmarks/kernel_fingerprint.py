@@ -35,8 +35,7 @@ CASES = [
     (128, True, True, None, {}),
     (256, True, False, None, {}),
     (256, False, True, 30.0, {}),
-    (256, True, True, None, dict(dkv_roles=False)),  # the variants of the split head dim
-    (256, True, True, 30.0, dict(dq_roles=False)),
+    (256, True, True, None, {}),
 ]
 
 

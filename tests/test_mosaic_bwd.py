@@ -95,48 +95,26 @@ BWD_INTERPRET_CASES = {
     "f16_softcap_lengths_empty_gqa_d160": (
         Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
              q_lengths=[130, 70], kv_lengths=[90, 0]), None),
-    # Unordered segment ids with lengths: the ids of each half tile ride with it.
+    # Unordered segment ids with lengths: each consumer's tile ids where it computes.
     "segment_pair_lengths_empty_d256": (
         dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
         None),
-    # d=256's dK/dV kernel divides S^T and dP^T by role (MosaicBwdConfig.dkv_roles); in
-    # f16 without a soft-cap P^T's own tile is dS^T's factor. The two cases after it run
-    # the kernel's other way, halves of the streamed rows (dkv_roles=False).
+    # The consumers divide the score tiles by role (bwd.role_step); in f16 without a
+    # soft-cap P^T's own tile is dS^T's factor, otherwise an f16 copy (bf16 above).
     "f16_causal_cross_tail_gqa_d256": (
         Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.float16, is_causal=True), None),
-    "f16_softcap_lengths_empty_gqa_d160_halves": (
-        Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
-             q_lengths=[130, 70], kv_lengths=[90, 0]),
-        MosaicBwdConfig(split_head_dim=True)),
-    "segment_pair_lengths_empty_d256_halves": (
-        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
-        MosaicBwdConfig(split_head_dim=True)),
-    # d=256's dQ kernel divides S and dP by role too (MosaicBwdConfig.dq_roles), in bf16
-    # (dS's factor rounded to f16) here; the two cases after it run the dQ kernel's other
-    # way, halves of the streamed rows (dq_roles=False), under the dK/dV kernel by role.
-    "bf16_causal_cross_tail_gqa_d256": (
-        Case(b=1, t=150, s=200, n=2, k=1, h=256, dtype=jnp.bfloat16, is_causal=True), None),
-    "f16_softcap_lengths_empty_gqa_d160_dq_halves": (
-        Case(b=2, t=130, s=90, n=2, k=1, h=160, dtype=jnp.float16, softcap=5.0,
-             q_lengths=[130, 70], kv_lengths=[90, 0]),
-        MosaicBwdConfig(split_head_dim=True, dkv_roles=True, dq_roles=False)),
-    "segment_pair_lengths_empty_d256_dq_halves": (
-        dataclasses.replace(SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"], h=256),
-        MosaicBwdConfig(split_head_dim=True, dkv_roles=True, dq_roles=False)),
 }
 
 
 def test_d256_interpret_cases_split_the_head_dim():
-  names = [n for n in BWD_INTERPRET_CASES if n.endswith(("_d256", "_d160", "_halves"))]
-  assert len(names) == 8
+  names = [n for n in BWD_INTERPRET_CASES if n.endswith(("_d256", "_d160"))]
+  assert len(names) == 4
   for name in names:
     case, cfg = BWD_INTERPRET_CASES[name]
     d = mosaic_backend.padded_head_dim(case.h)
     assert d == 256
     cfg = cfg or MosaicBwdConfig.for_problem(case.t, case.s, d)
     assert cfg.split_head_dim and cfg.tiles_per_cta == 1 and cfg.head_cols(d) == 128
-    assert cfg.dkv_roles != name.endswith(("_d160_halves", "_d256_halves"))
-    assert cfg.dq_roles != name.endswith("_halves")
 
 
 @pytest.mark.parametrize("name", list(BWD_INTERPRET_CASES))
@@ -266,24 +244,6 @@ def test_mosaic_backward_kernels_lower_for_cuda(d, causal, softcap, kh, segments
   _lower_backward_for_cuda(d, causal, softcap, kh, segments=segments)
 
 
-@pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
-def test_mosaic_backward_dkv_halves_lowers_for_cuda(causal, softcap, segments):
-  """d=256's dK/dV kernel the other way (the default is ``dkv_roles``)."""
-  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dkv_roles=False)
-
-
-@pytest.mark.parametrize("causal, softcap, segments", [(True, None, False), (False, 30.0, True)])
-def test_mosaic_backward_dq_halves_lowers_for_cuda(causal, softcap, segments):
-  """d=256's dQ kernel the other way (the default is ``dq_roles``)."""
-  _lower_backward_for_cuda(256, causal, softcap, 2, segments=segments, dq_roles=False)
-
-
-@pytest.mark.parametrize("name", ["dkv_roles", "dq_roles"])
-def test_mosaic_bwd_config_roles_need_split_head_dim(name):
-  with pytest.raises(ValueError, match=f"{name} needs split_head_dim"):
-    MosaicBwdConfig(**{name: True})
-
-
 @pytest.mark.parametrize("dq_mode", ["atomic", "ordered"])
 @pytest.mark.parametrize("d, causal, kh, fields", [
     (64, False, 2, {}), (64, True, 4, {}), (128, True, 1, {}), (128, False, 2, {}),
@@ -405,7 +365,7 @@ def test_mosaic_bwd_config_picks_dq_mode(d, s, causal, deterministic, segments, 
   assert not cfg.fused_dq or cfg.split_dq  # "atomic" only in FA3's one-partial-per-CTA form
   # dV's wgmma before dS^T at d=128 in every mode (measured faster there, slower at d=64).
   assert cfg.dv_early == (d == 128)
-  assert cfg.split_head_dim == cfg.dkv_roles == cfg.dq_roles == (d == 256)
+  assert cfg.split_head_dim == (d == 256)
   # Without a word on determinism, a direct caller gets the reproducible config.
   assert MosaicBwdConfig.for_problem(s, s, d, causal=causal).dq_mode == "separate"
 

@@ -11,10 +11,11 @@ one TMA producer warpgroup that streams the other operand through a ring of ``st
 SMEM slots ("full" barriers: TMA arrival; "consumed" barriers: every consumer is done
 with the slot). With ``cfg.split_head_dim`` (d=256) the two consumers share one 64-row
 tile instead, and each accumulates half of the head dim of dK and dV (or dQ): the whole
-would not fit one warpgroup's registers. Each computes S and dP against one 32-row half
-of the streamed tile, and they exchange P^T and dS^T (dS) through SMEM (``bwd_parts.Exchange``),
-so no matmul is done twice. At the end they write their halves of the result into the
-tile's SMEM, meet, and the first stores it (``bwd_parts.store_tile``).
+would not fit one warpgroup's registers. They divide the score tiles by role: consumer 0
+computes S (S^T) and P, consumer 1 dP and dS, each over the whole streamed tile, and they
+pass them to each other through SMEM (``role_step``, ``bwd_parts.Exchange``), so no
+matmul is done twice. At the end they write their halves of the result into the tile's
+SMEM, meet, and the first stores it (``bwd_parts.store_tile``).
 
 * dK/dV: consumers own 64 keys each (K, V in SMEM); the ring streams Q, dO, lse, delta
   tiles of every query head of the GQA group over mask.q_block_range.
@@ -158,16 +159,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def load(c, slot):
       g = lax.div(c, per_head)
       h = kh * groups + g
-      r0 = (u_lo + c - g * per_head) * bq
-      for x, (lo, n) in enumerate(parts.ring_parts(cfg.dkv_halves, r0, bq)):
-        dst = lambda ref: ref.at[slot, x] if cfg.dkv_halves else ref.at[slot]
-        rows = pl.ds(lo, n)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], dst(q_smem), full.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dst(do_smem), full.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], dst(lse_smem), full.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], dst(delta_smem), full.at[slot])
-        if segs is not None:
-          plgpu.copy_gmem_to_smem(segs[0].at[b, rows], dst(qseg_smem), full.at[slot])
+      rows = pl.ds((u_lo + c - g * per_head) * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[0].at[b, rows], qseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -176,8 +174,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     # This consumer's key tile and its columns of dK and dV (parts.own_tile).
     own, cols = parts.own_tile(cfg, wg, d)
-    # split_head_dim: P^T and dS^T of the step's query rows, half from each consumer.
-    xchg = parts.Exchange(ring, met, done, wg) if cfg.split_head_dim else None
+    # split_head_dim: P^T and dS^T of the step's query rows, one from each consumer.
+    xchg = parts.Exchange(ring, done) if cfg.split_head_dim else None
     k0 = cta_k0 + own * bk
     my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
 
@@ -197,14 +195,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     plgpu.barrier_wait(kv_full.at[own])
     kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
 
-    def vis_of(masked: bool, i, n: int, ids, w=None):
-      """The predicate of this consumer's keys against the ``n`` query rows of streamed
-      tile ``i`` (its part ``w`` of ``n`` rows, if given; ``ids``: their ids' SMEM ref,
-      or None), or None for a tile needing none."""
+    def vis_of(masked: bool, i, ids):
+      """The predicate of this consumer's keys against the query rows of streamed tile
+      ``i`` (``ids``: their ids' SMEM ref, or None), or None for a tile needing none."""
       if not masked:
         return None
-      iota = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_COL)
-      q_pos = iota + (i * bq if w is None else i * bq + w * n)
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
       q_seg = None if segs is None else plgpu.load(ids, layout=_COL)
       return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
                               transpose=True)
@@ -212,16 +208,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     q_ids = lambda *at: None if segs is None else qseg_smem.at[at]
 
     def step(c, slot, i, carry, masked: bool, g):
-      if cfg.dkv_roles:
+      if cfg.split_head_dim:
         return role_step(c, slot, i, carry, masked)
-      if xchg is not None:
-        return shared_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-      vis = vis_of(masked, i, bq, q_ids(slot))
+      vis = vis_of(masked, i, q_ids(slot))
       stage = stage_smem.at[wg] if interpret else None
       if cfg.dv_early and not interpret:
         return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
@@ -241,29 +235,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         add_dq(i, g)
       return dk, dv
 
-    def shared_step(c, slot, i, accs, masked):
-      """``split_head_dim``: S^T and dP^T of this consumer's half of the step's query
-      rows, then its half of dK's and dV's head dim over all of them (parts.Exchange)."""
-      half = bq // 2
-      q_h, do_h = (lambda w: q_smem.at[slot, w]), (lambda w: do_smem.at[slot, w])
-      st, dpt = parts.matmuls((bk, half), (my_k, q_h(wg).T), (my_v, do_h(wg).T))
-      lse = plgpu.load(lse_smem.at[slot, wg], layout=_COL)
-      delta = plgpu.load(delta_smem.at[slot, wg], layout=_COL)
-      vis = vis_of(masked, i, half, q_ids(slot, wg), wg)
-      pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
-      # Two refs, not two entries of one: wgmma's run_state cannot close over a ref
-      # indexed by a constant (Mosaic lowering: "Shaped arrays must be represented by
-      # ir.Values"); the halves are indexed by the traced wg and 1 - wg for that reason.
-      pt_x, ds_x = ds_smem
-      xchg.put(c, ((pt.astype(dtype), pt_x.at[wg]), (dst.astype(dtype), ds_x.at[wg])))
-      dk_pairs = [(ds_x.at[w], parts.cols_of(q_h(w), cols)) for w in xchg.halves]
-      dv_pairs = [(pt_x.at[w], parts.cols_of(do_h(w), cols)) for w in xchg.halves]
-      accs = parts.acc_smem(accs, (dk_pairs, dv_pairs), interpret)
-      xchg.finish(c)
-      return accs
-
     def role_step(c, slot, i, accs, masked):
-      """``cfg.dkv_roles``: consumer 0 computes S^T and P^T of the whole streamed tile,
+      """``split_head_dim``: consumer 0 computes S^T and P^T of the whole streamed tile,
       consumer 1 dP^T and, once P^T is in, dS^T; through SMEM each passes its tiles to
       the other (``ready``: P^T in, dS^T in), and both multiply them into their halves
       of dK's and dV's head dim. dS^T = G (dP^T - delta) takes G = P^T, times 1 - t^2
@@ -280,7 +253,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       def _probs_role():
         (st,) = parts.matmuls((bk, bq), (my_k, q_s.T))
         lse = plgpu.load(lse_smem.at[slot], layout=_COL)
-        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, bq, q_ids(slot)))
+        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, q_ids(slot)))
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         pt_x[...] = pt.astype(dtype)
         if g_x is not None:
@@ -390,9 +363,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
                p: Problem,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
-  without segment ids; ``ds_smem``, ``met``, ``done``: split_head_dim only (else None),
-  the step's dS, half from each consumer, and the barriers of its parts.Exchange (``met``
-  also gathers both before dQ overwrites the Q they share)."""
+  without segment ids; ``ds_smem``, ``met``, ``done``, ``ready``: split_head_dim only
+  (else None): the step's dS and its factor (role_step), the consumers' meeting before
+  dQ overwrites the Q they share, and the barriers of role_step and its parts.Exchange."""
   bq, bk, wgs, tiles = WG_ROWS, cfg.dq_block_kv, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   # The last query tiles first: under a causal mask they have the most keys.
@@ -410,13 +383,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
 
     def load(c, slot):
-      k0 = (u_lo + c) * bk
-      for x, (lo, n) in enumerate(parts.ring_parts(cfg.dq_halves, k0, bk)):
-        dst = lambda ref: ref.at[slot, x] if cfg.dq_halves else ref.at[slot]
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(lo, n), kh], dst(k_smem), full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(lo, n), kh], dst(v_smem), full.at[slot])
-        if segs is not None:
-          plgpu.copy_gmem_to_smem(segs[1].at[b, pl.ds(lo, n)], dst(kseg_smem), full.at[slot])
+      keys = pl.ds((u_lo + c) * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_smem.at[slot], full.at[slot])
+      if segs is not None:
+        plgpu.copy_gmem_to_smem(segs[1].at[b, keys], kseg_smem.at[slot], full.at[slot])
 
     ring.produce(load)
 
@@ -424,8 +395,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     own, cols = parts.own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
-    # split_head_dim: dS of the step's keys, half from each consumer.
-    xchg = parts.Exchange(ring, met, done, wg) if cfg.split_head_dim else None
+    # split_head_dim: dS of the step's keys and its factor, one from each consumer.
+    xchg = parts.Exchange(ring, done) if cfg.split_head_dim else None
     q0 = cta_q0 + own * bq
     my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
@@ -449,35 +420,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     lse = plgpu.load(lse_smem.at[own], layout=_ROW)
     delta = plgpu.load(delta_smem.at[own], layout=_ROW)
 
-    def vis_of(masked: bool, j, n: int, ids, w=None):
-      """The predicate of this consumer's query rows against the ``n`` keys of streamed
-      tile ``j`` (its part ``w`` of ``n`` keys, if given; ``ids``: their ids' SMEM ref,
-      or None), or None for a tile needing none."""
+    def vis_of(masked: bool, j, ids):
+      """The predicate of this consumer's query rows against the keys of streamed tile
+      ``j`` (``ids``: their ids' SMEM ref, or None), or None for a tile needing none."""
       if not masked:
         return None
-      iota = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_COL)
-      k_pos = iota + (j * bk if w is None else j * bk + w * n)
+      k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
       kv_seg = None if segs is None else plgpu.load(ids, layout=_COL)
       return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
 
     k_ids = lambda *at: None if segs is None else kseg_smem.at[at]
 
-    def shared_step(c, slot, j, dq, masked: bool):
-      """``split_head_dim``: S and dP of this consumer's half of the step's keys, then its
-      half of dQ's head dim over all of them (parts.Exchange)."""
-      half = bk // 2
-      k_h = lambda w: k_smem.at[slot, w]
-      s, dp = parts.matmuls((bq, half), (my_q, k_h(wg).T), (my_do, v_smem.at[slot, wg].T))
-      vis = vis_of(masked, j, half, k_ids(slot, wg), wg)
-      _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
-      xchg.put(c, ((ds.astype(dtype), ds_smem.at[wg]),))
-      pairs = [(ds_smem.at[w], parts.cols_of(k_h(w), cols)) for w in xchg.halves]
-      (dq,) = parts.acc_smem((dq,), (pairs,), interpret)
-      xchg.finish(c)
-      return dq
-
     def role_step(c, slot, j, dq, masked: bool):
-      """``cfg.dq_roles``: consumer 0 computes S and P of the whole streamed tile, and
+      """``split_head_dim``: consumer 0 computes S and P of the whole streamed tile, and
       passes dS's factor G (P, times 1 - t^2 under a soft-cap; f16, as in _dkv_kernel's
       role_step) through SMEM; consumer 1 computes dP and, once G is in, dS, and passes
       it back (``ready``: G in, dS in); both multiply dS into their halves of dQ."""
@@ -486,7 +441,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       @pl.when(wg == 0)
       def _probs_role():
         (s,) = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T))
-        pr, t = _probs(p, s, lse, 1, vis_of(masked, j, bk, k_ids(slot)))
+        pr, t = _probs(p, s, lse, 1, vis_of(masked, j, k_ids(slot)))
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         g_x[...] = logits_lib.dscores(pr, t).astype(g_x.dtype)
         plgpu.commit_smem()
@@ -508,12 +463,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
       return dq
 
     def step(c, slot, j, dq, masked: bool):
-      if cfg.dq_roles:
+      if cfg.split_head_dim:
         return role_step(c, slot, j, dq, masked)
-      if xchg is not None:
-        return shared_step(c, slot, j, dq, masked)
       s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
-      vis = vis_of(masked, j, bk, k_ids(slot))
+      vis = vis_of(masked, j, k_ids(slot))
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       k_s = parts.cols_of(k_smem.at[slot], cols)
@@ -557,12 +510,6 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   # The interpreter's SMEM copies of register operands (split_head_dim has none: its
   # exchanged tiles are in SMEM already).
   staged = interpret and not cfg.split_head_dim
-  # A ring slot's rows: in halves, one per consumer (parts.Exchange), under split_head_dim
-  # (the dK/dV kernel's without dkv_roles) ...
-  ring_rows = lambda n, halves: (2, n // 2) if halves else (n,)
-  # ... and every wgmma operand swizzled by 64 bytes there: a transposed B of N = 32 rows
-  # needs it, and a wgmma's A and B share their swizzle.
-  tiler = lambda halves: functools.partial(smem_tile, swizzle=64 if halves else 128)
   if why := cfg.split_dq_unsupported(d) or cfg.split_head_dim_unsupported(d):
     raise NotImplementedError(why)
 
@@ -570,46 +517,41 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   # Per 64-key tile, over query tiles of bq rows.
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, bq, WG_ROWS, tiles, by_rows=False)
            ) if seg else ()
-  halves, tile = cfg.dkv_halves, tiler(cfg.dkv_halves)
-  roles = cfg.dkv_roles
+  roles = cfg.split_head_dim
   dkv = functools.partial(
       plgpu.kernel,
       scratch_types=[
-          tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
-          tile((tiles, WG_ROWS, d), v.dtype),
-          tile((stages, *ring_rows(bq, halves), d), q.dtype),
-          tile((stages, *ring_rows(bq, halves), d), dout.dtype),
-          plgpu.SMEM((stages, *ring_rows(bq, halves)), jnp.float32),
-          plgpu.SMEM((stages, *ring_rows(bq, halves)), jnp.float32),
+          smem_tile((tiles * WG_ROWS, d), k.dtype),  # one block: split_dq reads all keys
+          smem_tile((tiles, WG_ROWS, d), v.dtype),
+          smem_tile((stages, bq, d), q.dtype),
+          smem_tile((stages, bq, d), dout.dtype),
+          plgpu.SMEM((stages, bq), jnp.float32),
+          plgpu.SMEM((stages, bq), jnp.float32),
           smem_tile((wgs, 2, WG_ROWS, bq), q.dtype) if staged else None,  # dS^T, P^T
           # dS^T for dQ: per consumer, or (split) both consumers' in two buffers; or
-          # (split_head_dim) P^T and dS^T, written in halves of 32-column tiles; or
-          # (dkv_roles) P^T, its factor of dS^T in f16 (see _dkv_kernel's role_step;
-          # None where P^T's own tile is that) and dS^T, whole.
+          # (split_head_dim) P^T, its factor of dS^T in f16 (see _dkv_kernel's role_step;
+          # None where P^T's own tile is that) and dS^T.
           (smem_tile((2, wgs * WG_ROWS, bq), q.dtype) if split else
            smem_tile((wgs, WG_ROWS, bq), q.dtype) if fused else
            (smem_tile((WG_ROWS, bq), q.dtype),
             None if p.softcap is None and q.dtype == jnp.float16 else
             smem_tile((WG_ROWS, bq), jnp.float16),
-            smem_tile((WG_ROWS, bq), q.dtype)) if roles else
-           (smem_tile((2, WG_ROWS, bq // 2), q.dtype, swizzle=64),) * 2
-           if cfg.split_head_dim else None),
+            smem_tile((WG_ROWS, bq), q.dtype)) if roles else None),
           # The dQ partial staged for its TMA add: per consumer, or (split) its half.
           (smem_tile((wgs, *cfg.dq_half_shape(d)), jnp.float32) if split else
            smem_tile((wgs, bq, d), jnp.float32) if fused else None),
           # Each TMA copy arrives once: K, V (+ their ids); Q, dO, lse, delta (+ ids).
           plgpu.Barrier(num_arrivals=2 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(4 + seg) * len(parts.ring_parts(halves, 0, bq)),
-                        num_barriers=stages),
+          plgpu.Barrier(num_arrivals=4 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V;
-          # split_head_dim, both halves of P^T and dS^T in; then done with them (parts.Exchange).
-          plgpu.Barrier(num_arrivals=wgs) if split or cfg.split_head_dim else None,
-          plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
-          # dkv_roles: P^T in (from consumer 0), dS^T in (from consumer 1).
+          # The consumers meet: split_dq, both dS^T in; both, before dK/dV overwrite K/V.
+          plgpu.Barrier(num_arrivals=wgs) if split or roles else None,
+          # split_head_dim: done with the last step's P^T and dS^T (parts.Exchange); P^T
+          # in (from consumer 0), dS^T in (from consumer 1).
+          plgpu.Barrier(num_arrivals=wgs) if roles else None,
           plgpu.Barrier(num_barriers=2) if roles else None,
           ids((tiles, WG_ROWS)),  # the key tiles' ids
-          ids((stages, *ring_rows(bq, halves))),  # the ring's query ids
+          ids((stages, bq)),  # the ring's query ids
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
       # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
@@ -627,7 +569,6 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                grid=(b, kh, nk))(*args, *extra)
 
   bk, stages = cfg.dq_block_kv, cfg.dq_stages
-  halves, tile = cfg.dq_halves, tiler(cfg.dq_halves)
   nq = tp // (tiles * WG_ROWS)
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, tiles, by_rows=True)
            ) if seg else ()
@@ -636,30 +577,27 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                         nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          tile((tiles, WG_ROWS, d), q.dtype),
-          tile((tiles, WG_ROWS, d), dout.dtype),
+          smem_tile((tiles, WG_ROWS, d), q.dtype),
+          smem_tile((tiles, WG_ROWS, d), dout.dtype),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
           plgpu.SMEM((tiles, WG_ROWS), jnp.float32),
-          tile((stages, *ring_rows(bk, halves), d), k.dtype),
-          tile((stages, *ring_rows(bk, halves), d), v.dtype),
+          smem_tile((stages, bk, d), k.dtype),
+          smem_tile((stages, bk, d), v.dtype),
           smem_tile((wgs, 1, WG_ROWS, bk), q.dtype) if staged else None,  # dS
-          # split_head_dim: the step's dS, one half from each consumer; or (dq_roles)
-          # dS's factor, in f16, and dS, whole.
+          # split_head_dim: dS's factor, in f16, and dS (role_step).
           (smem_tile((WG_ROWS, bk), jnp.float16), smem_tile((WG_ROWS, bk), q.dtype))
-          if cfg.dq_roles else
-          smem_tile((2, WG_ROWS, bk // 2), q.dtype, swizzle=64) if cfg.split_head_dim else None,
+          if cfg.split_head_dim else None,
           # Each TMA copy arrives once: Q, dO, lse, delta (+ ids); K, V (+ their ids).
           plgpu.Barrier(num_arrivals=4 + seg, num_barriers=tiles),
-          plgpu.Barrier(num_arrivals=(2 + seg) * len(parts.ring_parts(halves, 0, bk)),
-                        num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2 + seg, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-          # split_head_dim: both halves of dS in (and the last meeting); done with dS.
+          # split_head_dim: the consumers' last meeting; done with the last step's dS
+          # (parts.Exchange); G in (from consumer 0), dS in (from consumer 1).
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
           plgpu.Barrier(num_arrivals=wgs) if cfg.split_head_dim else None,
-          # dq_roles: G in (from consumer 0), dS in (from consumer 1).
-          plgpu.Barrier(num_barriers=2) if cfg.dq_roles else None,
+          plgpu.Barrier(num_barriers=2) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the query tiles' ids
-          ids((stages, *ring_rows(bk, halves))),  # the ring's key ids
+          ids((stages, bk)),  # the ring's key ids
       ],
       grid=(b, n, nq),  # the query tiles fastest (see above)
       grid_names=("b", "h", "q"),

@@ -61,28 +61,13 @@ def acc_smem(accs, operands, interpret: bool):
 
 
 class Exchange:
-  """``split_head_dim``: the consumers' share of one step's score tiles. The ring holds
-  the streamed tile in halves (``[2, 32, D]``, one TMA copy each). Consumer ``wg``
-  computes S and dP against half ``wg``, writes its P^T and dS^T (or dS) into entry
-  ``wg`` of the SMEM exchange tiles with ``put``, and both then multiply both halves
-  into their halves of the head dim. Every slice is a whole leading index: Mosaic
-  cannot slice a 128-byte-swizzled tile at a dynamic 32-row offset. ``met``: both
-  halves are in; ``done``: both consumers' matmuls of the last step, which read the
-  tiles, have completed (one SMEM copy of them, rewritten every step)."""
+  """``split_head_dim``: the step's score tiles, which one consumer writes into SMEM for
+  the other (bwd.py's ``role_step``; one SMEM copy of each, rewritten every step).
+  ``done``: both consumers' matmuls of the last step, which read the tiles, have
+  completed; the writer waits for it before it rewrites them."""
 
-  def __init__(self, ring: Ring, met, done, wg):
-    self.ring, self.met, self.done = ring, met, done
-    self.halves = (wg, 1 - wg)  # own half first; both traced (see acc_smem's callers)
-
-  def put(self, c, pairs):
-    """Writes each ``(tile, smem)``, once the last step's readers are done, and waits
-    for the other consumer's halves."""
-    pl.when(c > 0)(lambda: plgpu.barrier_wait(self.done))
-    for tile, ref in pairs:
-      ref[...] = tile
-    plgpu.commit_smem()
-    plgpu.barrier_arrive(self.met)
-    plgpu.barrier_wait(self.met)
+  def __init__(self, ring: Ring, done):
+    self.ring, self.done = ring, done
 
   def finish(self, c):
     """After this step's matmuls have completed: the tiles may be rewritten. (No arrival
@@ -148,14 +133,6 @@ def visit(ring: Ring, base, u_lo, u_hi, ranges, step, carry, skipped=None):
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(one, masked=False), carry)
   carry = lax.fori_loop(full_hi, hi, functools.partial(one, masked=True), carry)
   return lax.fori_loop(hi, u_hi, skip, carry)
-
-
-def ring_parts(halves: bool, start, n: int):
-  """The TMA copies of one streamed tile of ``n`` rows from row ``start``: ``(first row,
-  rows)`` each; with ``halves`` two, one per ring sub-slot (Exchange)."""
-  if not halves:
-    return [(start, n)]
-  return [(start, n // 2), (start + n // 2, n // 2)]
 
 
 def own_tile(cfg: MosaicBwdConfig, wg, d: int):

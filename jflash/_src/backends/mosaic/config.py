@@ -186,17 +186,12 @@ class MosaicBwdConfig:
   ``split_head_dim``: the consumers share one 64-row tile (the keys of the dK/dV kernel,
   the query rows of the dQ kernel) and each accumulates its half of the gradients' head
   dim, where one warpgroup's registers cannot hold the whole: d=256, whose f32 dK and dV
-  (or dQ) of 64 rows take 256 (128) registers a thread. Each computes S and dP for half
-  of the streamed tile's rows (or, with ``dkv_roles`` / ``dq_roles``, one of them for
-  all rows) and they exchange P^T and dS^T (dS) through SMEM (bwd_parts.Exchange), so
-  no matmul is done twice. Needs ``consumers=2`` and ``dq_mode="separate"``.
-  ``dkv_roles``: ``split_head_dim``'s dK/dV kernel divides S^T and dP^T by role rather
-  than by rows: consumer 0 computes S^T and P^T, consumer 1 dP^T and dS^T (from P^T),
-  each over the whole streamed tile (wgmma N=64, where halves of rows give N=32, which
-  reads more SMEM per multiply than SMEM delivers), and they pass P^T, dS^T and dS^T's
-  factor to each other through SMEM. Its ring holds whole tiles. The default at d=256.
-  ``dq_roles``: the same for ``split_head_dim``'s dQ kernel: consumer 0 computes S and P,
-  consumer 1 dP and dS. The default at d=256.
+  (or dQ) of 64 rows take 256 (128) registers a thread. They divide the score tiles by
+  role: consumer 0 computes S^T and P^T (dQ kernel: S and P), consumer 1 dP^T and dS^T
+  (dP and dS), each over the whole streamed tile, and they pass P^T, dS^T and dS^T's
+  factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
+  ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
+  into halves instead, wgmma N=32, and 4-6% slower: benchmarks/MOSAIC_NOTES.md.)
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -218,8 +213,6 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
-  dkv_roles: bool = False
-  dq_roles: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -240,24 +233,9 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
-    for name in ("dkv_roles", "dq_roles"):
-      if getattr(self, name) and not self.split_head_dim:
-        raise ValueError(f"{name} needs split_head_dim (it divides the work of a shared "
-                         "tile)")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
-
-  @property
-  def dkv_halves(self) -> bool:
-    """The dK/dV kernel's ring holds each streamed tile in two 32-row halves, one per
-    consumer (``split_head_dim`` without ``dkv_roles``)."""
-    return self.split_head_dim and not self.dkv_roles
-
-  @property
-  def dq_halves(self) -> bool:
-    """The same for the dQ kernel's ring (``split_head_dim`` without ``dq_roles``)."""
-    return self.split_head_dim and not self.dq_roles
 
   @property
   def tiles_per_cta(self) -> int:
@@ -276,8 +254,8 @@ class MosaicBwdConfig:
       return (f"MosaicBwdConfig(split_head_dim=True) halves head_dim={head_dim} into "
               f"{head_dim // 2} columns, and Mosaic slices whole 64-column tiles")
     if self.split_head_dim and (self.dkv_block_q != WG_ROWS or self.dq_block_kv != WG_ROWS):
-      return ("MosaicBwdConfig(split_head_dim=True) streams 64-row tiles only (the two "
-              f"32-row halves of wgmma's N); got dkv_block_q={self.dkv_block_q}, "
+      return ("MosaicBwdConfig(split_head_dim=True) streams 64-row tiles only (the "
+              f"only size built and tested); got dkv_block_q={self.dkv_block_q}, "
               f"dq_block_kv={self.dq_block_kv}")
     return None
 
@@ -334,15 +312,14 @@ class MosaicBwdConfig:
     # 64-row wgmma tiles at d=64 (dq_half_shape), where 64 rows would halve the head dim.
     rows = lambda n: max(64, min(n, -(-q_len // 128) * 128))
     cols = lambda n: max(64, min(n, -(-kv_len // 128) * 128))
-    # d=256: S^T and dP^T by role (``dkv_roles``; H100 2026-11-26 ~22:26, fwd+bwd
-    # TFLOP/s against halves of rows, two runs each: 4k 369-373 -> 388-401, causal 350
-    # -> 357; 16k 389-392 -> 412-414, causal 387-389 -> 396-400), and the dQ kernel's S
-    # and dP by role (``dq_roles``; H200 2026-11-27 ~00:33, two runs each against dQ by
-    # halves: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2; 4k causal
-    # 1.00 -> 1.02x cuDNN).
-    wide = head_dim == 256
+    # d=256 shares each tile between the two consumers (``split_head_dim``). Its score
+    # tiles by role rather than by halves of rows: the dK/dV kernel H100 2026-11-26
+    # ~22:26, fwd+bwd TFLOP/s, two runs each: 4k 369-373 -> 388-401, causal 350 -> 357;
+    # 16k 389-392 -> 412-414, causal 387-389 -> 396-400; then the dQ kernel, H200
+    # 2026-11-27 ~00:33: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2;
+    # 4k causal 1.00 -> 1.02x cuDNN. (Commit 77f0bb8 has the halves.)
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
-              split_head_dim=wide, dkv_roles=wide, dq_roles=wide)
+              split_head_dim=head_dim == 256)
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
     # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
@@ -388,15 +365,15 @@ class MosaicBwdConfig:
       dq += self.dkv_block_q * head_dim * 4
     elif self.fused_dq:
       dq = self.consumers * self.dkv_block_q * (WG_ROWS * itemsize + head_dim * 4)
-    elif self.split_head_dim:  # the exchanged P^T and dS^T (dkv_roles: + dS^T's factor)
-      dq = (3 if self.dkv_roles else 2) * WG_ROWS * self.dkv_block_q * itemsize
+    elif self.split_head_dim:  # the exchanged P^T, dS^T and dS^T's factor
+      dq = 3 * WG_ROWS * self.dkv_block_q * itemsize
     return kv + ring + dq
 
   def dq_smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     """Q and dO of every query tile (Q reused for dQ), their lse/delta + the K/V ring."""
     q = self.tiles_per_cta * WG_ROWS * (2 * head_dim * itemsize + 2 * 4)
-    # The exchanged dS (dq_roles: + dS's factor, in f16).
-    ds = (2 if self.dq_roles else 1) * WG_ROWS * self.dq_block_kv * itemsize
+    # The exchanged dS and its factor (in f16).
+    ds = 2 * WG_ROWS * self.dq_block_kv * itemsize
     ds = ds if self.split_head_dim else 0
     return q + ds + 2 * self.dq_stages * self.dq_block_kv * head_dim * itemsize
 

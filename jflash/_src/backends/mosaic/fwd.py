@@ -58,13 +58,12 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
 
 
-def smem_tile(shape, dtype, swizzle: int = 128):
+def smem_tile(shape, dtype):
   """An SMEM ref of ``shape`` in the layout wgmma and TMA use (shared by the Mosaic
-  kernels and probes). ``swizzle`` bytes: 128 (tiles of 64 16-bit columns) by default;
-  64 gives 32-column tiles, for refs written in 32-column slices."""
+  kernels and probes)."""
   # A 128-byte swizzle over (8, 64) tiles: the layout wgmma reads without bank conflicts.
-  tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+  tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
+  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
 
 
 def _rows(x, shape):
