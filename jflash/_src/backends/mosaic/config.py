@@ -191,7 +191,7 @@ class MosaicBwdConfig:
   (dP and dS), each over the whole streamed tile, and they pass P^T, dS^T and dS^T's
   factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
-  into halves instead, wgmma N=32, and 4-6% slower: benchmarks/MOSAIC_NOTES.md.)
+  into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
