@@ -25,7 +25,6 @@ import reference
 from helpers import Case, assert_close, assert_lse_close
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
-from jflash._src.backends.mosaic import exp2 as exp2_lib
 from jflash._src.backends.mosaic import fwd as mosaic_fwd
 from jflash._src.backends.mosaic.config import MosaicConfig
 from jflash._src.mask import MaskArrays, MaskSpec
@@ -280,8 +279,6 @@ VARIANTS = {
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
-    # The last 32 columns of each score tile take exp2 from the polynomial (exp2.py).
-    "exp2_poly32": dict(exp2_poly_cols=32),
 }
 
 
@@ -354,36 +351,6 @@ def test_mosaic_variant_interpret_against_reference(name, variant):
     (128, False, 30.0, 128), (256, True, None, 64)])
 def test_mosaic_variant_lowers_for_cuda(variant, d, causal, softcap, block_kv):
   _lower_forward_for_cuda(d, causal, softcap, **{"block_kv": block_kv, **VARIANTS[variant]})
-
-
-def test_exp2_poly_against_float64():
-  """exp2.exp2_poly against numpy's float64 exp2 over the softmax's whole input range:
-  relative error under 8e-5 (the fit's 7.5e-5, evaluated in f32) wherever 2^x is a
-  normal f32, exact zeros at and below -126.5 (-inf included), nothing above 2^-126
-  between; and exp2_split puts its columns where they were."""
-  rng = np.random.default_rng(0)
-  x = np.concatenate([-np.linspace(0.0, 130.0, 400_001), -rng.uniform(0, 1, 10_000) ** 4,
-                      [-np.inf, -126.5, -127.0, -1e30, -0.5, -1.5, -2.5, 1e-7]])
-  x = x.astype(np.float32)
-  got = np.asarray(jax.jit(exp2_lib.exp2_poly)(x), np.float64)
-  want = np.exp2(x.astype(np.float64))
-  normal = x >= -125.0
-  rel = np.abs(got[normal] / want[normal] - 1.0)
-  assert rel.max() < 8e-5, (rel.max(), x[normal][rel.argmax()])
-  np.testing.assert_array_equal(got[x <= -126.5], 0.0)
-  assert np.all((got[~normal] >= 0.0) & (got[~normal] <= 2.0 ** -125))
-  tile = jnp.asarray(-rng.uniform(0, 40, (64, 128)).astype(np.float32)).at[3, 100].set(-jnp.inf)
-  split = np.asarray(exp2_lib.exp2_split(tile, 32), np.float64)
-  want = np.exp2(np.asarray(tile, np.float64))
-  np.testing.assert_array_equal(split[:, :96], np.asarray(jnp.exp2(tile), np.float64)[:, :96])
-  np.testing.assert_allclose(split[:, 96:], want[:, 96:], rtol=8e-5, atol=0)
-  assert split[3, 100] == 0.0
-
-
-def test_mosaic_config_refuses_bad_exp2_poly_cols():
-  for cols in (12, -8, 128):
-    with pytest.raises(ValueError, match="exp2_poly_cols"):
-      MosaicConfig(block_kv=128, exp2_poly_cols=cols)
 
 
 def test_mosaic_config_refuses_too_many_registers():

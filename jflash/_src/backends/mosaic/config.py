@@ -46,11 +46,7 @@ class MosaicConfig:
   so the producer loads the next tile's first keys while the consumers finish the last
   one, and the next tile's Q loads under this one's keys where a second Q buffer fits
   (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
-  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA.
-  ``exp2_poly_cols``: the last this many columns of each score tile take their exp2 from
-  a polynomial on the FMA units (exp2.py) instead of MUFU, whose 16 lanes a cycle bound
-  the softmax where the exps take as long as the matmuls (d=64). A multiple of 8 below
-  ``block_kv``; 0: MUFU for all."""
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -62,7 +58,6 @@ class MosaicConfig:
   producer_regs: int = 40
   consumer_regs: int = 232
   q_tiles_per_cta: int = 1
-  exp2_poly_cols: int = 0
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -82,9 +77,6 @@ class MosaicConfig:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
     if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
       raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
-    if self.exp2_poly_cols % 8 or not 0 <= self.exp2_poly_cols < self.block_kv:
-      raise ValueError(f"exp2_poly_cols={self.exp2_poly_cols} must be a multiple of 8 in "
-                       f"[0, block_kv={self.block_kv})")
     if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="

@@ -51,7 +51,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
-from jflash._src.backends.mosaic.exp2 import exp2_split
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
@@ -215,7 +214,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
       # exp2 gives 0 rather than NaN. Unmasked tiles always raise m above -inf.
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-      pr = exp2_split((s * c if fold else s) - _rows(m_use, s.shape), cfg.exp2_poly_cols)
+      pr = jnp.exp2((s * c if fold else s) - _rows(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)
       return pr.astype(dtype), m_new, l * alpha + pr.sum(axis=1), alpha
 
