@@ -49,8 +49,8 @@ class MosaicConfig:
   prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA.
   ``consumers``: consumer warpgroups per CTA (2, or 3 as FA3 runs d=64: more warps to
   hide each other's latencies); a CTA's query tile has ``consumers * block_q`` rows.
-  Three need ``pingpong=False`` (the schedule barrier pairs two) and fewer registers
-  each (e.g. producer_regs=24, consumer_regs=160)."""
+  With three the ping-pong becomes a round-robin (fwd.py); they need ``overlap=False``
+  and fewer registers each (e.g. producer_regs=24, consumer_regs=160)."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -84,9 +84,9 @@ class MosaicConfig:
       raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
     if self.consumers not in (2, 3):
       raise ValueError(f"consumers={self.consumers} must be 2 or 3")
-    if self.consumers != 2 and self.pingpong:
-      raise ValueError(f"consumers={self.consumers} needs pingpong=False: the ping-pong "
-                       "barrier orders exactly two warpgroups")
+    if self.consumers != 2 and self.overlap:
+      raise ValueError(f"consumers={self.consumers} needs overlap=False: its schedule "
+                       "pairs two warpgroups")
     if self.producer_regs + self.consumers * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {self.consumers} * consumer_regs="

@@ -156,11 +156,30 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     step_of = lambda i: g + (i - lo)
     return step_of, lambda i: lax.rem(step_of(i), stages)
 
+  # Three consumers take turns round-robin instead (``sched``: one barrier per warpgroup,
+  # its turn): a turn is PV of one tile, then QK^T of the next; a warpgroup waits for
+  # its turn before PV and passes it on once its QK^T is issued. So the tensor cores
+  # run 0's PV(i) QK(i+1), then 1's, then 2's, while the other two do their softmax.
+  rr = cfg.pingpong and wgs > 2
+
   def sync():
     # Ping-pong: each arrive+wait pairs one warpgroup's point with the other's.
     if cfg.pingpong:
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
+
+  def pass_turn():
+    plgpu.barrier_arrive(sched.at[lax.rem(wg + 1, wgs)])
+
+  def take_turn():
+    plgpu.barrier_wait(sched.at[wg])
+
+  # The schedule's points: after a QK^T is issued, once the softmax is done, before PV
+  # is issued; at the start and end of a query tile; twice in a skipped step.
+  after_qk = pass_turn if rr else sync
+  softmax_done = (lambda: None) if rr or not cfg.pingpong else (
+      lambda: plgpu.barrier_arrive(sched))
+  before_pv = take_turn if rr else (lambda: plgpu.barrier_wait(sched) if cfg.pingpong else None)
 
   @pl.when(wg == producer)
   def _producer():
@@ -265,8 +284,12 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         slot = slot_of(i)
         plgpu.barrier_wait(k_full.at[slot])  # keeps this warpgroup's barrier phases in step
         plgpu.barrier_wait(v_full.at[slot])
-        sync()
-        sync()
+        if rr:  # the step's two points: pass the turn, take it back
+          pass_turn()
+          take_turn()
+        else:
+          sync()
+          sync()
         release_k(i)
         if split:
           release_v(i)
@@ -279,19 +302,17 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
         def qk(ref):
           plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
-          sync()  # our QK is issued: the other warpgroup may issue its PV
+          after_qk()  # our QK is issued: the other warpgroup may issue its PV
           return ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
         acc = acc * _rows(alpha, acc.shape)
-        if cfg.pingpong:
-          # "Softmax done" in the source, but ptxas issues it as soon as the scores are
-          # in (nothing it orders depends on the exps); that schedule measured fastest.
-          plgpu.barrier_arrive(sched)
+        # "Softmax done" in the source, but ptxas issues it as soon as the scores are in
+        # (nothing it orders depends on the exps); that schedule measured fastest.
+        softmax_done()
         plgpu.barrier_wait(v_full.at[slot])
-        if cfg.pingpong:
-          plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
+        before_pv()  # (two: the other warpgroup has issued its QK)
         acc = pv(acc, p16, slot)
         release_v(i)
         return acc, m_new, l
@@ -299,9 +320,12 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
-      # Warpgroup 0 goes first, in every tile: its last sync below pairs with warpgroup
-      # 1's last step, so neither waits for the other's epilogue.
-      pl.when(wg == 1)(sync)
+      # Warpgroup 0 goes first, in every tile: (two) its last sync below pairs with
+      # warpgroup 1's last step, so neither waits for the other's epilogue.
+      if rr:
+        take_turn()
+      else:
+        pl.when(wg == 1)(sync)
       carry = lax.fori_loop(u_lo, lo, skip, init)
       if cfg.overlap:
         carry = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
@@ -314,7 +338,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(hi, u_hi, skip, carry)
-      pl.when(wg == 0)(sync)
+      if rr:
+        pass_turn()
+      else:
+        pl.when(wg == 0)(sync)
       return carry
 
     def epilogue(my_q, q0, acc, m, l):
@@ -367,7 +394,11 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     if q_bufs > 1:
       load_q(0)  # later tiles' Q is prefetched by the tile before
+    if rr:  # warpgroup 0's first turn; the last warpgroup's last pass ends below
+      pl.when(wg == 0)(lambda: plgpu.barrier_arrive(sched.at[0]))
     over_tiles(tile)
+    if rr:
+      pl.when(wg == 0)(take_turn)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -529,7 +560,8 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if cfg.overlap else None,
-      plgpu.Barrier(num_arrivals=wgs),
+      # The ping-pong: one barrier both consumers meet on, or (three) a turn each.
+      plgpu.Barrier(num_arrivals=wgs) if wgs == 2 else plgpu.Barrier(num_barriers=wgs),
   ]
   scratch += [plgpu.SMEM((q_bufs * wgs, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
