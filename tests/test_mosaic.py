@@ -279,10 +279,6 @@ VARIANTS = {
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
-    # Three consumer warpgroups (192-row query tiles), as FA3 runs d=64.
-    "consumers3": dict(consumers=3, producer_regs=24, consumer_regs=160),
-    "consumers3_no_pingpong": dict(consumers=3, pingpong=False, producer_regs=24,
-                                   consumer_regs=160),
 }
 
 

@@ -46,11 +46,7 @@ class MosaicConfig:
   so the producer loads the next tile's first keys while the consumers finish the last
   one, and the next tile's Q loads under this one's keys where a second Q buffer fits
   (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
-  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA.
-  ``consumers``: consumer warpgroups per CTA (2, or 3 as FA3 runs d=64: more warps to
-  hide each other's latencies); a CTA's query tile has ``consumers * block_q`` rows.
-  With three the ping-pong becomes a round-robin (fwd.py); they need ``overlap=False``
-  and fewer registers each (e.g. producer_regs=24, consumer_regs=160)."""
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -62,7 +58,6 @@ class MosaicConfig:
   producer_regs: int = 40
   consumer_regs: int = 232
   q_tiles_per_cta: int = 1
-  consumers: int = CONSUMER_WGS
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -82,14 +77,9 @@ class MosaicConfig:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
     if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
       raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
-    if self.consumers not in (2, 3):
-      raise ValueError(f"consumers={self.consumers} must be 2 or 3")
-    if self.consumers != 2 and self.overlap:
-      raise ValueError(f"consumers={self.consumers} needs overlap=False: its schedule "
-                       "pairs two warpgroups")
-    if self.producer_regs + self.consumers * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
+    if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
-          f"producer_regs={self.producer_regs} + {self.consumers} * consumer_regs="
+          f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
 
   @classmethod
@@ -150,15 +140,14 @@ class MosaicConfig:
                 if n == 1 or self._smem_bytes(n, head_dim, itemsize, segments) <= SMEM_BYTES)
 
   def _smem_bytes(self, q_buffers: int, head_dim: int, itemsize: int, segments: bool) -> int:
-    rows = self.consumers * self.block_q
-    q = q_buffers * rows * head_dim * itemsize
+    q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
-    ids = (q_buffers * rows + self.stages * self.block_kv) * 4
-    return q + ring + rows * 4 + (ids if segments else 0)
+    ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
+    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:
-    return self.consumers * self.block_q
+    return CONSUMER_WGS * self.block_q
 
   @property
   def k_multiple(self) -> int:

@@ -50,11 +50,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
-from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
+_PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
 
 
 def smem_tile(shape, dtype):
@@ -108,9 +109,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or None; ``qseg_smem`` (entries as
   ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them)."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
-  wgs = cfg.consumers
-  producer = wgs  # the TMA warpgroup's index
-  rows = wgs * bq
+  rows = CONSUMER_WGS * bq
   ctas = -(-nq // tiles)
   c = lax.axis_index("q")
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
@@ -132,7 +131,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     may need: what the producer loads, what both consumers step through."""
     tile = q_tile(c, j, ctas, nq)
     lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, q_valid,
-                                           kv_valid, seg_range(tile, wgs))
+                                           kv_valid, seg_range(tile, CONSUMER_WGS))
     return tile * rows, lo, hi
 
   # The ring runs on across the CTA's tiles: a tile whose keys start at ring step g puts
@@ -156,32 +155,13 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     step_of = lambda i: g + (i - lo)
     return step_of, lambda i: lax.rem(step_of(i), stages)
 
-  # Three consumers take turns round-robin instead (``sched``: one barrier per warpgroup,
-  # its turn): a turn is PV of one tile, then QK^T of the next; a warpgroup waits for
-  # its turn before PV and passes it on once its QK^T is issued. So the tensor cores
-  # run 0's PV(i) QK(i+1), then 1's, then 2's, while the other two do their softmax.
-  rr = cfg.pingpong and wgs > 2
-
   def sync():
     # Ping-pong: each arrive+wait pairs one warpgroup's point with the other's.
     if cfg.pingpong:
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-  def pass_turn():
-    plgpu.barrier_arrive(sched.at[lax.rem(wg + 1, wgs)])
-
-  def take_turn():
-    plgpu.barrier_wait(sched.at[wg])
-
-  # The schedule's points: after a QK^T is issued, once the softmax is done, before PV
-  # is issued; at the start and end of a query tile; twice in a skipped step.
-  after_qk = pass_turn if rr else sync
-  softmax_done = (lambda: None) if rr or not cfg.pingpong else (
-      lambda: plgpu.barrier_arrive(sched))
-  before_pv = take_turn if rr else (lambda: plgpu.barrier_wait(sched) if cfg.pingpong else None)
-
-  @pl.when(wg == producer)
+  @pl.when(wg == _PRODUCER)
   def _producer():
     plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
@@ -211,7 +191,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     over_tiles(tile)
 
-  @pl.when(wg < producer)
+  @pl.when(wg < _PRODUCER)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     fold = cfg.fold_scale and p.softcap is None and p.scale > 0
@@ -284,12 +264,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         slot = slot_of(i)
         plgpu.barrier_wait(k_full.at[slot])  # keeps this warpgroup's barrier phases in step
         plgpu.barrier_wait(v_full.at[slot])
-        if rr:  # the step's two points: pass the turn, take it back
-          pass_turn()
-          take_turn()
-        else:
-          sync()
-          sync()
+        sync()
+        sync()
         release_k(i)
         if split:
           release_v(i)
@@ -302,17 +278,19 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
         def qk(ref):
           plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
-          after_qk()  # our QK is issued: the other warpgroup may issue its PV
+          sync()  # our QK is issued: the other warpgroup may issue its PV
           return ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
         acc = acc * _rows(alpha, acc.shape)
-        # "Softmax done" in the source, but ptxas issues it as soon as the scores are in
-        # (nothing it orders depends on the exps); that schedule measured fastest.
-        softmax_done()
+        if cfg.pingpong:
+          # "Softmax done" in the source, but ptxas issues it as soon as the scores are
+          # in (nothing it orders depends on the exps); that schedule measured fastest.
+          plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_full.at[slot])
-        before_pv()  # (two: the other warpgroup has issued its QK)
+        if cfg.pingpong:
+          plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
         acc = pv(acc, p16, slot)
         release_v(i)
         return acc, m_new, l
@@ -320,12 +298,9 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
-      # Warpgroup 0 goes first, in every tile: (two) its last sync below pairs with
-      # warpgroup 1's last step, so neither waits for the other's epilogue.
-      if rr:
-        take_turn()
-      else:
-        pl.when(wg == 1)(sync)
+      # Warpgroup 0 goes first, in every tile: its last sync below pairs with warpgroup
+      # 1's last step, so neither waits for the other's epilogue.
+      pl.when(wg == 1)(sync)
       carry = lax.fori_loop(u_lo, lo, skip, init)
       if cfg.overlap:
         carry = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
@@ -338,10 +313,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(hi, u_hi, skip, carry)
-      if rr:
-        pass_turn()
-      else:
-        pl.when(wg == 0)(sync)
+      pl.when(wg == 0)(sync)
       return carry
 
     def epilogue(my_q, q0, acc, m, l):
@@ -363,7 +335,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
       plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
 
-    q_entry = lambda j: (j % q_bufs) * wgs + wg
+    q_entry = lambda j: (j % q_bufs) * CONSUMER_WGS + wg
 
     def load_q(j):
       q0, at = union(j)[0] + wg * bq, q_entry(j)
@@ -394,11 +366,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     if q_bufs > 1:
       load_q(0)  # later tiles' Q is prefetched by the tile before
-    if rr:  # warpgroup 0's first turn; the last warpgroup's last pass ends below
-      pl.when(wg == 0)(lambda: plgpu.barrier_arrive(sched.at[0]))
     over_tiles(tile)
-    if rr:
-      pl.when(wg == 0)(take_turn)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -527,7 +495,7 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
   """``cta_segment_ranges`` of this kernel: ``[B, nq, 3, 4]`` per query tile of
   ``2 * block_q`` rows (not per CTA: with ``q_tiles_per_cta > 1`` the kernel indexes it
   by ``q_tile``)."""
-  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, cfg.consumers,
+  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, CONSUMER_WGS,
                             by_rows=True)
 
 
@@ -546,24 +514,22 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   seg = p.mask.has_segment_ids
   q_bufs = cfg.q_buffers(d, q.dtype.itemsize, segments=seg)
   interpret = p.interpret
-  wgs = cfg.consumers
   scratch = [
-      smem_tile((q_bufs * wgs, bq, d), q.dtype),  # Q, then O
+      smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
       smem_tile((stages, bk, d), k.dtype),
       smem_tile((stages, bk, d), v.dtype),
-      plgpu.SMEM((wgs, bq), jnp.float32),  # lse staging for its TMA store
-      smem_tile((wgs, bq, bk), q.dtype) if interpret else None,  # P (see above)
+      plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32),  # lse staging for its TMA store
+      smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
       # Q's and K's copies arrive once each, and once more for their ids.
-      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * wgs),
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * CONSUMER_WGS),
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if cfg.overlap else None,
-      # The ping-pong: one barrier both consumers meet on, or (three) a turn each.
-      plgpu.Barrier(num_arrivals=wgs) if wgs == 2 else plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
-  scratch += [plgpu.SMEM((q_bufs * wgs, bq), jnp.int32) if seg else None,  # q ids
+  scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
@@ -581,7 +547,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       scratch_types=scratch,
       grid=grid,
       grid_names=names,
-      num_threads=wgs + 1,
+      num_threads=CONSUMER_WGS + 1,
       thread_name="wg",
       # No SMEM reserved for cross-warp reductions (2 KiB by default): the kernel's row
       # max and sum reduce within a warp, and Mosaic refuses a reduction that would need
