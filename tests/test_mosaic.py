@@ -75,14 +75,6 @@ GPU_CASES = {
                                                  segments="packed", docs=8, seed=1),
     "segment_bf16_d64_s4096_8docs": Case(b=2, t=4096, s=4096, n=2, k=2, h=64,
                                          dtype=jnp.bfloat16, segments="packed", docs=8),
-    # d=64 without a causal mask from 8k queries and keys: three consumers (for_problem),
-    # with tails, lengths, GQA; then a window, soft-cap and a padded head dim.
-    "bf16_d64_8k_three_consumers_lengths_gqa": Case(b=1, t=8200, s=8300, n=2, k=1, h=64,
-                                                    dtype=jnp.bfloat16, q_lengths=[8000],
-                                                    kv_lengths=[8250]),
-    "f16_d48_8k_three_consumers_window_softcap": Case(b=1, t=8192, s=8192, n=2, k=2, h=48,
-                                                      dtype=jnp.float16, window=(1000, 700),
-                                                      softcap=20.0),
 }
 
 
@@ -231,29 +223,11 @@ def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_long_d64_default_lowers_for_cuda(causal):
   """Past 4k keys, causal, d=64 takes three stages of 256-key tiles: they fit sm90's SMEM
-  only without Mosaic's reduction scratch (fwd.py), which the lowering checks. Without a
-  causal mask, three consumers on 128-key tiles."""
+  only without Mosaic's reduction scratch (fwd.py), which the lowering checks."""
   cfg = MosaicConfig.for_problem(16384, 16384, 64, causal=causal)
-  assert (cfg.block_kv, cfg.stages) == ((256, 3) if causal else (128, 2))
-  _lower_forward_for_cuda(64, causal, None, **{
-      f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
-
-
-@pytest.mark.parametrize("q_len, kv_len, d, causal, segments, consumers", [
-    (8192, 8192, 64, False, False, 3), (16384, 16384, 64, False, False, 3),
-    (16384, 20000, 64, False, False, 3), (4096, 4096, 64, False, False, 2),
-    (8191, 8192, 64, False, False, 2), (1, 16384, 64, False, False, 2),
-    (16384, 16384, 64, True, False, 2), (16384, 16384, 64, False, True, 2),
-    (16384, 16384, 128, False, False, 2)])
-def test_mosaic_config_three_consumers_only_for_long_d64_noncausal(q_len, kv_len, d, causal,
-                                                                   segments, consumers):
-  """Three consumer warpgroups (192-row tiles) where they measured faster (d=64, no
-  causal mask, no segment ids, 8k+ queries and keys) and nowhere else."""
-  cfg = MosaicConfig.for_problem(q_len, kv_len, d, causal=causal, segments=segments)
-  assert cfg.consumers == consumers
-  assert cfg.q_multiple == consumers * 64
-  if consumers == 3:
-    assert not cfg.pingpong and cfg.producer_regs + 3 * cfg.consumer_regs <= 512
+  assert (cfg.block_kv, cfg.stages) == (256, 3 if causal else 2)
+  _lower_forward_for_cuda(64, causal, None, block_kv=cfg.block_kv, stages=cfg.stages,
+                          q_tiles_per_cta=cfg.q_tiles_per_cta)
 
 
 @pytest.mark.parametrize("d, causal, config", [
@@ -305,9 +279,6 @@ VARIANTS = {
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
-    # Three consumer warpgroups (192-row query tiles), as FA3 runs d=64.
-    "consumers3": dict(consumers=3, pingpong=False, producer_regs=24, consumer_regs=160,
-                       q_tiles_per_cta=1),
 }
 
 

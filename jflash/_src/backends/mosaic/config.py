@@ -46,11 +46,7 @@ class MosaicConfig:
   so the producer loads the next tile's first keys while the consumers finish the last
   one, and the next tile's Q loads under this one's keys where a second Q buffer fits
   (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
-  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA.
-  ``consumers``: consumer warpgroups per CTA (2, or 3 as FA3 runs d=64: more warps to
-  hide each other's latencies); a CTA's query tile has ``consumers * block_q`` rows.
-  Three need ``pingpong=False`` (the schedule barrier pairs two) and fewer registers
-  each (e.g. producer_regs=24, consumer_regs=160)."""
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -62,7 +58,6 @@ class MosaicConfig:
   producer_regs: int = 40
   consumer_regs: int = 232
   q_tiles_per_cta: int = 1
-  consumers: int = CONSUMER_WGS
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -82,14 +77,9 @@ class MosaicConfig:
         raise ValueError(f"{name}={r} must be a multiple of 8 in [24, 256] (setmaxnreg)")
     if not isinstance(self.q_tiles_per_cta, int) or self.q_tiles_per_cta < 1:
       raise ValueError(f"q_tiles_per_cta={self.q_tiles_per_cta!r} must be an int >= 1")
-    if self.consumers not in (2, 3):
-      raise ValueError(f"consumers={self.consumers} must be 2 or 3")
-    if self.consumers != 2 and self.pingpong:
-      raise ValueError(f"consumers={self.consumers} needs pingpong=False: the ping-pong "
-                       "barrier orders exactly two warpgroups")
-    if self.producer_regs + self.consumers * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
+    if self.producer_regs + CONSUMER_WGS * self.consumer_regs > REGISTERS_PER_THREAD_SLOT:
       raise ValueError(
-          f"producer_regs={self.producer_regs} + {self.consumers} * consumer_regs="
+          f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
 
   @classmethod
@@ -97,6 +87,7 @@ class MosaicConfig:
                   segments: bool = False, causal: bool = False) -> "MosaicConfig":
     """A heuristic default per (padded) head dim, shrunk to fit shared memory.
     ``segments``: the call has segment ids (packed documents); ``causal``: a causal mask."""
+    del q_len
     # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.07 at s=16k,
     # 0.91 -> 0.97 at 4k non-causal; 192 keys lost at 1k/4k): half the steps, so half the
     # per-step barrier and ping-pong handoffs per key. Not with packed documents, whose
@@ -129,16 +120,6 @@ class MosaicConfig:
     # 251.0, 246.9; but s=2k 327.1, 328.1, 325.1 / 337.2, 329.8, and s=16k -9..-12%.
     pingpong = not (head_dim == 64 and causal and kv_len <= 1024 and not segments)
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong)
-    # d=64 without a causal mask or segment ids, from 8k queries and keys: three consumers
-    # (192-row tiles, as FA3 runs d=64) on 128-key tiles, no schedule barrier. H100
-    # 2026-11-27, fwd TFLOP/s, two consumers -> three: 16k 469.0 -> 485.6, 456.7 ->
-    # 486.9, 481.7 -> 488.7 (1.06-1.07x cuDNN); 8k 460.8 -> 473.2; fwd+bwd equal. Not
-    # causal (16k -3..-5%), nor at 4k (-7..-15%) or 1k (-20..-27%). (With a round-robin
-    # schedule barrier 479.0: no better.) Where ptxas fails to fit them (C7602 on a d=64
-    # kernel with lengths and 4 q tiles per CTA, 900 keys) is not taken either.
-    if (head_dim == 64 and not causal and not segments and min(q_len, kv_len) >= 8192):
-      cfg = cls(block_kv=128, stages=2, consumers=3, pingpong=False, producer_regs=24,
-                consumer_regs=160)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
@@ -159,15 +140,14 @@ class MosaicConfig:
                 if n == 1 or self._smem_bytes(n, head_dim, itemsize, segments) <= SMEM_BYTES)
 
   def _smem_bytes(self, q_buffers: int, head_dim: int, itemsize: int, segments: bool) -> int:
-    rows = self.consumers * self.block_q
-    q = q_buffers * rows * head_dim * itemsize
+    q = q_buffers * CONSUMER_WGS * self.block_q * head_dim * itemsize
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
-    ids = (q_buffers * rows + self.stages * self.block_kv) * 4
-    return q + ring + rows * 4 + (ids if segments else 0)
+    ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
+    return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
 
   @property
   def q_multiple(self) -> int:
-    return self.consumers * self.block_q
+    return CONSUMER_WGS * self.block_q
 
   @property
   def k_multiple(self) -> int:

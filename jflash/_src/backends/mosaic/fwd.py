@@ -50,11 +50,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
-from jflash._src.backends.mosaic.config import MosaicConfig
+from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
+_PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
 
 
 def smem_tile(shape, dtype):
@@ -108,9 +109,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or None; ``qseg_smem`` (entries as
   ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them)."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
-  wgs = cfg.consumers
-  producer = wgs  # the TMA warpgroup's index
-  rows = wgs * bq
+  rows = CONSUMER_WGS * bq
   ctas = -(-nq // tiles)
   c = lax.axis_index("q")
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
@@ -132,7 +131,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     may need: what the producer loads, what both consumers step through."""
     tile = q_tile(c, j, ctas, nq)
     lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, q_valid,
-                                           kv_valid, seg_range(tile, wgs))
+                                           kv_valid, seg_range(tile, CONSUMER_WGS))
     return tile * rows, lo, hi
 
   # The ring runs on across the CTA's tiles: a tile whose keys start at ring step g puts
@@ -162,7 +161,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-  @pl.when(wg == producer)
+  @pl.when(wg == _PRODUCER)
   def _producer():
     plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kh = lax.div(h, jnp.asarray(groups, h.dtype))
@@ -192,7 +191,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     over_tiles(tile)
 
-  @pl.when(wg < producer)
+  @pl.when(wg < _PRODUCER)
   def _consumer():
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     fold = cfg.fold_scale and p.softcap is None and p.scale > 0
@@ -336,7 +335,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
       plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
 
-    q_entry = lambda j: (j % q_bufs) * wgs + wg
+    q_entry = lambda j: (j % q_bufs) * CONSUMER_WGS + wg
 
     def load_q(j):
       q0, at = union(j)[0] + wg * bq, q_entry(j)
@@ -496,7 +495,7 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
   """``cta_segment_ranges`` of this kernel: ``[B, nq, 3, 4]`` per query tile of
   ``2 * block_q`` rows (not per CTA: with ``q_tiles_per_cta > 1`` the kernel indexes it
   by ``q_tile``)."""
-  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, cfg.consumers,
+  return cta_segment_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_kv, CONSUMER_WGS,
                             by_rows=True)
 
 
@@ -515,23 +514,22 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   seg = p.mask.has_segment_ids
   q_bufs = cfg.q_buffers(d, q.dtype.itemsize, segments=seg)
   interpret = p.interpret
-  wgs = cfg.consumers
   scratch = [
-      smem_tile((q_bufs * wgs, bq, d), q.dtype),  # Q, then O
+      smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
       smem_tile((stages, bk, d), k.dtype),
       smem_tile((stages, bk, d), v.dtype),
-      plgpu.SMEM((wgs, bq), jnp.float32),  # lse staging for its TMA store
-      smem_tile((wgs, bq, bk), q.dtype) if interpret else None,  # P (see above)
+      plgpu.SMEM((CONSUMER_WGS, bq), jnp.float32),  # lse staging for its TMA store
+      smem_tile((CONSUMER_WGS, bq, bk), q.dtype) if interpret else None,  # P (see above)
       # Q's and K's copies arrive once each, and once more for their ids.
-      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * wgs),
+      plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * CONSUMER_WGS),
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if cfg.overlap else None,
-      plgpu.Barrier(num_arrivals=wgs),
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
-  scratch += [plgpu.SMEM((q_bufs * wgs, bq), jnp.int32) if seg else None,  # q ids
+  scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
@@ -549,7 +547,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       scratch_types=scratch,
       grid=grid,
       grid_names=names,
-      num_threads=wgs + 1,
+      num_threads=CONSUMER_WGS + 1,
       thread_name="wg",
       # No SMEM reserved for cross-warp reductions (2 KiB by default): the kernel's row
       # max and sum reduce within a warp, and Mosaic refuses a reduction that would need
