@@ -106,42 +106,6 @@ BWD_INTERPRET_CASES = {
 }
 
 
-# MosaicBwdConfig.pingpong (the consumers take turns, bwd_parts.PingPong; off by
-# default): a causal cross-attention tail with GQA, and unordered segment ids, whose
-# ranges leave each consumer steps to skip.
-PINGPONG_INTERPRET_CASES = {
-    "bf16_causal_cross_tail_gqa": BWD_INTERPRET_CASES["bf16_causal_cross_tail_gqa"][0],
-    "segment_pair_lengths_empty": SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
-}
-
-
-def _pingpong_config(case: Case) -> MosaicBwdConfig:
-  d = mosaic_backend.padded_head_dim(case.h)
-  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), pingpong=True)
-
-
-@pytest.mark.parametrize("name", list(PINGPONG_INTERPRET_CASES))
-def test_mosaic_backward_pingpong_interpret_against_reference(name, mosaic_bwd_calls):
-  case = PINGPONG_INTERPRET_CASES[name]
-  _check_backward_interpret(case, _pingpong_config(case), mosaic_bwd_calls)
-
-
-@pytest.mark.parametrize("d, causal, kh, segments", [
-    (64, True, 2, False), (128, False, 4, False), (128, True, 1, True)])
-def test_mosaic_backward_pingpong_lowers_for_cuda(d, causal, kh, segments):
-  """With dv_early at d=128 (the GPU path the interpreter does not take)."""
-  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(512, 512, d), pingpong=True)
-  assert cfg.dv_early == (d == 128)
-  _lower_backward_for_cuda(d, causal, None, kh, segments=segments, cfg=cfg)
-
-
-@pytest.mark.parametrize("fields", [dict(dq_mode="atomic"), dict(consumers=1),
-                                    dict(split_head_dim=True)])
-def test_mosaic_bwd_config_pingpong_needs_two_separate_consumers(fields):
-  with pytest.raises(ValueError, match="pingpong"):
-    MosaicBwdConfig(pingpong=True, **fields)
-
-
 def test_d256_interpret_cases_split_the_head_dim():
   names = [n for n in BWD_INTERPRET_CASES if n.endswith(("_d256", "_d160"))]
   assert len(names) == 4
@@ -485,18 +449,6 @@ BWD_GPU_CASES = {
 def test_mosaic_backward_against_reference(name, mosaic_bwd_calls):
   case = BWD_GPU_CASES[name]
   with _mosaic_backward(case):
-    check_case(case, "mosaic")
-  assert mosaic_bwd_calls
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["bf16_d64_causal_gqa", "bf16_d128_gqa_tail_1000",
-                                  "bf16_d64_causal_tail_1000",
-                                  "segment_bf16_d64_s4096_8docs_causal_gqa",
-                                  "segment_f16_d128_pair_lengths_empty"])
-def test_mosaic_backward_pingpong_against_reference(name, mosaic_bwd_calls):
-  case = BWD_GPU_CASES[name]
-  with _mosaic_backward(case, _pingpong_config(case)):
     check_case(case, "mosaic")
   assert mosaic_bwd_calls
 

@@ -132,7 +132,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   offsets, dq_acc = refs[:2] if cfg.fused_dq else (None, None)
   (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, stage_smem, ds_smem,
    dq_smem, kv_full, full, consumed, met, done, ready, kseg_smem,
-   qseg_smem, sched) = refs[2 * cfg.fused_dq:]
+   qseg_smem) = refs[2 * cfg.fused_dq:]
   sems = None
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
@@ -176,7 +176,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     own, cols = parts.own_tile(cfg, wg, d)
     # split_head_dim: P^T and dS^T of the step's query rows, one from each consumer.
     xchg = parts.Exchange(ring, done) if cfg.split_head_dim else None
-    pp = parts.PingPong(sched, wg)
     k0 = cta_k0 + own * bk
     my_k, my_v = k_smem.at[pl.ds(own * bk, bk)], v_smem.at[own]
 
@@ -213,8 +212,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return role_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-      st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T), issued=pp.issued)
-      pp.scores_in()
+      st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=_COL)
       delta = plgpu.load(delta_smem.at[slot], layout=_COL)
       vis = vis_of(masked, i, q_ids(slot))
@@ -232,7 +230,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       if cfg.fused_dq:
         ds_smem.at[wg][...] = dst  # the dQ matmul reads dS = (dS^T)^T from SMEM
         plgpu.commit_smem()
-      pp.before_update()
       dk, dv = parts.mmas((dk, dv), mmas, stage)
       if cfg.fused_dq:
         add_dq(i, g)
@@ -288,7 +285,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
       def f(refs):
         dk_ref, dv_ref = refs
-        pp.before_update()
         plgpu.wgmma(dv_ref, pt16, parts.cols_of(do_s, cols))
         dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
         if cfg.split_dq:
@@ -343,14 +339,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def head(g, carry):
       return parts.visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
                     functools.partial(step, g=g), carry,
-                    functools.partial(skipped, g=g) if cfg.split_dq else
-                    pp.skip if cfg.pingpong else None)
+                    functools.partial(skipped, g=g) if cfg.split_dq else None)
 
     zeros = plgpu.layout_cast(jnp.zeros((bk, cfg.head_cols(d)), jnp.float32),
                               plgpu.Layout.WGMMA)
-    pp.start()
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
-    pp.end()
     if cfg.split_dq or cfg.split_head_dim:
       # The other consumer's last matmuls read our K (split_dq: its dQ half) or the
       # shared K and V (split_head_dim): meet once more before dK and dV overwrite them.
@@ -366,7 +359,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, ds_smem,
-               q_full, full, consumed, met, done, ready, qseg_smem, kseg_smem, sched, *, segs,
+               q_full, full, consumed, met, done, ready, qseg_smem, kseg_smem, *, segs,
                p: Problem,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
@@ -404,7 +397,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     own, cols = parts.own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
     # split_head_dim: dS of the step's keys and its factor, one from each consumer.
     xchg = parts.Exchange(ring, done) if cfg.split_head_dim else None
-    pp = parts.PingPong(sched, wg)
     q0 = cta_q0 + own * bq
     my_q, my_do = q_smem.at[own], do_smem.at[own]
     rows = pl.ds(q0, bq)
@@ -473,22 +465,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     def step(c, slot, j, dq, masked: bool):
       if cfg.split_head_dim:
         return role_step(c, slot, j, dq, masked)
-      s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T),
-                            issued=pp.issued)
-      pp.scores_in()
+      s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = vis_of(masked, j, k_ids(slot))
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       k_s = parts.cols_of(k_smem.at[slot], cols)
-      pp.before_update()
       return parts.mmas((dq,), ((ds.astype(dtype), k_s),), stage)[0]
 
     zeros = plgpu.layout_cast(jnp.zeros((bq, cfg.head_cols(d)), jnp.float32),
                               plgpu.Layout.WGMMA)
-    pp.start()
-    dq = parts.visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros,
-                     pp.skip if cfg.pingpong else None)
-    pp.end()
+    dq = parts.visit(ring, -u_lo, u_lo, u_hi, ranges, step, zeros)
     if cfg.split_head_dim:  # the other consumer's last S and dP read the shared Q, dO
       plgpu.barrier_arrive(met)
       plgpu.barrier_wait(met)
@@ -566,8 +552,6 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.Barrier(num_barriers=2) if roles else None,
           ids((tiles, WG_ROWS)),  # the key tiles' ids
           ids((stages, bq)),  # the ring's query ids
-          # pingpong: the consumers' turns (bwd_parts.PingPong).
-          plgpu.Barrier(num_arrivals=wgs) if cfg.pingpong else None,
       ],
       # Mosaic reverses the grid: the key tiles, last, are CUDA's fastest axis, so the
       # CTAs of a wave share a (batch, head)'s Q/dO stream in L2 (see fwd.forward).
@@ -614,7 +598,6 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
           plgpu.Barrier(num_barriers=2) if cfg.split_head_dim else None,
           ids((tiles, WG_ROWS)),  # the query tiles' ids
           ids((stages, bk)),  # the ring's key ids
-          plgpu.Barrier(num_arrivals=wgs) if cfg.pingpong else None,  # pingpong's turns
       ],
       grid=(b, n, nq),  # the query tiles fastest (see above)
       grid_names=("b", "h", "q"),

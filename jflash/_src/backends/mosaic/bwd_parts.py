@@ -14,14 +14,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jflash._src.backends.mosaic.config import MosaicBwdConfig
 
 
-def matmuls(shape, *operands, issued=None):
+def matmuls(shape, *operands):
   """``[a @ b for a, b in operands]``, SMEM operands, into fresh f32 accumulators: all
-  issued back to back, then one wait (``issued()``, if given, runs between)."""
+  issued back to back, then one wait."""
   def f(*accs):
     for acc, (a, b) in zip(accs, operands):
       plgpu.wgmma(acc, a, b)
-    if issued is not None:
-      issued()
     return tuple(acc[...] for acc in accs)
   return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
 
@@ -60,49 +58,6 @@ def acc_smem(accs, operands, interpret: bool):
         plgpu.wgmma(ref, a, b)
 
   return pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs))
-
-
-class PingPong:
-  """``MosaicBwdConfig.pingpong``: the two consumers' matmuls take turns, as in the
-  forward (fwd.py): one's score matmuls (S^T and dP^T, or S and dP) are issued before the
-  other's update (dK and dV, or dQ), so that the tensor cores run one consumer's
-  matmuls while the other computes P and dS. ``sched``: a barrier of two arrivals (None:
-  every point is a no-op). Each point pairs with the other consumer's point of the same
-  count: two a step (``issued``, then ``scores_in`` + ``before_update``), two a skipped
-  step, and one more at the start (consumer 1) or the end (consumer 0)."""
-
-  def __init__(self, sched, wg):
-    self.sched, self.wg = sched, wg
-
-  def _sync(self):
-    if self.sched is not None:
-      plgpu.barrier_arrive(self.sched)
-      plgpu.barrier_wait(self.sched)
-
-  def start(self):
-    if self.sched is not None:
-      pl.when(self.wg == 1)(self._sync)
-
-  def end(self):
-    if self.sched is not None:
-      pl.when(self.wg == 0)(self._sync)
-
-  def issued(self):
-    """Our score matmuls are issued: the other consumer may issue its update."""
-    self._sync()
-
-  def scores_in(self):
-    if self.sched is not None:
-      plgpu.barrier_arrive(self.sched)
-
-  def before_update(self):
-    """Wait until the other consumer has issued its score matmuls."""
-    if self.sched is not None:
-      plgpu.barrier_wait(self.sched)
-
-  def skip(self, *_):
-    self._sync()
-    self._sync()
 
 
 class Exchange:
