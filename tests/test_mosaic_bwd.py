@@ -174,16 +174,6 @@ FUSED_DQ_INTERPRET_CASES = {
     "segment_pair_lengths_empty_atomic_one_wg": (
         SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
         dict(dq_mode="atomic", consumers=1, dkv_block_q=128)),
-    # ``stagger``: the CTAs visit their fully visible query tiles rotated. Here the
-    # last query tile (a tail) and the second CTA's keys in batch 1 (past kv_length)
-    # keep their predicate; the second CTA of batch 0 rotates its 4 full tiles by 2.
-    "bf16_stagger_tails_gqa": (
-        Case(b=2, t=600, s=256, n=4, k=2, h=64, dtype=jnp.bfloat16, kv_lengths=[256, 200]),
-        dict(dq_mode="atomic", stagger=True, dq_chunk_flops=0)),
-    # Causal: the CTA of keys 128-255 rotates its 4 full 64-row tiles by 1.
-    "f16_stagger_causal_d128": (
-        Case(b=1, t=512, s=512, n=2, k=1, h=128, dtype=jnp.float16, is_causal=True),
-        dict(dq_mode="atomic", stagger=True)),
 }
 
 
@@ -267,18 +257,6 @@ def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields
   monkeypatch.setattr(mosaic_bwd.pl, "get_global", lambda *a: calls.append(a) or real(*a))
   _lower_backward_for_cuda(d, causal, None, kh, dq_mode=dq_mode, **fields)
   assert len(calls) == (dq_mode == "ordered"), calls
-
-
-@pytest.mark.parametrize("d, causal", [(64, False), (128, False), (128, True)])
-def test_mosaic_backward_stagger_lowers_for_cuda(d, causal):
-  _lower_backward_for_cuda(d, causal, None, 2, dq_mode="atomic", stagger=True)
-  _lower_backward_for_cuda(64, causal, None, 2, segments=True, dq_mode="atomic", stagger=True)
-
-
-@pytest.mark.parametrize("mode", ["separate", "ordered"])
-def test_mosaic_bwd_config_stagger_needs_atomic(mode):
-  with pytest.raises(ValueError, match="stagger.*dq_mode='atomic'"):
-    MosaicBwdConfig(dq_mode=mode, stagger=True)
 
 
 @pytest.mark.parametrize("batch, k_heads, want, blocks", [
@@ -540,16 +518,5 @@ def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_ca
   case = FUSED_DQ_GPU_CASES[name]
   cfg = _fused_dq_config(case, dq_mode, dq_chunk_flops=0)
   with _mosaic_backward(case, cfg):
-    check_case(case, "mosaic")
-  assert mosaic_bwd_calls
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(FUSED_DQ_GPU_CASES))
-def test_mosaic_backward_stagger_against_reference(name, mosaic_bwd_calls):
-  """``stagger`` (off by default): "atomic" with each CTA's fully visible query tiles
-  visited rotated."""
-  case = FUSED_DQ_GPU_CASES[name]
-  with _mosaic_backward(case, _fused_dq_config(case, "atomic", stagger=True)):
     check_case(case, "mosaic")
   assert mosaic_bwd_calls

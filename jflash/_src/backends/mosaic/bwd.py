@@ -122,26 +122,6 @@ def _range_row(segs, b, tile, wg):
 
 
 
-def _stagger(p: Problem, cfg: MosaicBwdConfig, segs, *, b, kt, cta_k0, bk, bq, nq, q_valid,
-             kv_valid, u_lo, u_hi, n_cta):
-  """``cfg.stagger``: a permutation of the query tiles this CTA visits, so that the
-  CTAs of one head do not all add into the same dQ rows at once: the tiles that every
-  consumer sees in full (``[r_lo, r_hi)``, no predicate) are visited rotated by an
-  offset that spreads the ``n_cta`` key tiles' starts evenly over them; the others
-  keep their place, so the masked and unmasked loops of ``parts.visit`` see the same
-  tiles. Identity without ``stagger``."""
-  if not cfg.stagger:
-    return lambda i: i
-  r_lo, r_hi = u_lo, u_hi
-  for w in range(cfg.tiles_per_cta):
-    _, full_lo, full_hi, _ = mask_lib.q_block_range(
-        p.mask, cta_k0 + w * bk, bk, bq, nq, q_valid, kv_valid, _range_row(segs, b, kt, w))
-    r_lo, r_hi = jnp.maximum(r_lo, full_lo), jnp.minimum(r_hi, full_hi)
-  n = jnp.maximum(r_hi - r_lo, 1)
-  off = lax.div(kt * n, n_cta)
-  return lambda i: jnp.where((i >= r_lo) & (i < r_hi), r_lo + lax.rem(i - r_lo + off, n), i)
-
-
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
                 segs, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
   """``refs``: [offsets, dq_acc (fused dQ only)], dk, dv, then the scratch of
@@ -171,9 +151,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
                                             kv_valid, _range_row(segs, b, kt, tiles))
   per_head = u_hi - u_lo
   ring = parts.Ring(cfg.dkv_stages, groups * per_head, full, consumed)
-  order = _stagger(p, cfg, segs, b=b, kt=kt, cta_k0=cta_k0, bk=bk, bq=bq, nq=nq,
-                   q_valid=q_valid, kv_valid=kv_valid, u_lo=u_lo, u_hi=u_hi,
-                   n_cta=k_ref.shape[1] // (tiles * bk))
 
   @pl.when(wg == wgs)
   def _producer():
@@ -182,7 +159,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     def load(c, slot):
       g = lax.div(c, per_head)
       h = kh * groups + g
-      rows = pl.ds(order(u_lo + c - g * per_head) * bq, bq)
+      rows = pl.ds((u_lo + c - g * per_head) * bq, bq)
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], full.at[slot])
@@ -360,11 +337,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dq_half_step(c, i, g, (), (), stage_smem.at[wg] if interpret else None)
 
     def head(g, carry):
-      # (``order`` moves only tiles that every consumer sees in full: ``masked`` holds.)
-      mine = lambda c, slot, i, carry, masked: step(c, slot, order(i), carry, masked, g)
-      other = lambda c, i: skipped(c, order(i), g)
-      return parts.visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges, mine, carry,
-                         other if cfg.split_dq else None)
+      return parts.visit(ring, g * per_head - u_lo, u_lo, u_hi, ranges,
+                    functools.partial(step, g=g), carry,
+                    functools.partial(skipped, g=g) if cfg.split_dq else None)
 
     zeros = plgpu.layout_cast(jnp.zeros((bk, cfg.head_cols(d)), jnp.float32),
                               plgpu.Layout.WGMMA)

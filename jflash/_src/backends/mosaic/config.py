@@ -192,9 +192,6 @@ class MosaicBwdConfig:
   factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
-  ``stagger``: ``dq_mode="atomic"`` only: each CTA of the dK/dV kernel visits the query
-  tiles it sees in full rotated by an offset of its own (bwd._stagger), so that the
-  CTAs of a head do not all add into the same dQ rows at the same time.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -216,7 +213,6 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
-  stagger: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -237,9 +233,6 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
-    if self.stagger and self.dq_mode != "atomic":
-      raise ValueError(f"stagger reorders the fused dQ's adds; it needs dq_mode='atomic', "
-                       f"got dq_mode={self.dq_mode!r}")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
