@@ -213,6 +213,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       lse_of = lambda: plgpu.load(lse_smem.at[slot], layout=_COL)
+      if cfg.probs_under_dp and cfg.dv_early and not interpret:
+        return overlapped_step(c, slot, i, carry, masked, g)
       if cfg.probs_under_dp:
         # S^T waited for alone: P^T's exps run while dP^T's wgmma does.
         probs = lambda st: _probs(p, st, lse_of(), 0, vis_of(masked, i, q_ids(slot)))
@@ -283,15 +285,35 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       xchg.finish(c)
       return accs
 
+    def overlapped_step(c, slot, i, accs, masked, g):
+      """``probs_under_dp`` with ``dv_early``: S^T and dP^T issued, P^T computed once S^T
+      is in (dP^T's wgmma still running), dV's wgmma issued, and only then a wait for
+      dP^T (dV's left running) before dS^T; then early_step's dK and one wait."""
+      q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+
+      def scoped(st_acc, dpt_acc):
+        plgpu.wgmma(st_acc, my_k, q_s.T)
+        plgpu.wgmma(dpt_acc, my_v, do_s.T)
+        lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+        st = plgpu.wgmma_accumulator_load(st_acc, wait_n=1)
+        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, q_ids(slot)))
+        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+        dpt = lambda: plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)
+        return early_step(c, i, g, accs, pt, t, dpt, delta, q_s, do_s)
+
+      return pl.run_scoped(scoped, *[plgpu.ACC((bk, bq), jnp.float32) for _ in range(2)])
+
     def early_step(c, i, g, accs, pt, t, dpt, delta, q_s, do_s):
       """``cfg.dv_early``: dV's wgmma is issued from P^T before dS^T is computed, and dK's
-      after it, one wait for both; P^T's f32 tile is dead before dS^T's is made."""
+      after it, one wait for both; P^T's f32 tile is dead before dS^T's is made.
+      ``dpt``: dP^T, or a function that waits for it (overlapped_step), called once dV's
+      wgmma is issued."""
       pt16 = pt.astype(dtype)
 
       def f(refs):
         dk_ref, dv_ref = refs
         plgpu.wgmma(dv_ref, pt16, parts.cols_of(do_s, cols))
-        dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
+        dst = _dscores(pt, t, dpt() if callable(dpt) else dpt, delta, 0).astype(dtype)
         if cfg.split_dq:
           share_ds(c, dst)
         elif cfg.fused_dq:

@@ -193,8 +193,9 @@ class MosaicBwdConfig:
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
   ``probs_under_dp``: both kernels wait for the S^T (S) wgmma alone and compute P^T
-  (P) while dP^T's (dP's) still runs, instead of one wait for both (not with
-  ``split_head_dim``).
+  (P) while dP^T's (dP's) still runs, instead of one wait for both; with ``dv_early``
+  dV's wgmma is also issued before the wait for dP^T (bwd.overlapped_step; GPU only).
+  Not with ``split_head_dim``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
