@@ -259,42 +259,6 @@ def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields
   assert len(calls) == (dq_mode == "ordered"), calls
 
 
-# ``probs_under_dp`` (off by default): P from S while dP's wgmma still runs, in both
-# kernels ("separate"), and in the dK/dV kernel with the fused dQ.
-PROBS_UNDER_DP_INTERPRET_CASES = {
-    "bf16_causal_cross_tail_gqa": (
-        BWD_INTERPRET_CASES["bf16_causal_cross_tail_gqa"][0], {}),
-    "bf16_softcap_gqa_t_gt_s_one_wg": (
-        BWD_INTERPRET_CASES["bf16_softcap_gqa_t_gt_s_one_wg"][0],
-        dict(dkv_block_q=64, dq_block_kv=64, consumers=1)),
-    "segment_packed_causal_gqa_atomic": (
-        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
-}
-
-
-@pytest.mark.parametrize("name", list(PROBS_UNDER_DP_INTERPRET_CASES))
-def test_mosaic_backward_probs_under_dp_interpret_against_reference(name, mosaic_bwd_calls):
-  case, fields = PROBS_UNDER_DP_INTERPRET_CASES[name]
-  d = mosaic_backend.padded_head_dim(case.h)
-  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d),
-                            probs_under_dp=True, **fields)
-  _check_backward_interpret(case, cfg, mosaic_bwd_calls)
-
-
-@pytest.mark.parametrize("d, causal, segments, fields", [
-    (64, False, False, {}), (64, True, True, dict(dq_mode="atomic")),
-    (128, False, False, dict(dq_mode="atomic", producer_regs=24)),  # with dv_early
-    (128, True, False, {}), (128, False, True, {})])
-def test_mosaic_backward_probs_under_dp_lowers_for_cuda(d, causal, segments, fields):
-  _lower_backward_for_cuda(d, causal, 30.0 if segments else None, 2, segments=segments,
-                           probs_under_dp=True, **fields)
-
-
-def test_mosaic_bwd_config_probs_under_dp_refuses_split_head_dim():
-  with pytest.raises(ValueError, match="probs_under_dp.*split_head_dim"):
-    MosaicBwdConfig(split_head_dim=True, probs_under_dp=True)
-
-
 @pytest.mark.parametrize("batch, k_heads, want, blocks", [
     (1, 16, 8, [(0, 1, h, 2) for h in range(0, 16, 2)]),
     (1, 2, 8, [(0, 1, 0, 1), (0, 1, 1, 1)]),  # fewer key heads than wanted: no more
@@ -556,14 +520,3 @@ def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_ca
   with _mosaic_backward(case, cfg):
     check_case(case, "mosaic")
   assert mosaic_bwd_calls
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name, dq_mode", [
-    (name, mode) for name in FUSED_DQ_GPU_CASES for mode in ("separate", "atomic")])
-def test_mosaic_backward_probs_under_dp_against_reference(name, dq_mode, mosaic_bwd_calls):
-  """``probs_under_dp`` (off by default): P from S while dP's wgmma still runs."""
-  case = FUSED_DQ_GPU_CASES[name]
-  with _mosaic_backward(case, _fused_dq_config(case, dq_mode, probs_under_dp=True)):
-    check_case(case, "mosaic")
-  assert set(mosaic_bwd_calls) == {dq_mode}

@@ -212,23 +212,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return role_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-      lse_of = lambda: plgpu.load(lse_smem.at[slot], layout=_COL)
-      if cfg.probs_under_dp and cfg.dv_early and not interpret:
-        return overlapped_step(c, slot, i, carry, masked, g)
-      if cfg.probs_under_dp:
-        # S^T waited for alone: P^T's exps run while dP^T's wgmma does.
-        probs = lambda st: _probs(p, st, lse_of(), 0, vis_of(masked, i, q_ids(slot)))
-        (pt, t), dpt = parts.matmuls_then((bk, bq), (my_k, q_s.T), (my_v, do_s.T), probs)
-        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-      else:
-        st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
-        lse = lse_of()
-        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, q_ids(slot)))
+      st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
+      lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+      delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+      vis = vis_of(masked, i, q_ids(slot))
       stage = stage_smem.at[wg] if interpret else None
       if cfg.dv_early and not interpret:
-        return early_step(c, i, g, (dk, dv), pt, t, dpt, delta, q_s, do_s)
-      dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
+        return early_step(c, i, g, (dk, dv), st, dpt, lse, delta, vis, q_s, do_s)
+      pt, dst = _grad_scores(p, st, dpt, lse, delta, 0, vis)
+      dst = dst.astype(dtype)
       mmas = ((dst, parts.cols_of(q_s, cols)), (pt.astype(dtype), parts.cols_of(do_s, cols)))
       if cfg.split_dq:
         # dK and dV run while we wait for the other consumer's dS^T; then our half of the
@@ -285,35 +277,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       xchg.finish(c)
       return accs
 
-    def overlapped_step(c, slot, i, accs, masked, g):
-      """``probs_under_dp`` with ``dv_early``: S^T and dP^T issued, P^T computed once S^T
-      is in (dP^T's wgmma still running), dV's wgmma issued, and only then a wait for
-      dP^T (dV's left running) before dS^T; then early_step's dK and one wait."""
-      q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-
-      def scoped(st_acc, dpt_acc):
-        plgpu.wgmma(st_acc, my_k, q_s.T)
-        plgpu.wgmma(dpt_acc, my_v, do_s.T)
-        lse = plgpu.load(lse_smem.at[slot], layout=_COL)
-        st = plgpu.wgmma_accumulator_load(st_acc, wait_n=1)
-        pt, t = _probs(p, st, lse, 0, vis_of(masked, i, q_ids(slot)))
-        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-        dpt = lambda: plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)
-        return early_step(c, i, g, accs, pt, t, dpt, delta, q_s, do_s)
-
-      return pl.run_scoped(scoped, *[plgpu.ACC((bk, bq), jnp.float32) for _ in range(2)])
-
-    def early_step(c, i, g, accs, pt, t, dpt, delta, q_s, do_s):
+    def early_step(c, i, g, accs, st, dpt, lse, delta, vis, q_s, do_s):
       """``cfg.dv_early``: dV's wgmma is issued from P^T before dS^T is computed, and dK's
-      after it, one wait for both; P^T's f32 tile is dead before dS^T's is made.
-      ``dpt``: dP^T, or a function that waits for it (overlapped_step), called once dV's
-      wgmma is issued."""
+      after it, one wait for both; P^T's f32 tile is dead before dS^T's is made."""
+      pt, t = _probs(p, st, lse, 0, vis)
       pt16 = pt.astype(dtype)
 
       def f(refs):
         dk_ref, dv_ref = refs
         plgpu.wgmma(dv_ref, pt16, parts.cols_of(do_s, cols))
-        dst = _dscores(pt, t, dpt() if callable(dpt) else dpt, delta, 0).astype(dtype)
+        dst = _dscores(pt, t, dpt, delta, 0).astype(dtype)
         if cfg.split_dq:
           share_ds(c, dst)
         elif cfg.fused_dq:
@@ -492,17 +465,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     def step(c, slot, j, dq, masked: bool):
       if cfg.split_head_dim:
         return role_step(c, slot, j, dq, masked)
-      if cfg.probs_under_dp:
-        # S waited for alone: P's exps run while dP's wgmma does.
-        probs = lambda s: _probs(p, s, lse, 1, vis_of(masked, j, k_ids(slot)))
-        (pr, t), dp = parts.matmuls_then((bq, bk), (my_q, k_smem.at[slot].T),
-                                         (my_do, v_smem.at[slot].T), probs)
-        ds = _dscores(pr, t, dp, delta, 1)
-      else:
-        s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T),
-                              (my_do, v_smem.at[slot].T))
-        vis = vis_of(masked, j, k_ids(slot))
-        _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
+      s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
+      vis = vis_of(masked, j, k_ids(slot))
+      _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None
       k_s = parts.cols_of(k_smem.at[slot], cols)
       return parts.mmas((dq,), ((ds.astype(dtype), k_s),), stage)[0]

@@ -24,18 +24,6 @@ def matmuls(shape, *operands):
   return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in operands])
 
 
-def matmuls_then(shape, first, second, fn):
-  """``(fn(a @ b), c @ d)`` for ``first = (a, b)``, ``second = (c, d)`` (SMEM operands,
-  fresh f32 accumulators): both wgmmas issued back to back, ``fn`` run on the first's
-  product once it is done, while the second's may still run; then a wait for it."""
-  def f(acc, acc2):
-    plgpu.wgmma(acc, *first)
-    plgpu.wgmma(acc2, *second)
-    out = fn(plgpu.wgmma_accumulator_load(acc, wait_n=1))
-    return out, acc2[...]
-  return pl.run_scoped(f, *[plgpu.ACC(shape, jnp.float32) for _ in range(2)])
-
-
 def mmas(accs, operands, stage):
   """``[acc + lhs @ rhs]`` for ``(lhs, rhs)`` in ``operands``: ``lhs`` a 16-bit register
   tile, ``rhs`` an SMEM ref. One wgmma group, one wait. ``stage`` (interpret mode only,

@@ -192,10 +192,6 @@ class MosaicBwdConfig:
   factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
-  ``probs_under_dp``: both kernels wait for the S^T (S) wgmma alone and compute P^T
-  (P) while dP^T's (dP's) still runs, instead of one wait for both; with ``dv_early``
-  dV's wgmma is also issued before the wait for dP^T (bwd.overlapped_step; GPU only).
-  Not with ``split_head_dim``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -217,7 +213,6 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
-  probs_under_dp: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -238,9 +233,6 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
-    if self.probs_under_dp and self.split_head_dim:
-      raise ValueError("probs_under_dp is not built for split_head_dim (its consumers "
-                       "compute S and dP by role, one each)")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
