@@ -11,12 +11,16 @@ export PYTHONPATH=${PYTHONPATH:-.}
 avail=$(ncu --query-metrics --chip gh100 2>/dev/null | awk '{print $1}')
 want="gpu__time_duration sm__throughput sm__pipe_tensor_op_gmma_cycles_active \
 sm__inst_executed_pipe_xu sm__inst_executed_pipe_fma sm__inst_executed_pipe_alu \
-smsp__issue_active dram__throughput lts__throughput sm__warps_active"
+smsp__issue_active dram__throughput lts__throughput sm__warps_active \
+launch__grid_size launch__block_size launch__registers_per_thread \
+launch__shared_mem_per_block_dynamic launch__shared_mem_per_block_static launch__cluster_size \
+lts__t_sectors_op_red lts__t_sectors_op_atom dram__bytes_read dram__bytes_write"
 metrics=()
 for m in $want; do
   if grep -qx "$m" <<<"$avail"; then
     case $m in
-      gpu__time_duration) metrics+=("$m.sum") ;;
+      gpu__time_duration | lts__t_sectors_op_* | dram__bytes_*) metrics+=("$m.sum") ;;
+      launch__*) metrics+=("$m") ;;
       sm__inst_executed_pipe_*) metrics+=("$m.avg.pct_of_peak_sustained_active") ;;
       *) metrics+=("$m.avg.pct_of_peak_sustained_elapsed") ;;
     esac
@@ -24,6 +28,7 @@ for m in $want; do
 done
 IFS=,; mlist="${metrics[*]}"; unset IFS
 echo "# metrics: $mlist"
+for m in $want; do grep -qx "$m" <<<"$avail" || echo "# not known to this ncu: $m"; done
 ncu --clock-control none --csv -k 'regex:jflash|sdpa|fmha|cudnn|flash' \
   --metrics "$mlist" python3 benchmarks/one_call.py "$@" > "$out/ncu_$label.csv" 2> "$out/ncu_$label.err"
 grep -v '^==' "$out/ncu_$label.csv" | python3 -c '
@@ -31,7 +36,7 @@ import csv, sys, collections
 rows = list(csv.DictReader(l for l in sys.stdin if l.startswith("\"")))
 by = collections.OrderedDict()
 for r in rows:
-  by.setdefault((r["ID"], r["Kernel Name"][:60]), {})[r["Metric Name"]] = (r["Metric Value"], r["Metric Unit"])
+  by.setdefault((r["ID"], r["Kernel Name"][:160]), {})[r["Metric Name"]] = (r["Metric Value"], r["Metric Unit"])
 for (i, name), ms in by.items():
   print(i, name)
   for m, (v, u) in ms.items():
