@@ -279,6 +279,8 @@ VARIANTS = {
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
+    # Each consumer with a code copy of its own, its index a constant (fwd.consumers).
+    "static_wg": dict(static_wg=True),
 }
 
 

@@ -259,6 +259,39 @@ def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields
   assert len(calls) == (dq_mode == "ordered"), calls
 
 
+# ``static_wg`` (off by default): each consumer warpgroup runs a code copy of its own,
+# its index a constant (fwd.consumers): both kernels ("separate") and the dK/dV kernel
+# with the fused dQ (each consumer's half of the partial). Not with split_head_dim.
+STATIC_WG_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": (BWD_INTERPRET_CASES["bf16_causal_cross_tail_gqa"][0], {}),
+    "segment_packed_causal_gqa_atomic": (
+        SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"], dict(dq_mode="atomic")),
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_WG_INTERPRET_CASES))
+def test_mosaic_backward_static_wg_interpret_against_reference(name, mosaic_bwd_calls):
+  case, fields = STATIC_WG_INTERPRET_CASES[name]
+  d = mosaic_backend.padded_head_dim(case.h)
+  cfg = dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d), static_wg=True,
+                            **fields)
+  _check_backward_interpret(case, cfg, mosaic_bwd_calls)
+
+
+@pytest.mark.parametrize("d, causal, segments, fields", [
+    (64, False, False, {}), (64, True, True, dict(dq_mode="atomic")),
+    (128, False, False, dict(dq_mode="atomic", producer_regs=24)),  # with dv_early
+    (128, True, False, {}), (128, False, True, {})])
+def test_mosaic_backward_static_wg_lowers_for_cuda(d, causal, segments, fields):
+  _lower_backward_for_cuda(d, causal, 30.0 if segments else None, 2, segments=segments,
+                           static_wg=True, **fields)
+
+
+def test_mosaic_bwd_config_static_wg_refuses_split_head_dim():
+  with pytest.raises(ValueError, match="static_wg.*split_head_dim"):
+    MosaicBwdConfig(split_head_dim=True, static_wg=True)
+
+
 @pytest.mark.parametrize("batch, k_heads, want, blocks", [
     (1, 16, 8, [(0, 1, h, 2) for h in range(0, 16, 2)]),
     (1, 2, 8, [(0, 1, 0, 1), (0, 1, 1, 1)]),  # fewer key heads than wanted: no more
@@ -520,3 +553,14 @@ def test_mosaic_backward_fused_dq_against_reference(name, dq_mode, mosaic_bwd_ca
   with _mosaic_backward(case, cfg):
     check_case(case, "mosaic")
   assert mosaic_bwd_calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dq_mode", [
+    (name, mode) for name in FUSED_DQ_GPU_CASES for mode in ("separate", "atomic")])
+def test_mosaic_backward_static_wg_against_reference(name, dq_mode, mosaic_bwd_calls):
+  """``static_wg`` (off by default): a code copy per consumer warpgroup."""
+  case = FUSED_DQ_GPU_CASES[name]
+  with _mosaic_backward(case, _fused_dq_config(case, dq_mode, static_wg=True)):
+    check_case(case, "mosaic")
+  assert set(mosaic_bwd_calls) == {dq_mode}

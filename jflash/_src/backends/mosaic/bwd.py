@@ -66,7 +66,7 @@ from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic import bwd_parts as parts
 from jflash._src.backends.mosaic import fused_dq
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
-from jflash._src.backends.mosaic.fwd import cta_segment_ranges, smem_tile
+from jflash._src.backends.mosaic.fwd import consumers, cta_segment_ranges, smem_tile
 from jflash._src.problem import Problem
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
@@ -169,8 +169,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 
     ring.produce(load)
 
-  @pl.when(wg < wgs)
-  def _consumer():
+  @functools.partial(consumers, cfg.static_wg, wg, wgs)
+  def _consumer(wg):
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     # This consumer's key tile and its columns of dK and dV (parts.own_tile).
     own, cols = parts.own_tile(cfg, wg, d)
@@ -391,8 +391,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
     ring.produce(load)
 
-  @pl.when(wg < wgs)
-  def _consumer():
+  @functools.partial(consumers, cfg.static_wg, wg, wgs)
+  def _consumer(wg):
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     own, cols = parts.own_tile(cfg, wg, d)  # this consumer's query tile and columns of dQ
     # split_head_dim: dS of the step's keys and its factor, one from each consumer.

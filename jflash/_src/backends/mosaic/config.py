@@ -58,6 +58,9 @@ class MosaicConfig:
   producer_regs: int = 40
   consumer_regs: int = 232
   q_tiles_per_cta: int = 1
+  # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 16): each consumer
+  # warpgroup runs a copy of the code of its own, its index a constant (fwd.consumers).
+  static_wg: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -192,6 +195,9 @@ class MosaicBwdConfig:
   factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
+  ``static_wg`` (variant, off by default): each consumer warpgroup runs a copy of the
+  code of its own, with its index a constant (fwd.consumers), instead of one copy that
+  computes its tile's SMEM addresses from the traced index.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -213,6 +219,7 @@ class MosaicBwdConfig:
   dq_chunk_flops: float = 1.5e11
   dv_early: bool = False
   split_head_dim: bool = False
+  static_wg: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -233,6 +240,10 @@ class MosaicBwdConfig:
     if self.producer_regs % 8 or not 24 <= self.producer_regs <= 256:
       raise ValueError(f"producer_regs={self.producer_regs} must be a multiple of 8 in "
                        "[24, 256] (setmaxnreg)")
+    if self.static_wg and self.split_head_dim:
+      # Its consumers' roles are branches on the index: with a constant index each copy
+      # holds one branch, and Mosaic's layout inference finds no solution (d=256).
+      raise ValueError("static_wg is not built for split_head_dim (d=256): set one of them")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")

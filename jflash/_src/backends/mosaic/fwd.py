@@ -66,6 +66,17 @@ def smem_tile(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
 
 
+def consumers(static: bool, wg, wgs: int, body):
+  """Runs ``body(wg)`` in each of the ``wgs`` consumer warpgroups. ``static``: each gets
+  a copy of the code of its own, with its index a Python int, so that the SMEM addresses
+  and barriers that depend on it are constants; else one copy, the index traced."""
+  if static:
+    for w in range(wgs):
+      pl.when(wg == w)(functools.partial(body, w))
+  else:
+    pl.when(wg < wgs)(functools.partial(body, wg))
+
+
 def _rows(x, shape):
   """A per-row vector broadcast over the columns of a ``shape`` tile."""
   return lax.broadcast_in_dim(x, shape, [0])
@@ -191,8 +202,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     over_tiles(tile)
 
-  @pl.when(wg < _PRODUCER)
-  def _consumer():
+  @functools.partial(consumers, cfg.static_wg, wg, CONSUMER_WGS)
+  def _consumer(wg):
     plgpu.set_max_registers(cfg.consumer_regs, action="increase")
     fold = cfg.fold_scale and p.softcap is None and p.scale > 0
     dtype = q_smem.dtype
