@@ -195,9 +195,9 @@ class MosaicBwdConfig:
   factor to each other through SMEM (bwd.role_step), so no matmul is done twice. Needs
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
-  ``static_wg`` (variant, off by default): each consumer warpgroup runs a copy of the
-  code of its own, with its index a constant (fwd.consumers), instead of one copy that
-  computes its tile's SMEM addresses from the traced index.
+  ``static_wg``: each consumer warpgroup runs a copy of the code of its own, with its
+  index a constant (fwd.consumers), instead of one copy that computes its tile's SMEM
+  addresses from the traced index (``for_problem``: on, but with ``split_head_dim``).
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -329,8 +329,13 @@ class MosaicBwdConfig:
     # 16k 389-392 -> 412-414, causal 387-389 -> 396-400; then the dQ kernel, H200
     # 2026-11-27 ~00:33: 16k 400.0, 402.1 -> 416.7, 415.5, causal 387.7, 386.8 -> 405.2;
     # 4k causal 1.00 -> 1.02x cuDNN. (Commit 77f0bb8 has the halves.)
+    # A code copy per consumer (``static_wg``) except where they split the head dim:
+    # H100 2026-11-27, fwd+bwd TFLOP/s, default -> static_wg, two readings each: d=128
+    # 4k 487, 494 -> 522, 528; 16k 526, 521 -> 556, 558; 16k causal 511, 510 -> 535,
+    # 545; 4k causal ("separate") 431, 426 -> 428, 428; d=64 4k 1.02 -> 1.10x cuDNN,
+    # 16k 1.09 -> 1.12x (benchmarks/MOSAIC_NOTES.md, session 16).
     cfg = cls(dkv_block_q=rows(dkv_block_q), dq_block_kv=cols(dq_block_kv),
-              split_head_dim=head_dim == 256)
+              split_head_dim=head_dim == 256, static_wg=head_dim != 256)
     # "atomic" (5 matmuls, dQ added into HBM) where it measured faster than "separate"
     # (7 matmuls), H200 2026-11-26, fwd+bwd x cuDNN (benchmarks/MOSAIC_NOTES.md,
     # "Session 8"): at d=64 in every cell (one launch 1.02-1.10 against 0.94-1.01); at
