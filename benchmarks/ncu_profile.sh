@@ -12,15 +12,12 @@ avail=$(ncu --query-metrics --chip gh100 2>/dev/null | awk '{print $1}')
 want="gpu__time_duration sm__throughput sm__pipe_tensor_op_gmma_cycles_active \
 sm__inst_executed_pipe_xu sm__inst_executed_pipe_fma sm__inst_executed_pipe_alu \
 smsp__issue_active dram__throughput lts__throughput sm__warps_active \
-launch__grid_size launch__block_size launch__registers_per_thread \
-launch__shared_mem_per_block_dynamic launch__shared_mem_per_block_static launch__cluster_size \
 lts__t_sectors_op_red lts__t_sectors_op_atom dram__bytes_read dram__bytes_write"
 metrics=()
 for m in $want; do
   if grep -qx "$m" <<<"$avail"; then
     case $m in
       gpu__time_duration | lts__t_sectors_op_* | dram__bytes_*) metrics+=("$m.sum") ;;
-      launch__*) metrics+=("$m") ;;
       sm__inst_executed_pipe_*) metrics+=("$m.avg.pct_of_peak_sustained_active") ;;
       *) metrics+=("$m.avg.pct_of_peak_sustained_elapsed") ;;
     esac
