@@ -12,12 +12,15 @@ avail=$(ncu --query-metrics --chip gh100 2>/dev/null | awk '{print $1}')
 want="gpu__time_duration sm__throughput sm__pipe_tensor_op_gmma_cycles_active \
 sm__inst_executed_pipe_xu sm__inst_executed_pipe_fma sm__inst_executed_pipe_alu \
 smsp__issue_active dram__throughput lts__throughput sm__warps_active \
-lts__t_sectors_op_red lts__t_sectors_op_atom dram__bytes_read dram__bytes_write"
+lts__t_sectors_op_red lts__t_sectors_op_atom dram__bytes_read dram__bytes_write \
+sm__cycles_active sm__cycles_elapsed"
 metrics=()
 for m in $want; do
   if grep -qx "$m" <<<"$avail"; then
     case $m in
       gpu__time_duration | lts__t_sectors_op_* | dram__bytes_*) metrics+=("$m.sum") ;;
+      # Their ratio: how much of the kernel's time the average SM had a CTA resident.
+      sm__cycles_*) metrics+=("$m.avg") ;;
       sm__inst_executed_pipe_*) metrics+=("$m.avg.pct_of_peak_sustained_active") ;;
       *) metrics+=("$m.avg.pct_of_peak_sustained_elapsed") ;;
     esac
