@@ -236,7 +236,7 @@ def test_mosaic_long_d64_default_lowers_for_cuda(causal):
     # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
     (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
     (128, True, dict(q_tiles_per_cta=2, overlap=True)),
-    (256, True, dict(q_tiles_per_cta=2, block_kv=64))])
+    (256, True, dict(q_tiles_per_cta=2, block_kv=64)), (128, True, dict(persistent=132))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
 
@@ -278,6 +278,10 @@ VARIANTS = {
     # CTA per tile) is the variant here; 3 (three Q buffers) leaves the CTA's last tile past the end, and with overlap
     # and 64-key tiles runs a longer ring.
     "qtiles1": dict(q_tiles_per_cta=1),
+    # A persistent grid of 3 CTAs dealing out every (batch, head, q tile): the interpret
+    # cases' 4 tiles (2 heads, or 2 batch rows with their own lengths) go 2 + 2 or 1 + 1
+    # + 2 per CTA, so each CTA's ring crosses heads or batch rows.
+    "persistent3": dict(persistent=3),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
     # Each consumer with a code copy of its own, its index a constant (fwd.consumers).
     "static_wg": dict(static_wg=True),
@@ -372,7 +376,10 @@ def test_mosaic_config_refuses_too_many_registers():
     # past the end); the pair, 2 q tiles in one CTA of 3 with the overlap schedule and
     # 64-key tiles.
     ("segment_packed_causal_gqa", "qtiles1"),
-    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64")])
+    ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64"),
+    # Persistent: each tile reads its own batch row's ids and segment ranges.
+    ("segment_packed_causal_gqa", "persistent3"),
+    ("segment_pair_lengths_empty", "persistent3")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 

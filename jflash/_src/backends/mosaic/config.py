@@ -46,7 +46,12 @@ class MosaicConfig:
   so the producer loads the next tile's first keys while the consumers finish the last
   one, and the next tile's Q loads under this one's keys where a second Q buffer fits
   (``q_buffers``). Worth it where a tile has few key tiles (short sequences), whose
-  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA."""
+  prologue and epilogue one CTA per tile cannot hide. 1: one tile per CTA.
+  ``persistent``: a grid of this many CTAs (at most one per query tile) in place of one
+  CTA per ``q_tiles_per_cta`` tiles of one (batch, head). The query tiles of all batches
+  and heads, head by head, are dealt out in runs of that many (serpentine, as
+  ``q_tile``): the CTAs running side by side share the keys of a few heads (read once
+  from DRAM), and each CTA's ring runs on across heads. 0: off."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -61,6 +66,8 @@ class MosaicConfig:
   # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 16): each consumer
   # warpgroup runs a copy of the code of its own, its index a constant (fwd.consumers).
   static_wg: bool = False
+  # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 17).
+  persistent: int = 0
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -84,6 +91,8 @@ class MosaicConfig:
       raise ValueError(
           f"producer_regs={self.producer_regs} + {CONSUMER_WGS} * consumer_regs="
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
+    if not isinstance(self.persistent, int) or self.persistent < 0:
+      raise ValueError(f"persistent={self.persistent!r} must be an int >= 0 (0: off)")
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
@@ -137,8 +146,8 @@ class MosaicConfig:
     """Q buffers per consumer: with several q tiles per CTA, as many as fit of
     ``min(q_tiles_per_cta, 3)``. Two let the next tile's Q load while this one's keys
     stream; a third spares that load the wait for the last tile's O to leave the
-    buffer (its store was issued just before)."""
-    want = min(self.q_tiles_per_cta, 3)
+    buffer (its store was issued just before). With ``persistent``, up to 3."""
+    want = 3 if self.persistent else min(self.q_tiles_per_cta, 3)
     return next(n for n in range(want, 0, -1)
                 if n == 1 or self._smem_bytes(n, head_dim, itemsize, segments) <= SMEM_BYTES)
 

@@ -112,54 +112,84 @@ def _unpack(*refs, p: Problem, **kw):
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
             v_consumed, sched, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
-            nq: int, nk: int, groups: int, q_bufs: int, interpret: bool):
+            nq: int, nk: int, groups: int, q_bufs: int, interpret: bool, batch: int,
+            heads: int, grid_ctas: int):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
   separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
   ``q_full`` hold ``q_bufs`` buffers per consumer: buffer ``x`` of warpgroup ``wg`` is
   entry ``x * CONSUMER_WGS + wg``. ``segs``: refs of the q ids ``[B, Tp]``, kv ids
   ``[B, Sp]`` and segment_ranges ``[B, nq, 3, 4]``, or None; ``qseg_smem`` (entries as
-  ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them)."""
+  ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them).
+  ``grid_ctas``: the CTAs of a persistent grid (``cfg.persistent``), which deal out the
+  query tiles of all ``batch`` x ``heads``; 0: one CTA per ``q_tiles_per_cta`` tiles of
+  one (batch, head)."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
   rows = CONSUMER_WGS * bq
-  ctas = -(-nq // tiles)
+  persistent = grid_ctas > 0
+  multi = persistent or tiles > 1  # a CTA may run several q tiles
+  ctas = grid_ctas if persistent else -(-nq // tiles)
   c = lax.axis_index("q")
-  h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
-  q_valid, kv_valid = qv_ref[b], kvv_ref[b]
+  if persistent:
+    wg = lax.axis_index("wg")
+  else:
+    h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+    q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   split = v_consumed is not None
   qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
 
-  def seg_range(tile, who):
-    """Row ``who`` of query tile ``tile``'s segment ranges: a consumer's own, or (``who``
-    = CONSUMER_WGS) their union. A tile past the end (negative) reads tile 0's rows,
-    which its callers then discard."""
+  def work(j):
+    """``(b, h, tile, q_valid, kv_valid)`` of the CTA's ``j``-th query tile, the tile
+    negative past the end. Persistent: the flat index over (batch, head, tile) that
+    q_tile deals out, so that a head's tiles (longest first) run side by side."""
+    if not persistent:
+      return b, h, q_tile(c, j, ctas, nq), q_valid, kv_valid
+    f = q_tile(c, j, ctas, batch * heads * nq)
+    live = f >= 0
+    f = jnp.maximum(f, 0)
+    bh, tile = lax.div(f, jnp.int32(nq)), lax.rem(f, jnp.int32(nq))
+    tb, th = lax.div(bh, jnp.int32(heads)), lax.rem(bh, jnp.int32(heads))
+    return tb, th, jnp.where(live, tile, -1), qv_ref[tb], kvv_ref[tb]
+
+  def seg_range(tb, tile, who):
+    """Row ``who`` of batch ``tb``'s query tile ``tile``'s segment ranges: a consumer's
+    own, or (``who`` = CONSUMER_WGS) their union. A tile past the end (negative) reads
+    tile 0's rows, which its callers then discard."""
     if segs is None:
       return None
     tile = jnp.maximum(tile, 0)
-    return tuple(range_ref[b, tile, who, x] for x in range(4))
+    return tuple(range_ref[tb, tile, who, x] for x in range(4))
 
   def union(j):
-    """The CTA's ``j``-th query tile: its first row, and the key tiles either consumer
-    may need: what the producer loads, what both consumers step through."""
-    tile = q_tile(c, j, ctas, nq)
-    lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, q_valid,
-                                           kv_valid, seg_range(tile, CONSUMER_WGS))
-    return tile * rows, lo, hi
+    """The CTA's ``j``-th query tile: ``work(j)``, its first row, and the key tiles either
+    consumer may need: what the producer loads, what both consumers step through."""
+    w = work(j)
+    tb, _, tile, qv, kvv = w
+    lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, qv, kvv,
+                                           seg_range(tb, tile, CONSUMER_WGS))
+    return w, tile * rows, lo, hi
 
   # The ring runs on across the CTA's tiles: a tile whose keys start at ring step g puts
-  # its key tile i at step g + i - lo. ``total``: the steps of all the CTA's tiles.
-  if tiles == 1:
-    n_tiles, total = 1, (lambda _, lo, hi: hi - lo)(*union(0))
+  # its key tile i at step g + i - lo. ``total``: the steps of all the CTA's tiles (not
+  # counted when persistent: see ``release``).
+  if persistent:
+    # Runs 0 .. full-1 of the deal are whole; in run ``full`` the first ``rest`` are dealt.
+    full, rest = divmod(batch * heads * nq, ctas)
+    x = c if full % 2 == 0 else ctas - 1 - c
+    n_tiles, total = full + (x < rest).astype(jnp.int32), None
+  elif tiles == 1:
+    n_tiles, total = 1, (lambda _, __, lo, hi: hi - lo)(*union(0))
   else:
     live = [q_tile(c, j, ctas, nq) >= 0 for j in range(tiles)]
     n_tiles = sum(x.astype(jnp.int32) for x in live)
-    total = sum(jnp.where(x, hi - lo, 0) for x, (_, lo, hi) in zip(live, map(union, range(tiles))))
+    total = sum(jnp.where(x, hi - lo, 0)
+                for x, (_, _, lo, hi) in zip(live, map(union, range(tiles))))
 
   def over_tiles(body):
-    """``body(j, g) -> g + steps of tile j`` over the CTA's tiles, g its first ring step."""
-    if tiles == 1:
-      body(0, 0)
-    else:
-      lax.fori_loop(0, n_tiles, body, jnp.int32(0))
+    """``body(j, g) -> g + steps of tile j`` over the CTA's tiles, g its first ring step;
+    the ring steps of all of them."""
+    if not multi:
+      return body(0, 0)
+    return lax.fori_loop(0, n_tiles, body, jnp.int32(0))
 
   def ring(g, lo):
     """The ring steps and slot of key tile ``i`` of a tile from ring step ``g``, key ``lo``."""
@@ -175,20 +205,23 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   @pl.when(wg == _PRODUCER)
   def _producer():
     plgpu.set_max_registers(cfg.producer_regs, action="decrease")
-    kh = lax.div(h, jnp.asarray(groups, h.dtype))
+    kv_head = lambda h: lax.div(h, jnp.asarray(groups, h.dtype))
+    if not persistent:
+      kh = kv_head(h)
 
     def tile(j, g):
-      _, u_lo, u_hi = union(j)
+      (tb, th, *_), _, u_lo, u_hi = union(j)
+      t_kh = kv_head(th) if persistent else kh
       _, slot_of = ring(g, u_lo)
 
       def load(i, wait):
         slot = slot_of(i)
-        src = (b, pl.ds(i * bk, bk), kh)
+        src = (tb, pl.ds(i * bk, bk), t_kh)
         if wait:
           plgpu.barrier_wait(k_consumed.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
         if segs is not None:  # the tile's key ids share K's slot and barrier
-          plgpu.copy_gmem_to_smem(kseg_ref.at[b, pl.ds(i * bk, bk)], kseg_smem.at[slot],
+          plgpu.copy_gmem_to_smem(kseg_ref.at[tb, pl.ds(i * bk, bk)], kseg_smem.at[slot],
                                   k_full.at[slot])
         if wait and split:
           plgpu.barrier_wait(v_consumed.at[slot])
@@ -200,7 +233,19 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       pl.loop(first, u_hi)(functools.partial(load, wait=True))
       return g + (u_hi - u_lo)
 
-    over_tiles(tile)
+    steps = over_tiles(tile)
+    if persistent:
+      # The consumers release every slot (``release``): take the last ``stages`` releases,
+      # which no load waited for, so that no barrier phase is left dangling.
+      for x in range(stages):
+        step = steps - stages + x
+
+        @pl.when(step >= 0)
+        def _drain():
+          slot = lax.rem(step, stages)
+          plgpu.barrier_wait(k_consumed.at[slot])
+          if split:
+            plgpu.barrier_wait(v_consumed.at[slot])
 
   @functools.partial(consumers, cfg.static_wg, wg, CONSUMER_WGS)
   def _consumer(wg):
@@ -209,7 +254,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     dtype = q_smem.dtype
     d = q_smem.shape[-1]
 
-    def softmax(qk, i, m, l, masked: bool, *, q_pos, q_seg, slot_of):
+    def softmax(qk, i, m, l, masked: bool, *, q_pos, q_seg, slot_of, valid):
       """Online softmax of one score tile: (P in the input dtype, new m, new l, alpha)."""
       if fold:
         s = qk  # raw scores; scale*log2(e) > 0 goes into the exp2 argument below
@@ -218,7 +263,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       if masked:
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
         kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)], layout=_COL)
-        vis = mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
+        vis = mask_lib.visible(p.mask, q_pos, k_pos, *valid, q_seg, kv_seg)
         s = jnp.where(vis, s, -jnp.inf)
       c = p.scale * logits_lib.LOG2E if fold else 1.0
       m_new = jnp.maximum(m, s.max(axis=1) * c)
@@ -247,20 +292,26 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
       return pl.run_state(body)(plgpu.ACC.init(acc))
 
-    def kv_loop(my_q, entry, tile, q0, g, u_lo, u_hi):
+    def kv_loop(my_q, entry, w, q0, g, u_lo, u_hi):
       """One tile's pass over the key tiles ``[u_lo, u_hi)`` from ring step ``g``:
-      ``(acc, m, l)`` of the rows from ``q0`` (query tile ``tile``, its Q and ids in
-      buffer ``entry``, already waited for)."""
+      ``(acc, m, l)`` of the rows from ``q0`` (query tile ``w = work(j)``, its Q and ids
+      in buffer ``entry``, already waited for)."""
+      tb, _, tile, qv, kvv = w
       lo, full_lo, full_hi, hi = (
           jnp.clip(x, u_lo, u_hi)
-          for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
-                                           seg_range(tile, wg)))
+          for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, qv, kvv,
+                                           seg_range(tb, tile, wg)))
       q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
       q_seg = None if segs is None else plgpu.load(qseg_smem.at[entry], layout=_ROW)
       step_of, slot_of = ring(g, u_lo)
-      tile_softmax = functools.partial(softmax, q_pos=q_pos, q_seg=q_seg, slot_of=slot_of)
+      tile_softmax = functools.partial(softmax, q_pos=q_pos, q_seg=q_seg, slot_of=slot_of,
+                                       valid=(qv, kvv))
 
       def release(i, barrier):
+        if persistent:  # the producer takes the last releases after its loads
+          plgpu.barrier_arrive(barrier.at[slot_of(i)])
+          return
+
         # Arrive only where the producer will wait for this slot again (ring step + stages,
         # counted over all the CTA's tiles): a barrier phase nobody waits for would be
         # left dangling (the interpreter checks this).
@@ -327,15 +378,16 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       pl.when(wg == 0)(sync)
       return carry
 
-    def epilogue(my_q, q0, acc, m, l):
-      """O and lse of the rows from ``q0`` out to HBM (not waited for): O through Q's
-      slot, whose last reader, the last QK^T, is done."""
+    def epilogue(my_q, w, q0, acc, m, l):
+      """O and lse of the rows from ``q0`` of query tile ``w`` out to HBM (not waited
+      for): O through Q's slot, whose last reader, the last QK^T, is done."""
+      tb, th, _, qv, _ = w
       q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
       # Rows with no visible key (or padding rows): output 0, lse +inf (see mask.py).
-      live = (q_pos < q_valid) & (l > 0.0)
+      live = (q_pos < qv) & (l > 0.0)
       l_safe = jnp.where(live, l, 1.0)
       inv = jnp.where(live, 1.0 / l_safe, 0.0)
-      if tiles > 1:
+      if multi:
         # The last tile's stores have had this tile's keys to read lse_smem (and older
         # O buffers) out: this wait should find them done.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -343,21 +395,23 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       my_lse = lse_smem.at[wg]
       my_lse[...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), h])
-      plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[b, h, pl.ds(q0, bq)])
+      plgpu.copy_smem_to_gmem(my_q, o_ref.at[tb, pl.ds(q0, bq), th])
+      plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[tb, th, pl.ds(q0, bq)])
 
     q_entry = lambda j: (j % q_bufs) * CONSUMER_WGS + wg
 
     def load_q(j):
-      q0, at = union(j)[0] + wg * bq, q_entry(j)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem.at[at], q_full.at[at])
+      (tb, th, *_), cta_q0, _, _ = union(j)
+      q0, at = cta_q0 + wg * bq, q_entry(j)
+      plgpu.copy_gmem_to_smem(q_ref.at[tb, pl.ds(q0, bq), th], q_smem.at[at], q_full.at[at])
       if segs is not None:  # the rows' ids share Q's buffer entry and barrier
-        plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q0, bq)], qseg_smem.at[at], q_full.at[at])
+        plgpu.copy_gmem_to_smem(qseg_ref.at[tb, pl.ds(q0, bq)], qseg_smem.at[at],
+                                q_full.at[at])
 
     def tile(j, g):
-      cta_q0, u_lo, u_hi = union(j)
+      w, cta_q0, u_lo, u_hi = union(j)
       if q_bufs == 1:
-        if tiles > 1:
+        if multi:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O left Q's slot
         load_q(j)
       plgpu.barrier_wait(q_full.at[q_entry(j)])
@@ -371,8 +425,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_q(j + 1)
       my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
-      acc, m, l = kv_loop(my_q, q_entry(j), q_tile(c, j, ctas, nq), q0, g, u_lo, u_hi)
-      epilogue(my_q, q0, acc, m, l)
+      # (Not persistent: work(j) again, which the traced kernel of one tile per CTA
+      # has always had here.)
+      acc, m, l = kv_loop(my_q, q_entry(j), w if persistent else work(j), q0, g, u_lo, u_hi)
+      epilogue(my_q, w, q0, acc, m, l)
       return g + (u_hi - u_lo)
 
     if q_bufs > 1:
@@ -543,14 +599,18 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
+  grid_ctas = min(cfg.persistent, b * n * nq) if cfg.persistent else 0
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
-                             q_bufs=q_bufs, interpret=interpret)
+                             q_bufs=q_bufs, interpret=interpret, batch=b, heads=n,
+                             grid_ctas=grid_ctas)
   # Mosaic reverses the grid: its LAST axis is CUDA's x, the fastest in launch order.
   # q innermost (default): the CTAs of one wave share a (batch, head)'s K/V in L2. With q
   # outermost at s=1k, b=16 each CTA of a wave had a (batch, head) of its own and the
   # kernel ran at HBM speed (H100: 0.6x cuDNN; benchmarks/fwd_overhead.py).
   # q_outer: every head's longest causal tiles go first.
   grid, names = ((ctas, n, b), ("q", "h", "b")) if cfg.q_outer else ((b, n, ctas), ("b", "h", "q"))
+  if grid_ctas:  # persistent: the kernel deals out the (batch, head, q tile)s
+    grid, names = (grid_ctas,), ("q",)
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
