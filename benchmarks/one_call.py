@@ -40,7 +40,7 @@ def main():
   override = contextlib.nullcontext()
   if args.variant:  # read at trace time, so it must wrap the lowering
     base = MosaicConfig.for_problem(args.s, args.s, d, segments=bool(args.docs),
-                                    causal=args.causal)
+                                    causal=args.causal, sm_count=mosaic_backend.sm_count())
     override = mosaic_backend.override_config(fwd_config(base, args.variant))
   with override:
     compiled = fn.lower(q, k, v, do).compile()  # compiles without launching a kernel

@@ -204,6 +204,13 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
   _lower_forward_for_cuda(d, causal, softcap)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_persistent_default_lowers_for_cuda(causal):
+  """d=128's default on an H100 or H200: a persistent grid of 132 CTAs."""
+  assert MosaicConfig.for_problem(512, 512, 128, causal=causal, sm_count=132).persistent == 132
+  _lower_forward_for_cuda(128, causal, None, persistent=132)
+
+
 def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
   """Runs the full Pallas -> Mosaic GPU compile of the forward (no GPU needed), with the
   default MosaicConfig for ``d`` updated by ``config`` (and segment ids if asked)."""
@@ -253,12 +260,37 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
   assert cfg.pingpong == pingpong
 
 
+@pytest.mark.parametrize("d, segments, sms, persistent", [
+    (128, False, 132, 132), (128, False, 114, 114), (128, False, 0, 0), (128, True, 132, 0),
+    (64, False, 132, 0), (256, False, 132, 0)])
+def test_mosaic_config_persistent_only_at_d128_without_segments(d, segments, sms,
+                                                                persistent):
+  """A persistent grid of one CTA per SM where it was timed faster (d=128, no segment
+  ids), at every length and mask; none where the SM count is not known."""
+  for s, causal in itertools.product((1024, 4096, 16384), (False, True)):
+    cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=sms)
+    assert cfg.persistent == persistent, (s, causal)
+
+
+def test_mosaic_sm_count_is_zero_in_interpret_mode_and_off_gpus():
+  assert mosaic_backend.sm_count(interpret=True) == 0
+  if jax.devices()[0].platform != "gpu":
+    assert mosaic_backend.sm_count() == 0
+
+
+@pytest.mark.gpu
+def test_mosaic_sm_count_on_gpu():
+  """The persistent grid's size: the device's SMs (132 on an H100 SXM or H200)."""
+  dev = jax.devices()[0]
+  assert mosaic_backend.sm_count() == dev.core_count > 0
+
+
 def test_mosaic_config_fits_shared_memory():
   from jflash._src.backends.mosaic.config import SMEM_BYTES
   for d in mosaic_backend.HEAD_DIMS:
-    for s, seg, causal in itertools.product((64, 1000, 4096, 16384), (False, True),
-                                            (False, True)):
-      cfg = MosaicConfig.for_problem(s, s, d, segments=seg, causal=causal)
+    for s, seg, causal, sms in itertools.product((64, 1000, 4096, 16384), (False, True),
+                                                 (False, True), (0, 132)):
+      cfg = MosaicConfig.for_problem(s, s, d, segments=seg, causal=causal, sm_count=sms)
       assert cfg.smem_bytes(d, segments=seg) <= SMEM_BYTES, (d, s, cfg)
       assert cfg.block_kv <= max(64, -(-s // 64) * 64)
 
@@ -414,6 +446,30 @@ def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
   cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), q_tiles_per_cta=2,
                             block_kv=64, stages=2)
+  jax.clear_caches()
+  try:
+    with mosaic_backend.override_config(cfg):
+      out, _ = vjp.attention(p, q, k, v, None, arrays)
+  finally:
+    jax.clear_caches()
+  np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
+  base_out, _ = run_reference(case, case.dtype)
+  assert_close("out", out, np_out, base_out, case.dtype)
+
+
+@pytest.mark.parametrize("persistent, q_bufs", [(2, 1), (64, None)])
+def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs):
+  """A persistent grid with one Q buffer (d=256's SMEM: each tile's Q loads after the
+  last tile's O has left it), over 2 batch rows of their own lengths and 2 heads (12 q
+  tiles on 2 CTAs); and with more CTAs asked for than there are tiles (one each)."""
+  case = Case(b=2, t=260, s=190, n=2, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250, 70],
+              kv_lengths=[190, 30], is_causal=True)
+  q, k, v, _ = case.inputs()
+  p, arrays = _problem(case, case.t, case.s)
+  if q_bufs is not None:
+    monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: q_bufs)
+  cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), block_kv=64,
+                            persistent=persistent)
   jax.clear_caches()
   try:
     with mosaic_backend.override_config(cfg):

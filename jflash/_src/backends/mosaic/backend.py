@@ -72,13 +72,21 @@ def padded_head_dim(h: int) -> int:
   return next(d for d in HEAD_DIMS if d >= h)
 
 
+def sm_count(interpret: bool = False) -> int:
+  """The SMs of the GPU the kernels run on (MosaicConfig.for_problem's persistent grid);
+  0 in interpret mode or where the device does not say."""
+  if interpret:
+    return 0
+  return int(getattr(jax.devices()[0], "core_count", 0) or 0)
+
+
 def forward(p: Problem, q, k, v, bias, arrays):
   supports(p, q, k, v, bias)
   h = q.shape[-1]
   d = padded_head_dim(h)
   cfg = override_config.value or MosaicConfig.for_problem(
       p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize, segments=p.mask.has_segment_ids,
-      causal=p.mask.causal)
+      causal=p.mask.causal, sm_count=sm_count(p.interpret))
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)

@@ -66,7 +66,7 @@ class MosaicConfig:
   # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 16): each consumer
   # warpgroup runs a copy of the code of its own, its index a constant (fwd.consumers).
   static_wg: bool = False
-  # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 17).
+  # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17).
   persistent: int = 0
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
@@ -96,9 +96,11 @@ class MosaicConfig:
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
-                  segments: bool = False, causal: bool = False) -> "MosaicConfig":
+                  segments: bool = False, causal: bool = False,
+                  sm_count: int = 0) -> "MosaicConfig":
     """A heuristic default per (padded) head dim, shrunk to fit shared memory.
-    ``segments``: the call has segment ids (packed documents); ``causal``: a causal mask."""
+    ``segments``: the call has segment ids (packed documents); ``causal``: a causal mask;
+    ``sm_count``: the GPU's SMs (0: not known, as in interpret mode)."""
     del q_len
     # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.07 at s=16k,
     # 0.91 -> 0.97 at 4k non-causal; 192 keys lost at 1k/4k): half the steps, so half the
@@ -131,7 +133,14 @@ class MosaicConfig:
     # with it, two calls: s=1k 268.3, 268.4 / 256.8, 260.9 and 264.6, 251.8, 255.0 /
     # 251.0, 246.9; but s=2k 327.1, 328.1, 325.1 / 337.2, 329.8, and s=16k -9..-12%.
     pingpong = not (head_dim == 64 and causal and kv_len <= 1024 and not segments)
-    cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong)
+    # d=128 without segment ids: a persistent grid, one CTA per SM (H100 2026-11-27, fwd
+    # TFLOP/s, default -> persistent, two readings each: 1k 462, 464 -> 533, 528; 1k
+    # causal 353, 359 -> 393, 392; 4k causal 498, 497 -> 514, 523; 4k 565, 559 -> 565,
+    # 570; 16k 587, 607 -> 606, 612). At d=64 even (1k and 4k causal); packed documents
+    # and d=256 not timed.
+    persistent = sm_count if head_dim == 128 and not segments else 0
+    cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
+              persistent=persistent)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg

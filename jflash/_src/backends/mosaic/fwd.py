@@ -1,7 +1,10 @@
 """Mosaic GPU (Hopper) forward kernel, FlashAttention-3 style.
 
 One CTA owns ``q_tiles_per_cta`` query tiles of ``2 * block_q`` rows (one by default) of
-one (batch, head), run in turn (see ``q_tile``), and runs three warpgroups:
+one (batch, head), run in turn (see ``q_tile``); or, with ``MosaicConfig.persistent``
+(d=128's default: one CTA per SM), a grid of that many CTAs deals out the query tiles of
+all (batch, head)s, head by head (``work``), so that the CTAs running side by side share
+a few heads' keys in L2. Each CTA runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
