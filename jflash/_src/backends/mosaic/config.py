@@ -51,7 +51,8 @@ class MosaicConfig:
   CTA per ``q_tiles_per_cta`` tiles of one (batch, head). The query tiles of all batches
   and heads, head by head, are dealt out in runs of that many (serpentine, as
   ``q_tile``): the CTAs running side by side share the keys of a few heads (read once
-  from DRAM), and each CTA's ring runs on across heads. 0: off."""
+  from DRAM), and each CTA's ring runs on across heads. It replaces ``q_tiles_per_cta``
+  and ``q_outer``, which then do not apply. 0: off."""
 
   block_q: int = 64
   block_kv: int = 128
