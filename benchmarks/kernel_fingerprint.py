@@ -37,10 +37,15 @@ CASES = [
     (256, False, True, 30.0, {}),
     (256, True, True, None, {}),
 ]
+# The forward's config as for_problem picks it on a GPU of this many SMs (d=128's
+# persistent grid); the fingerprint cases above use for_problem's interpret default (0).
+SM_COUNT_CASES = [(128, False, False, None, {}), (128, True, False, None, {})]
+GPU_SMS = 132
 
 
 def fingerprints(t: int = 512, b: int = 2, n: int = 4, kh: int = 2):
-  for d, causal, segments, softcap, fields in CASES:
+  cases = [(*c, 0) for c in CASES] + [(*c, GPU_SMS) for c in SM_COUNT_CASES]
+  for d, causal, segments, softcap, fields, sms in cases:
     q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
@@ -49,7 +54,8 @@ def fingerprints(t: int = 512, b: int = 2, n: int = 4, kh: int = 2):
     p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
                               has_segment_ids=segments),
                 scale=0.1, softcap=softcap, implementation="mosaic")
-    fcfg = MosaicConfig.for_problem(t, t, d, segments=segments, causal=causal)
+    extra = dict(sm_count=sms) if sms else {}  # (older trees' for_problem lacks it)
+    fcfg = MosaicConfig.for_problem(t, t, d, segments=segments, causal=causal, **extra)
     bcfg = dataclasses.replace(
         MosaicBwdConfig.for_problem(t, t, d, segments=segments, causal=causal), **fields)
     fwd = jax.make_jaxpr(lambda *a: mosaic_fwd.forward(p, fcfg, *a))(q, kv, kv, lens, lens, *ids)
@@ -57,6 +63,7 @@ def fingerprints(t: int = 512, b: int = 2, n: int = 4, kh: int = 2):
         q, kv, kv, q, rows, rows, lens, lens, *ids)
     digest = lambda j: hashlib.sha1(str(j).encode()).hexdigest()[:16]
     label = f"d={d} causal={causal} segments={segments} softcap={softcap} {fields}"
+    label += f" sms={sms}" if sms else ""
     yield f"{label:70} fwd {digest(fwd)} bwd {digest(bwd)}"
 
 
