@@ -6,7 +6,8 @@
    kernel (fwd.forward under jit, no custom_vjp, no custom_partitioning, no padding) and
    cuDNN, and the ops of the API's optimised HLO besides the kernel. A gap between API and
    kernel is wrapper cost; a gap between kernel and cuDNN is the kernel's.
-2. The bare kernel at a fixed 1024 queries and key lengths ``--kv``: a least-squares line
+2. The bare kernel (one CTA per ``--q-tiles`` tiles of a head, not the persistent grid
+   that d=128 runs by default) at a fixed 1024 queries and key lengths ``--kv``: a least-squares line
    time = a + c * S splits the cost of a query tile into a fixed part (prologue, epilogue,
    launch) and a per-key part, next to cuDNN's line.
 Times: median of --loops loops of --reps calls, after a compile and a warm-up.
@@ -26,6 +27,7 @@ import numpy as np
 from mosaic_probe import median_seconds
 
 import jflash
+from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import fwd as fwd_lib
 from jflash._src.backends.mosaic.config import MosaicConfig
 from jflash._src.mask import MaskSpec
@@ -63,7 +65,7 @@ def main():
     mk = lambda s, seed: jax.random.normal(jax.random.PRNGKey(seed), (b, s, n, d),
                                            jnp.float32).astype(jnp.bfloat16)
     q = mk(t, 0)
-    base = MosaicConfig.for_problem(t, t, d)
+    base = MosaicConfig.for_problem(t, t, d, sm_count=mosaic_backend.sm_count())
     print(f"== 1. b={b} s={t} n={n} d={d} (non-causal) default={base}", flush=True)
     k, v = mk(t, 1), mk(t, 2)
     flops = 4 * b * n * t * t * d
