@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # benchmarks/ is on sys.path when this runs as a script.
 from mosaic_probe import median_seconds
 
-from jflash._src.backends.mosaic.fwd import smem_tile
+from jflash._src.backends.mosaic.common import smem_tile
 
 
 def make(ctas, steps, rows, d, t, n, inflight, reduce):

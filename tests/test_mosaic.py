@@ -315,7 +315,7 @@ VARIANTS = {
     # + 2 per CTA, so each CTA's ring crosses heads or batch rows.
     "persistent3": dict(persistent=3),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
-    # Each consumer with a code copy of its own, its index a constant (fwd.consumers).
+    # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
 }
 
@@ -435,17 +435,10 @@ def test_mosaic_q_tiles_cover_every_tile_once(tiles):
       assert [run[0] for run in runs] == [nq - 1 - c for c in range(ctas)]
 
 
-def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
-  """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
-  tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
-  first CTA's second tile is past the end; the second CTA's ring of 2 slots runs 6
-  steps over two tiles."""
-  case = Case(b=1, t=260, s=190, n=1, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250])
+def _check_forward_under(case: Case, cfg: MosaicConfig):
+  """The forward of ``case`` in interpret mode under ``cfg`` against the references."""
   q, k, v, _ = case.inputs()
   p, arrays = _problem(case, case.t, case.s)
-  monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
-  cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), q_tiles_per_cta=2,
-                            block_kv=64, stages=2)
   jax.clear_caches()
   try:
     with mosaic_backend.override_config(cfg):
@@ -455,6 +448,18 @@ def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
   base_out, _ = run_reference(case, case.dtype)
   assert_close("out", out, np_out, base_out, case.dtype)
+
+
+def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
+  """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
+  tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
+  first CTA's second tile is past the end; the second CTA's ring of 2 slots runs 6
+  steps over two tiles."""
+  case = Case(b=1, t=260, s=190, n=1, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250])
+  monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: 1)
+  cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), q_tiles_per_cta=2,
+                            block_kv=64, stages=2)
+  _check_forward_under(case, cfg)
 
 
 @pytest.mark.parametrize("persistent, q_bufs", [(2, 1), (64, None)])
@@ -464,21 +469,11 @@ def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs):
   tiles on 2 CTAs); and with more CTAs asked for than there are tiles (one each)."""
   case = Case(b=2, t=260, s=190, n=2, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250, 70],
               kv_lengths=[190, 30], is_causal=True)
-  q, k, v, _ = case.inputs()
-  p, arrays = _problem(case, case.t, case.s)
   if q_bufs is not None:
     monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: q_bufs)
   cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), block_kv=64,
                             persistent=persistent)
-  jax.clear_caches()
-  try:
-    with mosaic_backend.override_config(cfg):
-      out, _ = vjp.attention(p, q, k, v, None, arrays)
-  finally:
-    jax.clear_caches()
-  np_out, _ = reference.attention_np64(q, k, v, case.mask(), scale=case.scale)
-  base_out, _ = run_reference(case, case.dtype)
-  assert_close("out", out, np_out, base_out, case.dtype)
+  _check_forward_under(case, cfg)
 
 
 def test_mosaic_config_q_tiles():

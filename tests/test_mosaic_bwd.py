@@ -260,7 +260,7 @@ def test_mosaic_backward_fused_dq_lowers_for_cuda(dq_mode, d, causal, kh, fields
 
 
 # ``static_wg`` is the default up to d=128 (a code copy per consumer warpgroup, its index
-# a constant: fwd.consumers), so every default case above runs it; d=256 runs the
+# a constant: common.consumers), so every default case above runs it; d=256 runs the
 # traced index. These run the traced index at d<=128 too (``static_wg=False``, the
 # option off): both kernels ("separate") and the dK/dV kernel with the fused dQ.
 TRACED_WG_INTERPRET_CASES = {

@@ -45,7 +45,7 @@ SMEM, meet, and the first stores it (``bwd_parts.store_tile``).
 As in fwd.py, the producer loads the union of the consumers' ranges and a consumer
 *skips* (waits, releases, computes nothing) the tiles outside its own; masked tiles call
 mask.visible, fully visible ones skip it. Segment ids narrow the ranges per consumer
-(fwd.cta_segment_ranges); the ids of the streamed tiles ride in the ring with them, a
+(common.cta_segment_ranges); the ids of the streamed tiles ride in the ring with them, a
 consumer's own once with its K/V or Q. ``interpret=True`` runs in Pallas's GPU
 interpreter, which lacks wgmma with a register operand and pre-initialised
 accumulators: there, and only there, P^T, dS^T and dS go through SMEM.
@@ -66,11 +66,10 @@ from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic import bwd_parts as parts
 from jflash._src.backends.mosaic import fused_dq
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
-from jflash._src.backends.mosaic.fwd import consumers, cta_segment_ranges, smem_tile
+from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges
+from jflash._src.backends.mosaic.common import smem_tile
 from jflash._src.problem import Problem
 
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
-_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 # d=256 splits the head dim between the consumers (MosaicBwdConfig.split_head_dim): its
 # f32 dK and dV would not fit one warpgroup's registers.
 HEAD_DIMS = (64, 128, 256)
@@ -191,17 +190,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         jnp.clip(x, u_lo, u_hi)
         for x in mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
                                         _range_row(segs, b, kt, own)))
-    k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_ROW) + k0
+    k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=ROW) + k0
     plgpu.barrier_wait(kv_full.at[own])
-    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=_ROW)
+    kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=ROW)
 
     def vis_of(masked: bool, i, ids):
       """The predicate of this consumer's keys against the query rows of streamed tile
       ``i`` (``ids``: their ids' SMEM ref, or None), or None for a tile needing none."""
       if not masked:
         return None
-      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_COL) + i * bq
-      q_seg = None if segs is None else plgpu.load(ids, layout=_COL)
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=COL) + i * bq
+      q_seg = None if segs is None else plgpu.load(ids, layout=COL)
       return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg,
                               transpose=True)
 
@@ -213,8 +212,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
       st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
-      lse = plgpu.load(lse_smem.at[slot], layout=_COL)
-      delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+      lse = plgpu.load(lse_smem.at[slot], layout=COL)
+      delta = plgpu.load(delta_smem.at[slot], layout=COL)
       vis = vis_of(masked, i, q_ids(slot))
       stage = stage_smem.at[wg] if interpret else None
       if cfg.dv_early and not interpret:
@@ -252,7 +251,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       @pl.when(wg == 0)
       def _probs_role():
         (st,) = parts.matmuls((bk, bq), (my_k, q_s.T))
-        lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+        lse = plgpu.load(lse_smem.at[slot], layout=COL)
         pt, t = _probs(p, st, lse, 0, vis_of(masked, i, q_ids(slot)))
         pl.when(c > 0)(lambda: plgpu.barrier_wait(done))  # the last step's readers are done
         pt_x[...] = pt.astype(dtype)
@@ -265,7 +264,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       @pl.when(wg == 1)
       def _dscores_role():
         (dpt,) = parts.matmuls((bk, bq), (my_v, do_s.T))
-        delta = plgpu.load(delta_smem.at[slot], layout=_COL)
+        delta = plgpu.load(delta_smem.at[slot], layout=COL)
         plgpu.barrier_wait(ready.at[0])  # (after the last step's readers: see above)
         g = plgpu.load(pt_x if g_x is None else g_x, (), layout=plgpu.Layout.WGMMA)
         ds_x[...] = (g.astype(jnp.float32) * (dpt - _per_q(delta, dpt.shape, 0))).astype(dtype)
@@ -414,19 +413,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
         jnp.clip(x, u_lo, u_hi)
         for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
                                          _range_row(segs, b, qt, own)))
-    q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+    q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=ROW) + q0
     plgpu.barrier_wait(q_full.at[own])
-    q_seg = None if segs is None else plgpu.load(qseg_smem.at[own], layout=_ROW)
-    lse = plgpu.load(lse_smem.at[own], layout=_ROW)
-    delta = plgpu.load(delta_smem.at[own], layout=_ROW)
+    q_seg = None if segs is None else plgpu.load(qseg_smem.at[own], layout=ROW)
+    lse = plgpu.load(lse_smem.at[own], layout=ROW)
+    delta = plgpu.load(delta_smem.at[own], layout=ROW)
 
     def vis_of(masked: bool, j, ids):
       """The predicate of this consumer's query rows against the keys of streamed tile
       ``j`` (``ids``: their ids' SMEM ref, or None), or None for a tile needing none."""
       if not masked:
         return None
-      k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + j * bk
-      kv_seg = None if segs is None else plgpu.load(ids, layout=_COL)
+      k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=COL) + j * bk
+      kv_seg = None if segs is None else plgpu.load(ids, layout=COL)
       return mask_lib.visible(p.mask, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg)
 
     k_ids = lambda *at: None if segs is None else kseg_smem.at[at]

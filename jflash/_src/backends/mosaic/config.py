@@ -65,7 +65,7 @@ class MosaicConfig:
   consumer_regs: int = 232
   q_tiles_per_cta: int = 1
   # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 16): each consumer
-  # warpgroup runs a copy of the code of its own, its index a constant (fwd.consumers).
+  # warpgroup runs a copy of the code of its own, its index a constant (common.consumers).
   static_wg: bool = False
   # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17).
   persistent: int = 0
@@ -215,7 +215,7 @@ class MosaicBwdConfig:
   ``consumers=2`` and ``dq_mode="separate"``. (Sessions 11-12 divided the streamed rows
   into halves instead, wgmma N=32: 3-6% slower, benchmarks/MOSAIC_NOTES.md.)
   ``static_wg``: each consumer warpgroup runs a copy of the code of its own, with its
-  index a constant (fwd.consumers), instead of one copy that computes its tile's SMEM
+  index a constant (common.consumers), instead of one copy that computes its tile's SMEM
   addresses from the traced index (``for_problem``: on, but with ``split_head_dim``).
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each

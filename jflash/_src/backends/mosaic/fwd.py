@@ -53,36 +53,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
+from jflash._src.backends.mosaic import fwd_overlap
+from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
+from jflash._src.backends.mosaic.common import smem_tile
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
 from jflash._src.problem import Problem
 
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
-_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
-
-
-def smem_tile(shape, dtype):
-  """An SMEM ref of ``shape`` in the layout wgmma and TMA use (shared by the Mosaic
-  kernels and probes)."""
-  # A 128-byte swizzle over (8, 64) tiles: the layout wgmma reads without bank conflicts.
-  tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
-
-
-def consumers(static: bool, wg, wgs: int, body):
-  """Runs ``body(wg)`` in each of the ``wgs`` consumer warpgroups. ``static``: each gets
-  a copy of the code of its own, with its index a Python int, so that the SMEM addresses
-  and barriers that depend on it are constants; else one copy, the index traced."""
-  if static:
-    for w in range(wgs):
-      pl.when(wg == w)(functools.partial(body, w))
-  else:
-    pl.when(wg < wgs)(functools.partial(body, wg))
-
-
-def _rows(x, shape):
-  """A per-row vector broadcast over the columns of a ``shape`` tile."""
-  return lax.broadcast_in_dim(x, shape, [0])
 
 
 def q_tile(c, j, ctas: int, nq: int):
@@ -264,8 +241,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       else:
         s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
       if masked:
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=_COL) + i * bk
-        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)], layout=_COL)
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=COL) + i * bk
+        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)], layout=COL)
         vis = mask_lib.visible(p.mask, q_pos, k_pos, *valid, q_seg, kv_seg)
         s = jnp.where(vis, s, -jnp.inf)
       c = p.scale * logits_lib.LOG2E if fold else 1.0
@@ -273,7 +250,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       # A row that has seen only masked keys keeps m = -inf; shift it by 0 so that
       # exp2 gives 0 rather than NaN. Unmasked tiles always raise m above -inf.
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-      pr = jnp.exp2((s * c if fold else s) - _rows(m_use, s.shape))
+      pr = jnp.exp2((s * c if fold else s) - per_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)
       return pr.astype(dtype), m_new, l * alpha + pr.sum(axis=1), alpha
 
@@ -304,8 +281,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
           jnp.clip(x, u_lo, u_hi)
           for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, qv, kvv,
                                            seg_range(tb, tile, wg)))
-      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
-      q_seg = None if segs is None else plgpu.load(qseg_smem.at[entry], layout=_ROW)
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=ROW) + q0
+      q_seg = None if segs is None else plgpu.load(qseg_smem.at[entry], layout=ROW)
       step_of, slot_of = ring(g, u_lo)
       tile_softmax = functools.partial(softmax, q_pos=q_pos, q_seg=q_seg, slot_of=slot_of,
                                        valid=(qv, kvv))
@@ -348,7 +325,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
-        acc = acc * _rows(alpha, acc.shape)
+        acc = acc * per_row(alpha, acc.shape)
         if cfg.pingpong:
           # "Softmax done" in the source, but ptxas issues it as soon as the scores are
           # in (nothing it orders depends on the exps); that schedule measured fastest.
@@ -361,18 +338,18 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         return acc, m_new, l
 
       init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
-              plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROW),
-              plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
+              plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW),
+              plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW))
       # Warpgroup 0 goes first, in every tile: its last sync below pairs with warpgroup
       # 1's last step, so neither waits for the other's epilogue.
       pl.when(wg == 1)(sync)
       carry = lax.fori_loop(u_lo, lo, skip, init)
       if cfg.overlap:
-        carry = _overlapped(carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
-                            k_late=segs is not None, pv=pv, slot_of=slot_of,
-                            release_k=release_k, release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem,
-                            k_full=k_full, v_full=v_full, p_smem=p_smem.at[wg] if interpret
-                            else None, dtype=dtype)
+        carry = fwd_overlap.overlapped(
+            carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
+            k_late=segs is not None, pv=pv, slot_of=slot_of, release_k=release_k,
+            release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem, k_full=k_full,
+            v_full=v_full, p_smem=p_smem.at[wg] if interpret else None, dtype=dtype)
       else:
         carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
@@ -385,7 +362,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       """O and lse of the rows from ``q0`` of query tile ``w`` out to HBM (not waited
       for): O through Q's slot, whose last reader, the last QK^T, is done."""
       tb, th, _, qv, _ = w
-      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=_ROW) + q0
+      q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=ROW) + q0
       # Rows with no visible key (or padding rows): output 0, lse +inf (see mask.py).
       live = (q_pos < qv) & (l > 0.0)
       l_safe = jnp.where(live, l, 1.0)
@@ -394,7 +371,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         # The last tile's stores have had this tile's keys to read lse_smem (and older
         # O buffers) out: this wait should find them done.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      my_q[...] = (acc * _rows(inv, acc.shape)).astype(dtype)
+      my_q[...] = (acc * per_row(inv, acc.shape)).astype(dtype)
       my_lse = lse_smem.at[wg]
       my_lse[...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
       plgpu.commit_smem()
@@ -438,127 +415,6 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       load_q(0)  # later tiles' Q is prefetched by the tile before
     over_tiles(tile)
     plgpu.wait_smem_to_gmem(0)
-
-
-def _overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, slot_of,
-                release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
-  """The key tiles ``[lo, hi)`` of one consumer with FA3's intra-warpgroup overlap.
-
-  Step i issues QK^T of tile i, then PV of tile i-1 (P from the step before), and runs
-  the softmax of tile i as soon as its scores are in (``wait_n=1``: PV may still be in
-  flight). A prologue does tile lo alone, an epilogue the last PV. In the compiled
-  kernel the wait for PV comes before the exps (SASS, 2026-11-27), so the softmax does
-  not overlap PV; forcing it to (a store of the row sums before that wait) measured
-  8-10% slower still (benchmarks/MOSAIC_NOTES.md, session 13).
-
-  Ping-pong points (``sync``): one before the prologue, two per later step (before and
-  after issuing), two in the epilogue: ``1 + 2 * (hi - lo)`` in all, and just the one
-  where ``lo == hi``, as ``skip`` does two per tile: both warpgroups stay in step. In
-  the phase between two points one warpgroup issues its matmuls while the other runs
-  its softmax. ``p_smem`` (interpret mode only) stages P for a wgmma from SMEM.
-  ``k_late``: release K's slot only after the softmax (which reads the key ids there).
-  """
-  acc0, m0, l0 = carry
-  bq, bk = m0.shape[0], k_smem.shape[1]
-  d = acc0.shape[1]
-
-  def first():
-    slot = slot_of(lo)
-    plgpu.barrier_wait(k_full.at[slot])
-
-    def qk(ref):
-      plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
-      return ref[...]
-
-    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    if not k_late:
-      release_k(lo)
-    # Tile lo may or may not need the predicate: the masked path is right for both.
-    new = softmax(s, lo, m0, l0, masked=True)
-    if k_late:
-      release_k(lo)
-    return new
-
-  def nothing():
-    return (plgpu.layout_cast(jnp.zeros((bq, bk), dtype), plgpu.Layout.WGMMA), m0, l0,
-            plgpu.layout_cast(jnp.ones((bq,), jnp.float32), _ROW))
-
-  sync()
-  p16, m, l, alpha = lax.cond(lo < hi, first, nothing)
-
-  def step(i, carry, masked: bool):
-    acc, p16, m, l, alpha = carry
-    slot, prev = slot_of(i), slot_of(i - 1)
-    sync()  # our turn to issue
-    plgpu.barrier_wait(k_full.at[slot])
-
-    def issue_and_softmax(s_ref, pv_ref):
-      plgpu.wgmma(s_ref, my_q, k_smem.at[slot].T)
-      scaled = acc * _rows(alpha, acc.shape)  # runs under QK
-      if p_smem is None:
-        pv_ref[...] = scaled
-        plgpu.barrier_wait(v_full.at[prev])
-        plgpu.wgmma(pv_ref, p16, v_smem.at[prev])
-      else:
-        p_smem[...] = p16
-        plgpu.commit_smem()
-        plgpu.barrier_wait(v_full.at[prev])
-        plgpu.wgmma(pv_ref, p_smem, v_smem.at[prev])
-      sync()  # both our matmuls are issued: the other warpgroup's turn
-      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK done; PV may still run
-      if not k_late:
-        release_k(i)
-      new = softmax(s, i, m, l, masked)
-      if k_late:
-        release_k(i)
-      out = pv_ref[...]  # waits for PV
-      release_v(i - 1)
-      return (out if p_smem is None else scaled + out), *new
-
-    return pl.run_scoped(issue_and_softmax, plgpu.ACC((bq, bk), jnp.float32),
-                         plgpu.ACC((bq, d), jnp.float32))
-
-  carry = (acc0, p16, m, l, alpha)
-  after = lambda x: jnp.maximum(x, lo + 1)
-  carry = lax.fori_loop(lo + 1, full_lo, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(after(full_lo), full_hi, functools.partial(step, masked=False), carry)
-  carry = lax.fori_loop(after(full_hi), hi, functools.partial(step, masked=True), carry)
-  acc, p16, m, l, alpha = carry
-
-  def last():
-    slot = slot_of(hi - 1)
-    sync()
-    scaled = acc * _rows(alpha, acc.shape)
-    plgpu.barrier_wait(v_full.at[slot])
-    out = pv(scaled, p16, slot)
-    sync()
-    release_v(hi - 1)
-    return out
-
-  acc = lax.cond(lo < hi, last, lambda: acc)
-  return acc, m, l
-
-
-def cta_segment_ranges(q_seg, kv_seg, block_q: int, block_k: int, consumers: int, *,
-                       by_rows: bool):
-  """int32 ``[B, n_cta, consumers + 1, 4]``: for each CTA (``consumers`` consecutive
-  tiles of this axis), each consumer's ``(lo, full_lo, full_hi, hi)`` over the other
-  axis's tiles (mask.segment_tile_ranges), then their union ``(lo, lo, lo, hi)`` for
-  the producer.
-
-  Ranges per consumer rather than per CTA: the CTA's span is exactly the union of its
-  consumers', and each consumer skips what only the others' documents meet."""
-  own = mask_lib.segment_tile_ranges(q_seg, kv_seg, block_q, block_k, by_rows=by_rows)
-  b, n, _ = own.shape
-  own = own.reshape(b, n // consumers, consumers, 4)
-  lo, hi = own[..., 0], own[..., 3]
-  empty = hi <= lo  # documents that meet no tile: (0, 0, 0, 0)
-  n_other = (kv_seg.shape[1] // block_k) if by_rows else (q_seg.shape[1] // block_q)
-  u_lo = jnp.where(empty, n_other, lo).min(-1)
-  u_hi = jnp.where(empty, 0, hi).max(-1)
-  u_lo = jnp.minimum(u_lo, u_hi)  # every consumer empty: an empty range
-  union = jnp.stack([u_lo, u_lo, u_lo, u_hi], axis=-1)[:, :, None]
-  return jnp.concatenate([own, union], axis=2).astype(jnp.int32)
 
 
 def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
