@@ -450,6 +450,23 @@ def _check_forward_under(case: Case, cfg: MosaicConfig):
   assert_close("out", out, np_out, base_out, case.dtype)
 
 
+def test_mosaic_persistent_deal_covers_every_tile_once():
+  """A persistent grid of ``ctas`` CTAs: each CTA runs ``persistent_tiles`` tiles (its
+  live ``q_tile`` places, past-the-end ones last), and together they run every tile of
+  every (batch, head) once; no two CTAs differ by more than one tile."""
+  for n_all in range(1, 40):
+    for ctas in range(1, n_all + 1):
+      seen, counts = [], []
+      for c in range(ctas):
+        dealt = [mosaic_fwd.q_tile(c, j, ctas, n_all) for j in range(-(-n_all // ctas) + 1)]
+        n = int(mosaic_fwd.persistent_tiles(jnp.int32(c), ctas, n_all))
+        assert all(t >= 0 for t in dealt[:n]) and all(t < 0 for t in dealt[n:]), (n_all, ctas, c)
+        seen += dealt[:n]
+        counts.append(n)
+      assert sorted(seen) == list(range(n_all)), (n_all, ctas)
+      assert max(counts) - min(counts) <= 1, (n_all, ctas)
+
+
 def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
   tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the

@@ -80,6 +80,14 @@ def q_tile(c, j, ctas: int, nq: int):
   return nq - 1 - v
 
 
+def persistent_tiles(c, ctas: int, n_all: int):
+  """How many of ``n_all`` tiles ``q_tile`` deals CTA ``c`` (int32) of ``ctas``: the
+  runs 0 .. full-1 are whole, and run ``full`` deals its first ``rest`` places."""
+  full, rest = divmod(n_all, ctas)
+  x = c if full % 2 == 0 else ctas - 1 - c
+  return full + (x < rest).astype(jnp.int32)
+
+
 def _unpack(*refs, p: Problem, **kw):
   """Splits the refs of plgpu.kernel: segment ids come as three more inputs (q ids, kv
   ids, segment_ranges) only when the problem has them."""
@@ -152,10 +160,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   # its key tile i at step g + i - lo. ``total``: the steps of all the CTA's tiles (not
   # counted when persistent: see ``release``).
   if persistent:
-    # Runs 0 .. full-1 of the deal are whole; in run ``full`` the first ``rest`` are dealt.
-    full, rest = divmod(batch * heads * nq, ctas)
-    x = c if full % 2 == 0 else ctas - 1 - c
-    n_tiles, total = full + (x < rest).astype(jnp.int32), None
+    n_tiles, total = persistent_tiles(c, ctas, batch * heads * nq), None
   elif tiles == 1:
     n_tiles, total = 1, (lambda _, __, lo, hi: hi - lo)(*union(0))
   else:
