@@ -50,9 +50,22 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # loses pytest's final report, not these.
   export JFLASH_FAILURE_LOG="$OUT/failures.log"
   rm -f "$JFLASH_FAILURE_LOG"
+  # On a machine of several GPUs, shard i sees GPU i mod ngpu alone (more cores, more
+  # shards). The tests that need several devices (test_ring.py, test_sharding.py) go to
+  # one extra shard that sees them all.
+  ngpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+  [ "$ngpu" -ge 1 ] || ngpu=1
+  grep -E 'test_(ring|sharding)\.py' "$shards/ids" > "$shards/$jobs.ids"
+  grep -vE 'test_(ring|sharding)\.py' "$shards/ids" > "$shards/single.ids"
+  per_gpu=$(( (jobs + ngpu - 1) / ngpu + 1 ))  # shards on one GPU, the all-GPU one too
   pids=()
-  for ((i = 0; i < jobs; i++)); do
-    awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/ids" > "$shards/$i.ids"
+  for ((i = 0; i <= jobs; i++)); do
+    if ((i < jobs)); then
+      awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/single.ids" > "$shards/$i.ids"
+      visible=$(( i % ngpu ))
+    else
+      visible="$(seq -s, 0 $((ngpu - 1)))"
+    fi
     [ -s "$shards/$i.ids" ] || continue
     mapfile -t ids < "$shards/$i.ids"  # one test id per line (ids may hold spaces)
     # Each shard stops by SHARD_TIMEOUT seconds, so a slow one cannot take the logs down.
@@ -62,9 +75,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # driver's, for 13 contexts and their command buffers (with 90%, H100 2026-11-26:
     # RESOURCE_EXHAUSTED "instantiate command buffer" in three tests, test_fuzz_triton_gpu
     # among them: likely session 9's unexplained failure of it too).
-    threads=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
+    threads=$(( $(nproc) / (jobs + 1) > 0 ? $(nproc) / (jobs + 1) : 1 ))
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
-    XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $jobs, 3))")" \
+    CUDA_VISIBLE_DEVICES="$visible" \
+    XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $per_gpu, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
       --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &
     pids+=($!)
@@ -72,7 +86,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for pid in "${pids[@]}"; do
     wait "$pid" || test_status=1
   done
-  for ((i = 0; i < jobs; i++)); do
+  for ((i = 0; i <= jobs; i++)); do
     [ -f "$shards/$i.log" ] && { echo "-- shard $i: $(tr '\n' ' ' < "$shards/$i.ids")"; cat "$shards/$i.log"; }
   done 2>&1 | tee "$OUT/gpu_tests.log" | grep -E " passed| failed|skipped in|error|FAILED|ERROR" || true
   # A shard cut by its timeout reports nothing: every collected test must have finished.
