@@ -65,7 +65,8 @@ def main():
     mk = lambda s, seed: jax.random.normal(jax.random.PRNGKey(seed), (b, s, n, d),
                                            jnp.float32).astype(jnp.bfloat16)
     q = mk(t, 0)
-    base = MosaicConfig.for_problem(t, t, d, sm_count=mosaic_backend.sm_count())
+    base = MosaicConfig.for_problem(t, t, d, sm_count=mosaic_backend.sm_count(),
+                                    batch_heads=b * n)
     print(f"== 1. b={b} s={t} n={n} d={d} (non-causal) default={base}", flush=True)
     k, v = mk(t, 1), mk(t, 2)
     flops = 4 * b * n * t * t * d

@@ -54,7 +54,8 @@ def fingerprints(t: int = 512, b: int = 2, n: int = 4, kh: int = 2):
     p = Problem(mask=MaskSpec(q_len=t - 5, kv_len=t - 9, causal=causal,
                               has_segment_ids=segments),
                 scale=0.1, softcap=softcap, implementation="mosaic")
-    extra = dict(sm_count=sms) if sms else {}  # (older trees' for_problem lacks it)
+    # (older trees' for_problem lacks these; batch_heads since the balance check)
+    extra = dict(sm_count=sms, batch_heads=b * n) if sms else {}
     fcfg = MosaicConfig.for_problem(t, t, d, segments=segments, causal=causal, **extra)
     bcfg = dataclasses.replace(
         MosaicBwdConfig.for_problem(t, t, d, segments=segments, causal=causal), **fields)

@@ -201,7 +201,7 @@ def main():
       ids, pairs = packed_ids(b, s, args.docs)
       flops = 4 * b * n * d * pairs[causal]
     base = MosaicConfig.for_problem(s, s, d, segments=ids is not None, causal=causal,
-                                    sm_count=mosaic_backend.sm_count())
+                                    sm_count=mosaic_backend.sm_count(), batch_heads=b * n)
     configs = [None]
     if sweeping:
       regs = [tuple(int(x) for x in r.split("/")) for r in args.sweep_regs] or [

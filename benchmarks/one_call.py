@@ -40,7 +40,8 @@ def main():
   override = contextlib.nullcontext()
   if args.variant:  # read at trace time, so it must wrap the lowering
     base = MosaicConfig.for_problem(args.s, args.s, d, segments=bool(args.docs),
-                                    causal=args.causal, sm_count=mosaic_backend.sm_count())
+                                    causal=args.causal, sm_count=mosaic_backend.sm_count(),
+                                    batch_heads=b * n)
     override = mosaic_backend.override_config(fwd_config(base, args.variant))
   with override:
     compiled = fn.lower(q, k, v, do).compile()  # compiles without launching a kernel

@@ -26,6 +26,7 @@ from helpers import Case, assert_close, assert_lse_close
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import fwd as mosaic_fwd
+from jflash._src.backends.mosaic import schedule
 from jflash._src.backends.mosaic.config import MosaicConfig
 from jflash._src.mask import MaskArrays, MaskSpec
 from jflash._src.problem import Problem
@@ -207,7 +208,8 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_persistent_default_lowers_for_cuda(causal):
   """d=128's default on an H100 or H200: a persistent grid of 132 CTAs."""
-  assert MosaicConfig.for_problem(512, 512, 128, causal=causal, sm_count=132).persistent == 132
+  cfg = MosaicConfig.for_problem(512, 512, 128, causal=causal, sm_count=132, batch_heads=8)
+  assert cfg.persistent == 132
   _lower_forward_for_cuda(128, causal, None, persistent=132)
 
 
@@ -266,10 +268,51 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
 def test_mosaic_config_persistent_only_at_d128_without_segments(d, segments, sms,
                                                                 persistent):
   """A persistent grid of one CTA per SM where it was timed faster (d=128, no segment
-  ids), at every length and mask; none where the SM count is not known."""
-  for s, causal in itertools.product((1024, 4096, 16384), (False, True)):
-    cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=sms)
-    assert cfg.persistent == persistent, (s, causal)
+  ids) without a causal mask, and with one on the benchmark grid's shapes up to 8k,
+  whose deals are balanced; none where the SM count is not known."""
+  for s in (1024, 4096, 8192, 16384):
+    for causal in (False, True):
+      if causal and (s == 16384 or sms == 114):
+        continue  # (deals not balanced: 16k at 132 CTAs, 4k at 114; the next test)
+      cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=sms,
+                                     batch_heads=16384 // s * 2048 // d)
+      assert cfg.persistent == persistent, (s, causal)
+
+
+@pytest.mark.parametrize("s, batch_heads, persistent", [
+    (16384, 16, 0), (16384, 64, 132), (8192, 32, 132), (4096, 16, 0), (4096, 64, 132),
+    (1024, 256, 132), (4096, 0, 0)])
+def test_mosaic_config_persistent_causal_only_where_the_deal_is_balanced(
+    s, batch_heads, persistent):
+  """Under a causal mask the persistent grid is kept only where its deal of unequal
+  tiles leaves no CTA more than 6% over the ideal (s=16k, 16 heads: 1.54, and 34% slower
+  on an H200); not where the batch and head count is not known (0). Without a causal
+  mask it is kept at any count."""
+  cfg = MosaicConfig.for_problem(s, s, 128, causal=True, sm_count=132, batch_heads=batch_heads)
+  assert cfg.persistent == persistent
+  cfg = MosaicConfig.for_problem(s, s, 128, sm_count=132, batch_heads=batch_heads)
+  assert cfg.persistent == 132
+
+
+def test_mosaic_deal_imbalance_against_a_direct_count():
+  """``deal_imbalance`` against the work of each CTA's own tiles, counted one CTA at a
+  time (``persistent_tiles`` of them, each ``q_tile``'s flat index): equal tiles deal
+  within one tile, and a causal head of ~one run's tiles deals far from balanced."""
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    nq, copies, ctas = (int(x) for x in rng.integers(1, 24, size=3))
+    work = rng.integers(1, 9, size=nq)
+    per_cta = []
+    for c in range(ctas):
+      n = int(schedule.persistent_tiles(jnp.int32(c), ctas, nq * copies))
+      per_cta.append(sum(work[schedule.q_tile(c, j, ctas, nq * copies) % nq]
+                         for j in range(n)))
+    want = max(per_cta) / max(np.mean(per_cta), work.max())
+    np.testing.assert_allclose(schedule.deal_imbalance(work, copies, ctas), want, rtol=1e-12)
+  assert schedule.deal_imbalance(np.ones(8), 33, 132) == 1.0
+  causal = np.arange(1, 129)
+  assert schedule.deal_imbalance(causal, 16, 132) > 1.5
+  assert schedule.deal_imbalance(causal[:64], 32, 132) < 1.06
 
 
 def test_mosaic_sm_count_is_zero_in_interpret_mode_and_off_gpus():
@@ -423,7 +466,7 @@ def test_mosaic_q_tiles_cover_every_tile_once(tiles):
   ``nq``."""
   for nq in range(1, 12):
     ctas = -(-nq // tiles)
-    runs = [[mosaic_fwd.q_tile(c, j, ctas, nq) for j in range(tiles)] for c in range(ctas)]
+    runs = [[schedule.q_tile(c, j, ctas, nq) for j in range(tiles)] for c in range(ctas)]
     seen = [t for run in runs for t in run if t >= 0]
     assert sorted(seen) == list(range(nq)), (nq, runs)
     for run in runs:
@@ -458,8 +501,8 @@ def test_mosaic_persistent_deal_covers_every_tile_once():
     for ctas in range(1, n_all + 1):
       seen, counts = [], []
       for c in range(ctas):
-        dealt = [mosaic_fwd.q_tile(c, j, ctas, n_all) for j in range(-(-n_all // ctas) + 1)]
-        n = int(mosaic_fwd.persistent_tiles(jnp.int32(c), ctas, n_all))
+        dealt = [schedule.q_tile(c, j, ctas, n_all) for j in range(-(-n_all // ctas) + 1)]
+        n = int(schedule.persistent_tiles(jnp.int32(c), ctas, n_all))
         assert all(t >= 0 for t in dealt[:n]) and all(t < 0 for t in dealt[n:]), (n_all, ctas, c)
         seen += dealt[:n]
         counts.append(n)

@@ -86,7 +86,8 @@ def forward(p: Problem, q, k, v, bias, arrays):
   d = padded_head_dim(h)
   cfg = override_config.value or MosaicConfig.for_problem(
       p.q_len, p.kv_len, d, jnp.dtype(q.dtype).itemsize, segments=p.mask.has_segment_ids,
-      causal=p.mask.causal, sm_count=sm_count(p.interpret))
+      causal=p.mask.causal, sm_count=sm_count(p.interpret),
+      batch_heads=q.shape[0] * q.shape[2])
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
   # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)

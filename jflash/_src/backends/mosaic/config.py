@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jflash._src.backends.mosaic.schedule import deal_imbalance
+
 # One consumer warpgroup owns 64 query rows: the M of one wgmma instruction.
 WG_ROWS = 64
 # Two consumer warpgroups per CTA (FA3): they share one K/V ring and order their matmuls
@@ -98,11 +100,11 @@ class MosaicConfig:
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,
                   segments: bool = False, causal: bool = False,
-                  sm_count: int = 0) -> "MosaicConfig":
+                  sm_count: int = 0, batch_heads: int = 0) -> "MosaicConfig":
     """A heuristic default per (padded) head dim, shrunk to fit shared memory.
     ``segments``: the call has segment ids (packed documents); ``causal``: a causal mask;
-    ``sm_count``: the GPU's SMs (0: not known, as in interpret mode)."""
-    del q_len
+    ``sm_count``: the GPU's SMs (0: not known, as in interpret mode); ``batch_heads``:
+    batch x query heads (0: not known)."""
     # d=64: 256-key tiles (H100, 2026-11-22, fwd vs cuDNN: 0.95 -> 1.04-1.07 at s=16k,
     # 0.91 -> 0.97 at 4k non-causal; 192 keys lost at 1k/4k): half the steps, so half the
     # per-step barrier and ping-pong handoffs per key. Not with packed documents, whose
@@ -138,8 +140,17 @@ class MosaicConfig:
     # TFLOP/s, default -> persistent, two readings each: 1k 462, 464 -> 533, 528; 1k
     # causal 353, 359 -> 393, 392; 4k causal 498, 497 -> 514, 523; 4k 565, 559 -> 565,
     # 570; 16k 587, 607 -> 606, 612). At d=64 even (1k and 4k causal); packed documents
-    # and d=256 not timed.
+    # and d=256 not timed. Packed documents lose (H200 2026-11-27, 8 docs in 16k, causal:
+    # 361, 370 -> 333 useful TFLOP/s); so does d=64 past 1k (4k 453 -> 436, 16k 471 ->
+    # 457; at 1k 383 -> 400). Under a causal mask only where the deal is balanced
+    # (``deal_imbalance``; 8k causal 535 -> 556-559, but 16k 636 -> 418-421 at 1.54).
     persistent = sm_count if head_dim == 128 and not segments else 0
+    if persistent and causal:
+      rows = CONSUMER_WGS * WG_ROWS
+      nk = -(-kv_len // block_kv)
+      work = [min(nk, -(-(t + 1) * rows // block_kv)) for t in range(-(-q_len // rows))]
+      if not batch_heads or deal_imbalance(work, batch_heads, sm_count) > 1.06:
+        persistent = 0
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
               persistent=persistent)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:

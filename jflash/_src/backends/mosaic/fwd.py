@@ -57,35 +57,10 @@ from jflash._src.backends.mosaic import fwd_overlap
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
 from jflash._src.backends.mosaic.common import smem_tile
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
+from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile
 from jflash._src.problem import Problem
 
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
-
-
-def q_tile(c, j, ctas: int, nq: int):
-  """The query tile (of ``2 * block_q`` rows) that CTA ``c`` of ``ctas`` runs ``j``-th;
-  negative past the end (where ``q_tiles_per_cta`` does not divide ``nq``).
-
-  The ``j``-th tiles of all CTAs form the ``j``-th run of ``ctas`` tiles, counted from
-  the last tile (under a causal mask, the longest first), forwards in even runs and
-  backwards in odd ones (a serpentine): a CTA pairs a long tile with a short one, so
-  with an even ``q_tiles_per_cta`` every CTA gets the same causal work. Run ``j`` lies
-  wholly before run ``j + 1``, so a CTA's tiles past the end are its last ones. With one
-  tile per CTA, CTA ``c`` runs tile ``nq - 1 - c``."""
-  back = ctas - 1 - c
-  if isinstance(j, int):
-    v = j * ctas + (c if j % 2 == 0 else back)
-  else:
-    v = j * ctas + jnp.where(j % 2 == 0, c, back)
-  return nq - 1 - v
-
-
-def persistent_tiles(c, ctas: int, n_all: int):
-  """How many of ``n_all`` tiles ``q_tile`` deals CTA ``c`` (int32) of ``ctas``: the
-  runs 0 .. full-1 are whole, and run ``full`` deals its first ``rest`` places."""
-  full, rest = divmod(n_all, ctas)
-  x = c if full % 2 == 0 else ctas - 1 - c
-  return full + (x < rest).astype(jnp.int32)
 
 
 def _unpack(*refs, p: Problem, **kw):
