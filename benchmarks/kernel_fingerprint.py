@@ -37,9 +37,10 @@ CASES = [
     (256, False, True, 30.0, {}),
     (256, True, True, None, {}),
 ]
-# The forward's config as for_problem picks it on a GPU of this many SMs (d=128's
-# persistent grid); the fingerprint cases above use for_problem's interpret default (0).
-SM_COUNT_CASES = [(128, False, False, None, {}), (128, True, False, None, {})]
+# The forward's config as for_problem picks it on a GPU of this many SMs (the persistent
+# grid of d=128, and of d=64 at 512 keys); the cases above use the interpret default (0).
+SM_COUNT_CASES = [(128, False, False, None, {}), (128, True, False, None, {}),
+                  (64, False, False, None, {})]
 GPU_SMS = 132
 
 

@@ -205,12 +205,13 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(d, causal, softcap):
   _lower_forward_for_cuda(d, causal, softcap)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_mosaic_persistent_default_lowers_for_cuda(causal):
-  """d=128's default on an H100 or H200: a persistent grid of 132 CTAs."""
-  cfg = MosaicConfig.for_problem(512, 512, 128, causal=causal, sm_count=132, batch_heads=8)
+@pytest.mark.parametrize("d, causal", [(128, False), (128, True), (64, False)])
+def test_mosaic_persistent_default_lowers_for_cuda(d, causal):
+  """The default of d=128 and of d=64 up to 1k keys without a causal mask, on an H100 or
+  H200: a persistent grid of 132 CTAs."""
+  cfg = MosaicConfig.for_problem(512, 512, d, causal=causal, sm_count=132, batch_heads=8)
   assert cfg.persistent == 132
-  _lower_forward_for_cuda(128, causal, None, persistent=132)
+  _lower_forward_for_cuda(d, causal, None, persistent=132)
 
 
 def _lower_forward_for_cuda(d, causal, softcap, segments=False, **config):
@@ -264,19 +265,20 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
 
 @pytest.mark.parametrize("d, segments, sms, persistent", [
     (128, False, 132, 132), (128, False, 114, 114), (128, False, 0, 0), (128, True, 132, 0),
-    (64, False, 132, 0), (256, False, 132, 0)])
-def test_mosaic_config_persistent_only_at_d128_without_segments(d, segments, sms,
-                                                                persistent):
-  """A persistent grid of one CTA per SM where it was timed faster (d=128, no segment
-  ids) without a causal mask, and with one on the benchmark grid's shapes up to 8k,
-  whose deals are balanced; none where the SM count is not known."""
+    (64, False, 132, 132), (64, True, 132, 0), (256, False, 132, 0)])
+def test_mosaic_config_persistent_only_where_timed_faster(d, segments, sms, persistent):
+  """A persistent grid of one CTA per SM where it was timed faster, without segment ids:
+  at d=128 without a causal mask, and with one on the benchmark grid's shapes up to 8k,
+  whose deals are balanced; at d=64 only up to 1k keys without a causal mask. None where
+  the SM count is not known."""
   for s in (1024, 4096, 8192, 16384):
     for causal in (False, True):
-      if causal and (s == 16384 or sms == 114):
+      if d == 128 and causal and (s == 16384 or sms == 114):
         continue  # (deals not balanced: 16k at 132 CTAs, 4k at 114; the next test)
       cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=sms,
                                      batch_heads=16384 // s * 2048 // d)
-      assert cfg.persistent == persistent, (s, causal)
+      on = persistent and (d == 128 or (s <= 1024 and not causal))
+      assert cfg.persistent == (persistent if on else 0), (s, causal)
 
 
 @pytest.mark.parametrize("s, batch_heads, persistent", [

@@ -142,9 +142,12 @@ class MosaicConfig:
     # 570; 16k 587, 607 -> 606, 612). At d=64 even (1k and 4k causal); packed documents
     # and d=256 not timed. Packed documents lose (H200 2026-11-27, 8 docs in 16k, causal:
     # 361, 370 -> 333 useful TFLOP/s); so does d=64 past 1k (4k 453 -> 436, 16k 471 ->
-    # 457; at 1k 383 -> 400). Under a causal mask only where the deal is balanced
-    # (``deal_imbalance``; 8k causal 535 -> 556-559, but 16k 636 -> 418-421 at 1.54).
-    persistent = sm_count if head_dim == 128 and not segments else 0
+    # 457). d=64 at 1k without a causal mask gains (H200 2026-11-27, fwd TFLOP/s, two
+    # calls: 383 -> 400; 367, 375 -> 394, 404). Under a causal mask only where the deal
+    # is balanced (``deal_imbalance``; 8k causal 535 -> 556-559, but 16k 636 -> 418-421
+    # at 1.54).
+    short_d64 = head_dim == 64 and not causal and kv_len <= 1024
+    persistent = sm_count if (head_dim == 128 or short_d64) and not segments else 0
     if persistent and causal:
       rows = CONSUMER_WGS * WG_ROWS
       nk = -(-kv_len // block_kv)
