@@ -311,9 +311,18 @@ def test_mosaic_deal_imbalance_against_a_direct_count():
                          for j in range(n)))
     want = max(per_cta) / max(np.mean(per_cta), work.max())
     np.testing.assert_allclose(schedule.deal_imbalance(work, copies, ctas), want, rtol=1e-12)
+    paired = []
+    for c in range(ctas):
+      n = int(schedule.paired_tiles(c, ctas, copies, nq))
+      paired.append(sum(work[schedule.paired_tile(c, j, ctas, copies, nq)[1]]
+                        for j in range(n)))
+    want = max(paired) / max(np.mean(paired), work.max())
+    np.testing.assert_allclose(schedule.deal_imbalance(work, copies, ctas, paired=True),
+                               want, rtol=1e-12)
   assert schedule.deal_imbalance(np.ones(8), 33, 132) == 1.0
   causal = np.arange(1, 129)
   assert schedule.deal_imbalance(causal, 16, 132) > 1.5
+  assert schedule.deal_imbalance(causal, 16, 132, paired=True) < 1.04
   assert schedule.deal_imbalance(causal[:64], 32, 132) < 1.06
 
 
@@ -359,6 +368,10 @@ VARIANTS = {
     # cases' 4 tiles (2 heads, or 2 batch rows with their own lengths) go 2 + 2 or 1 + 1
     # + 2 per CTA, so each CTA's ring crosses heads or batch rows.
     "persistent3": dict(persistent=3),
+    # The same grid dealing each head's tiles in pairs (schedule.paired_tile): the cases'
+    # 2 tiles a head make one pair, so each of 2 CTAs runs a head's or a batch row's
+    # pair; with 3 tiles a head, the middle tiles come last.
+    "persistent3_paired": dict(persistent=3, paired_deal=True),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
     # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
@@ -456,7 +469,8 @@ def test_mosaic_config_refuses_too_many_registers():
     ("segment_pair_lengths_empty", "qtiles3_overlap_bkv64"),
     # Persistent: each tile reads its own batch row's ids and segment ranges.
     ("segment_packed_causal_gqa", "persistent3"),
-    ("segment_pair_lengths_empty", "persistent3")])
+    ("segment_pair_lengths_empty", "persistent3"),
+    ("segment_packed_causal_gqa", "persistent3_paired")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 
@@ -512,6 +526,30 @@ def test_mosaic_persistent_deal_covers_every_tile_once():
       assert max(counts) - min(counts) <= 1, (n_all, ctas)
 
 
+def test_mosaic_paired_deal_covers_every_tile_once():
+  """The paired deal: each CTA runs ``paired_tiles`` tiles, together every tile of every
+  (batch, head) once; each pair's tiles are one head's ``nq - 1 - k`` then ``k``; the
+  busiest CTA has at most one pair (or one middle tile) more than the idlest; and every
+  CTA of a grid of ``deal_units`` CTAs has work."""
+  for nq in range(1, 9):
+    for copies in range(1, 6):
+      for ctas in range(1, schedule.deal_units(copies, nq, True) + 1):
+        seen, costs = [], []
+        for c in range(ctas):
+          n = int(schedule.paired_tiles(jnp.int32(c), ctas, copies, nq))
+          dealt = [tuple(int(x) for x in schedule.paired_tile(jnp.int32(c), jnp.int32(j),
+                                                              ctas, copies, nq))
+                   for j in range(n)]
+          assert n >= 1, (nq, copies, ctas, c)
+          for (h0, t0), (h1, t1) in zip(dealt[0:-1:2], dealt[1::2]):
+            if t0 != t1 and t0 + t1 == nq - 1:
+              assert h0 == h1 and t0 > t1, (nq, copies, ctas, dealt)
+          seen += dealt
+          costs.append(sum(t + 1 for _, t in dealt))
+        assert sorted(seen) == [(h, t) for h in range(copies) for t in range(nq)]
+        assert max(costs) - min(costs) <= nq + 1, (nq, copies, ctas, costs)
+
+
 def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
   tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
@@ -524,17 +562,21 @@ def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   _check_forward_under(case, cfg)
 
 
-@pytest.mark.parametrize("persistent, q_bufs", [(2, 1), (64, None)])
-def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs):
+@pytest.mark.parametrize("persistent, q_bufs, paired", [
+    (2, 1, False), (64, None, False), (2, None, True), (3, 1, True), (64, None, True)])
+def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs, paired):
   """A persistent grid with one Q buffer (d=256's SMEM: each tile's Q loads after the
   last tile's O has left it), over 2 batch rows of their own lengths and 2 heads (12 q
-  tiles on 2 CTAs); and with more CTAs asked for than there are tiles (one each)."""
+  tiles on 2 CTAs); and with more CTAs asked for than there are tiles (one each).
+  ``paired``: the paired deal, whose 3 tiles a head make a pair and a middle tile (on 2
+  CTAs, 2 pairs and 2 middles each; on 3, 3 CTAs' runs of 2 or 3 pairs and middles;
+  with 64 asked for, 8 CTAs, one pair or middle each)."""
   case = Case(b=2, t=260, s=190, n=2, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250, 70],
               kv_lengths=[190, 30], is_causal=True)
   if q_bufs is not None:
     monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: q_bufs)
   cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), block_kv=64,
-                            persistent=persistent)
+                            persistent=persistent, paired_deal=paired)
   _check_forward_under(case, cfg)
 
 

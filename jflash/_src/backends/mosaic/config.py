@@ -71,6 +71,10 @@ class MosaicConfig:
   static_wg: bool = False
   # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17).
   persistent: int = 0
+  # Variant (off by default; MOSAIC_NOTES.md, session 18): the persistent grid deals
+  # each head's tiles in equal-cost pairs (schedule.paired_tile) instead of q_tile's
+  # serpentine, balanced under a causal mask at any head count.
+  paired_deal: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.

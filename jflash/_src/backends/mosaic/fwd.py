@@ -57,6 +57,7 @@ from jflash._src.backends.mosaic import fwd_overlap
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
 from jflash._src.backends.mosaic.common import smem_tile
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
+from jflash._src.backends.mosaic.schedule import deal_units, paired_tile, paired_tiles
 from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile
 from jflash._src.problem import Problem
 
@@ -106,10 +107,14 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     q_tile deals out, so that a head's tiles (longest first) run side by side."""
     if not persistent:
       return b, h, q_tile(c, j, ctas, nq), q_valid, kv_valid
-    f = q_tile(c, j, ctas, batch * heads * nq)
-    live = f >= 0
-    f = jnp.maximum(f, 0)
-    bh, tile = lax.div(f, jnp.int32(nq)), lax.rem(f, jnp.int32(nq))
+    if cfg.paired_deal:
+      bh, tile = paired_tile(c, j, ctas, batch * heads, nq)
+      live = j < n_tiles
+    else:
+      f = q_tile(c, j, ctas, batch * heads * nq)
+      live = f >= 0
+      f = jnp.maximum(f, 0)
+      bh, tile = lax.div(f, jnp.int32(nq)), lax.rem(f, jnp.int32(nq))
     tb, th = lax.div(bh, jnp.int32(heads)), lax.rem(bh, jnp.int32(heads))
     return tb, th, jnp.where(live, tile, -1), qv_ref[tb], kvv_ref[tb]
 
@@ -134,7 +139,9 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   # The ring runs on across the CTA's tiles: a tile whose keys start at ring step g puts
   # its key tile i at step g + i - lo. ``total``: the steps of all the CTA's tiles (not
   # counted when persistent: see ``release``).
-  if persistent:
+  if persistent and cfg.paired_deal:
+    n_tiles, total = paired_tiles(c, ctas, batch * heads, nq), None
+  elif persistent:
     n_tiles, total = persistent_tiles(c, ctas, batch * heads * nq), None
   elif tiles == 1:
     n_tiles, total = 1, (lambda _, __, lo, hi: hi - lo)(*union(0))
@@ -438,7 +445,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
-  grid_ctas = min(cfg.persistent, b * n * nq) if cfg.persistent else 0
+  grid_ctas = min(cfg.persistent, deal_units(b * n, nq, cfg.paired_deal)) if cfg.persistent else 0
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret, batch=b, heads=n,
                              grid_ctas=grid_ctas)

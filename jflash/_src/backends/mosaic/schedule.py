@@ -4,8 +4,10 @@ int32) and by MosaicConfig.for_problem (NumPy, at trace time)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def q_tile(c, j, ctas: int, nq: int):
@@ -36,22 +38,95 @@ def persistent_tiles(c, ctas: int, n_all: int):
   return full + (x < rest).astype(jnp.int32)
 
 
-def deal_imbalance(tile_work, copies: int, ctas: int) -> float:
-  """How far the persistent deal of ``copies`` (batch x head) runs of tiles, tile ``t``
+def _traced(x) -> bool:
+  return isinstance(x, jax.Array)
+
+
+def _div(a, b: int):
+  """``a // b`` of non-negative ints: Python, NumPy or traced int32 (lax.div)."""
+  return lax.div(a, jnp.asarray(b, a.dtype)) if _traced(a) else a // b
+
+
+def _rem(a, b: int):
+  return lax.rem(a, jnp.asarray(b, a.dtype)) if _traced(a) else a % b
+
+
+def _lt(a, b):
+  """``a < b`` as 0 or 1, of the type of ``a``."""
+  if _traced(a):
+    return (a < b).astype(a.dtype)
+  return (np.asarray(a) < b).astype(np.int64) if isinstance(a, np.ndarray) else int(a < b)
+
+
+def _where(cond, x, y):
+  return (jnp.where if _traced(cond) or _traced(x) or _traced(y) else np.where)(cond, x, y)
+
+
+def _paired_counts(c, ctas: int, copies: int, nq: int):
+  """CTA ``c``'s pairs and singles under the paired deal, and its place among the
+  singles' CTAs (see ``paired_tile``)."""
+  units = copies * (nq // 2)
+  singles = copies if nq % 2 else 0
+  pairs_c = units // ctas + _lt(c, units % ctas)
+  place = _rem(c + (ctas - units % ctas), ctas)
+  return pairs_c, singles // ctas + _lt(place, singles % ctas), place
+
+
+def paired_tiles(c, ctas: int, copies: int, nq: int):
+  """How many tiles ``paired_tile`` deals CTA ``c`` of ``ctas``."""
+  pairs_c, singles_c, _ = _paired_counts(c, ctas, copies, nq)
+  return 2 * pairs_c + singles_c
+
+
+def paired_tile(c, j, ctas: int, copies: int, nq: int):
+  """``(copy, tile)`` of the ``j``-th tile (``j < paired_tiles``) that CTA ``c`` of
+  ``ctas`` runs under the paired deal of ``copies`` (batch x head) runs of ``nq`` tiles.
+
+  Each copy's tiles go in pairs, tile ``nq - 1 - k`` then tile ``k``: under a causal mask
+  every pair costs the same (the longest with the shortest). Pairs are dealt round-robin
+  (unit ``u`` = pair ``u mod nq//2`` of copy ``u div nq//2`` goes to CTA ``u mod
+  ctas``), so the CTAs running side by side hold a few copies' pairs and no CTA has
+  more than one pair above another. An odd ``nq`` leaves each copy's middle tile: these
+  cost the same and are dealt last, round-robin from the CTA after the last pair's, so
+  the CTAs with one pair fewer take them first. Each CTA's tiles have no holes: all of
+  ``0 .. paired_tiles - 1`` are live."""
+  pairs = nq // 2
+  pairs_c, _, place = _paired_counts(c, ctas, copies, nq)
+  single = place + (j - 2 * pairs_c) * ctas  # the copy whose middle tile it is
+  if not pairs:
+    return single, single * 0
+  u = _div(j, 2) * ctas + c
+  k = _rem(u, pairs)
+  in_pair = j < 2 * pairs_c
+  tile = _where(_rem(j, 2) == 0, nq - 1 - k, k)
+  return _where(in_pair, _div(u, pairs), single), _where(in_pair, tile, pairs)
+
+
+def deal_units(copies: int, nq: int, paired: bool) -> int:
+  """The most CTAs a persistent deal can keep busy: tiles, or pairs and middle tiles."""
+  return copies * (nq // 2 + nq % 2) if paired else copies * nq
+
+
+def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False) -> float:
+  """How far a persistent deal of ``copies`` (batch x head) runs of tiles, tile ``t``
   costing ``tile_work[t]``, is from balanced: the busiest CTA's work over the least any
   deal could give it (the mean, or the longest tile where that is more). 1.0: none.
+  ``paired``: ``paired_tile``'s deal; else ``q_tile``'s over the flat index.
 
-  The deal (``q_tile`` over the flat index) is balanced when each head's tiles cost the
-  same, or when a run of ``ctas`` spans several heads. Under a causal mask, with about
-  one head per run, a CTA's places drift slowly across the head from run to run, so the
-  serpentine stops pairing long tiles with short ones: 16 heads of 128 tiles on 132 CTAs
-  deal 1.54 (H200 2026-11-27, s=16k causal fwd: 418 TFLOP/s against 636 with one CTA
-  per tile)."""
+  The serpentine deal is balanced when each head's tiles cost the same, or when a run
+  of ``ctas`` spans several heads. Under a causal mask, with about one head per run, a
+  CTA's places drift slowly across the head from run to run, so the serpentine stops
+  pairing long tiles with short ones: 16 heads of 128 tiles on 132 CTAs deal 1.54 (H200
+  2026-11-27, s=16k causal fwd: 418 TFLOP/s against 636 with one CTA per tile)."""
   work = np.asarray(tile_work, dtype=np.float64)
   nq = work.size
-  n_all = nq * copies
-  c = np.arange(ctas)[None, :]
-  j = np.arange(-(-n_all // ctas))[:, None]
-  f = q_tile(c, j, ctas, n_all)
-  per_cta = np.where(f >= 0, work[np.maximum(f, 0) % nq], 0.0).sum(axis=0)
+  c = np.arange(ctas)
+  if paired:
+    count = paired_tiles(c, ctas, copies, nq)
+  else:
+    count = np.asarray(persistent_tiles(c, ctas, nq * copies))
+  per_cta = np.zeros(ctas)
+  for j in range(int(count.max())):
+    tile = paired_tile(c, j, ctas, copies, nq)[1] if paired else q_tile(c, j, ctas, nq * copies)
+    per_cta += np.where(j < count, work[np.clip(tile, 0, None) % nq], 0.0)
   return float(per_cta.max() / max(per_cta.mean(), work.max()))
