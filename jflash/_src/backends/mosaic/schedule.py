@@ -10,34 +10,6 @@ import numpy as np
 from jax import lax
 
 
-def q_tile(c, j, ctas: int, nq: int):
-  """The query tile (of ``2 * block_q`` rows) that CTA ``c`` of ``ctas`` runs ``j``-th;
-  negative past the end (where ``q_tiles_per_cta`` does not divide ``nq``).
-
-  The ``j``-th tiles of all CTAs form the ``j``-th run of ``ctas`` tiles, counted from
-  the last tile (under a causal mask, the longest first), forwards in even runs and
-  backwards in odd ones (a serpentine): a CTA pairs a long tile with a short one, so
-  with an even ``q_tiles_per_cta`` every CTA gets the same causal work. Run ``j`` lies
-  wholly before run ``j + 1``, so a CTA's tiles past the end are its last ones. With one
-  tile per CTA, CTA ``c`` runs tile ``nq - 1 - c``. ``c`` and ``j``: ints, traced
-  int32, or NumPy arrays (``deal_imbalance``)."""
-  back = ctas - 1 - c
-  if isinstance(j, int):
-    v = j * ctas + (c if j % 2 == 0 else back)
-  else:
-    where = np.where if isinstance(j, np.ndarray) else jnp.where
-    v = j * ctas + where(j % 2 == 0, c, back)
-  return nq - 1 - v
-
-
-def persistent_tiles(c, ctas: int, n_all: int):
-  """How many of ``n_all`` tiles ``q_tile`` deals CTA ``c`` (int32) of ``ctas``: the
-  runs 0 .. full-1 are whole, and run ``full`` deals its first ``rest`` places."""
-  full, rest = divmod(n_all, ctas)
-  x = c if full % 2 == 0 else ctas - 1 - c
-  return full + (x < rest).astype(jnp.int32)
-
-
 def _traced(x) -> bool:
   return isinstance(x, jax.Array)
 
@@ -60,6 +32,33 @@ def _lt(a, b):
 
 def _where(cond, x, y):
   return (jnp.where if _traced(cond) or _traced(x) or _traced(y) else np.where)(cond, x, y)
+
+
+def q_tile(c, j, ctas: int, nq: int):
+  """The query tile (of ``2 * block_q`` rows) that CTA ``c`` of ``ctas`` runs ``j``-th;
+  negative past the end (where ``q_tiles_per_cta`` does not divide ``nq``).
+
+  The ``j``-th tiles of all CTAs form the ``j``-th run of ``ctas`` tiles, counted from
+  the last tile (under a causal mask, the longest first), forwards in even runs and
+  backwards in odd ones (a serpentine): a CTA pairs a long tile with a short one, so
+  with an even ``q_tiles_per_cta`` every CTA gets the same causal work. Run ``j`` lies
+  wholly before run ``j + 1``, so a CTA's tiles past the end are its last ones. With one
+  tile per CTA, CTA ``c`` runs tile ``nq - 1 - c``. ``c`` and ``j``: ints, traced
+  int32, or NumPy arrays (``deal_imbalance``)."""
+  back = ctas - 1 - c
+  if isinstance(j, int):
+    v = j * ctas + (c if j % 2 == 0 else back)
+  else:
+    v = j * ctas + _where(j % 2 == 0, c, back)
+  return nq - 1 - v
+
+
+def persistent_tiles(c, ctas: int, n_all: int):
+  """How many of ``n_all`` tiles ``q_tile`` deals CTA ``c`` of ``ctas``: the
+  runs 0 .. full-1 are whole, and run ``full`` deals its first ``rest`` places."""
+  full, rest = divmod(n_all, ctas)
+  x = c if full % 2 == 0 else ctas - 1 - c
+  return full + _lt(x, rest)
 
 
 def _paired_counts(c, ctas: int, copies: int, nq: int):
@@ -124,7 +123,7 @@ def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False) -> f
   if paired:
     count = paired_tiles(c, ctas, copies, nq)
   else:
-    count = np.asarray(persistent_tiles(c, ctas, nq * copies))
+    count = persistent_tiles(c, ctas, nq * copies)
   per_cta = np.zeros(ctas)
   for j in range(int(count.max())):
     tile = paired_tile(c, j, ctas, copies, nq)[1] if paired else q_tile(c, j, ctas, nq * copies)
