@@ -3,8 +3,8 @@
 One CTA owns ``q_tiles_per_cta`` query tiles of ``2 * block_q`` rows (one by default) of
 one (batch, head), run in turn (see ``q_tile``); or, with ``MosaicConfig.persistent``
 (d=128's default: one CTA per SM), a grid of that many CTAs deals out the query tiles of
-all (batch, head)s, head by head (``work``), so that the CTAs running side by side share
-a few heads' keys in L2. Each CTA runs three warpgroups:
+all (batch, head)s, head by head (``work``; the deals are in schedule.py), so that the
+CTAs running side by side share a few heads' keys in L2. Each CTA runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
