@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic.schedule import deal_imbalance
 
 # One consumer warpgroup owns 64 query rows: the M of one wgmma instruction.
@@ -153,9 +154,11 @@ class MosaicConfig:
     short_d64 = head_dim == 64 and not causal and kv_len <= 1024
     persistent = sm_count if (head_dim == 128 or short_d64) and not segments else 0
     if persistent and causal:
-      rows = CONSUMER_WGS * WG_ROWS
-      nk = -(-kv_len // block_kv)
-      work = [min(nk, -(-(t + 1) * rows // block_kv)) for t in range(-(-q_len // rows))]
+      rows, nk = CONSUMER_WGS * WG_ROWS, -(-kv_len // block_kv)
+      spec = mask_lib.MaskSpec(q_len=q_len, kv_len=kv_len, causal=True)
+      ranges = (mask_lib.kv_block_range(spec, t * rows, rows, block_kv, nk, q_len, kv_len)
+                for t in range(-(-q_len // rows)))
+      work = [hi - lo for lo, _, _, hi in ranges]
       if not batch_heads or deal_imbalance(work, batch_heads, sm_count) > 1.06:
         persistent = 0
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
