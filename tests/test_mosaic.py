@@ -372,6 +372,9 @@ VARIANTS = {
     # 2 tiles a head make one pair, so each of 2 CTAs runs a head's or a batch row's
     # pair; with 3 tiles a head, the middle tiles come last.
     "persistent3_paired": dict(persistent=3, paired_deal=True),
+    # The same grid dealing the tiles longest first, by the key tiles each visits
+    # (schedule.sorted_order, computed before the launch from the mask and the ids).
+    "persistent3_sorted": dict(persistent=3, sorted_deal=True),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
     # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
@@ -470,7 +473,9 @@ def test_mosaic_config_refuses_too_many_registers():
     # Persistent: each tile reads its own batch row's ids and segment ranges.
     ("segment_packed_causal_gqa", "persistent3"),
     ("segment_pair_lengths_empty", "persistent3"),
-    ("segment_packed_causal_gqa", "persistent3_paired")])
+    ("segment_packed_causal_gqa", "persistent3_paired"),
+    ("segment_packed_causal_gqa", "persistent3_sorted"),
+    ("segment_pair_lengths_empty", "persistent3_sorted")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 
@@ -550,6 +555,45 @@ def test_mosaic_paired_deal_covers_every_tile_once():
         assert max(costs) - min(costs) <= nq + 1, (nq, copies, ctas, costs)
 
 
+def test_mosaic_sorted_deal_covers_every_tile_once_longest_first():
+  """The sorted deal (``sorted_order`` read at ``q_tile``'s places): together the CTAs
+  run every tile of every (batch, head) once; the places are dealt in falling work,
+  each (batch, tile)'s heads next to each other; a serpentine over them is balanced
+  where ``q_tile``'s own order is not (8 packed documents in 16k, causal; causal 16k)."""
+  rng = np.random.default_rng(1)
+  for _ in range(30):
+    b, nq, heads = (int(x) for x in rng.integers(1, 6, size=3))
+    work = rng.integers(0, 9, size=(b, nq))
+    order = schedule.sorted_order(work, heads)
+    traced = np.asarray(jax.jit(schedule.sorted_order, static_argnums=1)(
+        jnp.asarray(work, jnp.int32), heads))
+    np.testing.assert_array_equal(order, traced)
+    assert sorted(order) == list(range(b * heads * nq))
+    dealt = order[::-1]  # place v = n_all - 1 - f is dealt v-th
+    bh, tile = dealt // nq, dealt % nq
+    w = work[bh // heads, tile]
+    assert (np.diff(w) <= 0).all(), w
+    # heads of one (batch, tile) side by side, in head order
+    np.testing.assert_array_equal(bh % heads, np.tile(np.arange(heads), b * nq))
+    assert ((bh // heads).reshape(-1, heads) == (bh // heads)[::heads, None]).all()
+    assert (tile.reshape(-1, heads) == tile[::heads, None]).all()
+  # 8 packed documents (the benchmark's lengths) in 16k, 128-row tiles, 128-key tiles.
+  lengths = [2090, 3133, 62, 8, 1692, 5008, 2070, 2321]
+  start = np.concatenate([[0], np.cumsum(lengths)])
+  rows = np.arange(128)[:, None] * 128 + np.arange(128)
+  doc = np.searchsorted(start, rows, side="right") - 1
+  packed = rows[:, -1] // 128 - start[doc[:, 0]] // 128 + 1
+  assert schedule.deal_imbalance(packed, 16, 132) > 1.4
+  assert schedule.deal_imbalance(packed, 16, 132, by_work=True) < 1.01
+  causal = np.arange(1, 129)
+  assert schedule.deal_imbalance(causal, 16, 132, by_work=True) < 1.01
+
+
+def test_mosaic_config_refuses_two_deals():
+  with pytest.raises(ValueError, match="sorted_deal"):
+    MosaicConfig(persistent=132, paired_deal=True, sorted_deal=True)
+
+
 def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   """Several q tiles where a second Q buffer does not fit (d=256 on the GPU): the next
   tile's Q loads after the last tile's O has left the slot. 3 q tiles, 2 per CTA: the
@@ -562,21 +606,24 @@ def test_mosaic_q_tiles_with_one_q_buffer_interpret(monkeypatch):
   _check_forward_under(case, cfg)
 
 
-@pytest.mark.parametrize("persistent, q_bufs, paired", [
-    (2, 1, False), (64, None, False), (2, None, True), (3, 1, True), (64, None, True)])
-def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs, paired):
+@pytest.mark.parametrize("persistent, q_bufs, paired, by_work", [
+    (2, 1, False, False), (64, None, False, False), (2, None, True, False),
+    (3, 1, True, False), (64, None, True, False), (2, 1, False, True),
+    (5, None, False, True)])
+def test_mosaic_persistent_interpret(monkeypatch, persistent, q_bufs, paired, by_work):
   """A persistent grid with one Q buffer (d=256's SMEM: each tile's Q loads after the
   last tile's O has left it), over 2 batch rows of their own lengths and 2 heads (12 q
   tiles on 2 CTAs); and with more CTAs asked for than there are tiles (one each).
   ``paired``: the paired deal, whose 3 tiles a head make a pair and a middle tile (on 2
   CTAs, 2 pairs and 2 middles each; on 3, 3 CTAs' runs of 2 or 3 pairs and middles;
-  with 64 asked for, 8 CTAs, one pair or middle each)."""
+  with 64 asked for, 8 CTAs, one pair or middle each). ``by_work``: the sorted deal,
+  whose order puts the two batch rows' tiles (of unequal lengths) side by side."""
   case = Case(b=2, t=260, s=190, n=2, k=1, h=64, dtype=jnp.bfloat16, q_lengths=[250, 70],
               kv_lengths=[190, 30], is_causal=True)
   if q_bufs is not None:
     monkeypatch.setattr(MosaicConfig, "q_buffers", lambda self, *a, **kw: q_bufs)
   cfg = dataclasses.replace(MosaicConfig.for_problem(case.t, case.s, 64), block_kv=64,
-                            persistent=persistent, paired_deal=paired)
+                            persistent=persistent, paired_deal=paired, sorted_deal=by_work)
   _check_forward_under(case, cfg)
 
 

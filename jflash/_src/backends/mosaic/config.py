@@ -76,6 +76,12 @@ class MosaicConfig:
   # each head's tiles in equal-cost pairs (schedule.paired_tile) instead of q_tile's
   # serpentine, balanced under a causal mask at any head count.
   paired_deal: bool = False
+  # Variant (off by default; MOSAIC_NOTES.md, session 19): the persistent grid deals the
+  # tiles of all (batch, head)s longest first, by each tile's key-tile count worked out
+  # before the launch (schedule.sorted_order), the heads of one tile side by side: a
+  # serpentine over tiles sorted by work is balanced under any mask, packed documents
+  # included (8 docs in 16k, causal, 16 heads: 1.00 against q_tile's 1.44).
+  sorted_deal: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -101,6 +107,9 @@ class MosaicConfig:
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
     if not isinstance(self.persistent, int) or self.persistent < 0:
       raise ValueError(f"persistent={self.persistent!r} must be an int >= 0 (0: off)")
+    if self.paired_deal and self.sorted_deal:
+      raise ValueError("paired_deal and sorted_deal are two deals of the persistent grid: "
+                       "choose one")
 
   @classmethod
   def for_problem(cls, q_len: int, kv_len: int, head_dim: int, itemsize: int = 2, *,

@@ -4,7 +4,8 @@ One CTA owns ``q_tiles_per_cta`` query tiles of ``2 * block_q`` rows (one by def
 one (batch, head), run in turn (see ``q_tile``); or, with ``MosaicConfig.persistent``
 (d=128's default: one CTA per SM), a grid of that many CTAs deals out the query tiles of
 all (batch, head)s, head by head (``work``; the deals are in schedule.py), so that the
-CTAs running side by side share a few heads' keys in L2. Each CTA runs three warpgroups:
+CTAs running side by side share a few heads' keys in L2 (or, with ``sorted_deal``, in an
+order worked out before the launch: longest tiles first). Each CTA runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
@@ -58,24 +59,30 @@ from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_
 from jflash._src.backends.mosaic.common import smem_tile
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
 from jflash._src.backends.mosaic.schedule import deal_units, paired_tile, paired_tiles
-from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile
+from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile, sorted_order
 from jflash._src.problem import Problem
 
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
 
 
-def _unpack(*refs, p: Problem, **kw):
+def _unpack(*refs, p: Problem, cfg: MosaicConfig, grid_ctas: int, **kw):
   """Splits the refs of plgpu.kernel: segment ids come as three more inputs (q ids, kv
-  ids, segment_ranges) only when the problem has them."""
-  n_in = 8 if p.mask.has_segment_ids else 5
+  ids, segment_ranges) only when the problem has them; the sorted deal's order as one
+  more only under it."""
+  seg = p.mask.has_segment_ids
+  by_work = bool(grid_ctas) and cfg.sorted_deal
+  n_in = 5 + 3 * seg + by_work
   ins, outs, scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
-  segs = ins[5:] if p.mask.has_segment_ids else None
-  return _kernel(*ins[:5], *outs, *scratch, segs=segs, p=p, **kw)
+  segs = ins[5:8] if seg else None
+  order = ins[-1] if by_work else None
+  return _kernel(*ins[:5], *outs, *scratch, segs=segs, order_ref=order, p=p, cfg=cfg,
+                 grid_ctas=grid_ctas, **kw)
 
 
 def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, lse_smem, p_smem, q_full, k_full, v_full, k_consumed,
-            v_consumed, sched, qseg_smem, kseg_smem, *, segs, p: Problem, cfg: MosaicConfig,
+            v_consumed, sched, qseg_smem, kseg_smem, *, segs, order_ref, p: Problem,
+            cfg: MosaicConfig,
             nq: int, nk: int, groups: int, q_bufs: int, interpret: bool, batch: int,
             heads: int, grid_ctas: int):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
@@ -86,7 +93,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   ``q_smem``) / ``kseg_smem`` (one per K slot) stage the ids (None without them).
   ``grid_ctas``: the CTAs of a persistent grid (``cfg.persistent``), which deal out the
   query tiles of all ``batch`` x ``heads``; 0: one CTA per ``q_tiles_per_cta`` tiles of
-  one (batch, head)."""
+  one (batch, head). ``order_ref``: under ``cfg.sorted_deal``, the flat (batch, head,
+  tile) at each of ``q_tile``'s places (schedule.sorted_order), else None."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
   rows = CONSUMER_WGS * bq
   persistent = grid_ctas > 0
@@ -104,7 +112,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   def work(j):
     """``(b, h, tile, q_valid, kv_valid)`` of the CTA's ``j``-th query tile, the tile
     negative past the end. Persistent: the flat index over (batch, head, tile) that
-    q_tile deals out, so that a head's tiles (longest first) run side by side."""
+    q_tile deals out, so that a head's tiles (longest first) run side by side; under
+    the sorted deal, the flat index ``order_ref`` holds at that place."""
     if not persistent:
       return b, h, q_tile(c, j, ctas, nq), q_valid, kv_valid
     if cfg.paired_deal:
@@ -114,6 +123,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       f = q_tile(c, j, ctas, batch * heads * nq)
       live = f >= 0
       f = jnp.maximum(f, 0)
+      if order_ref is not None:
+        f = order_ref[f]
       bh, tile = lax.div(f, jnp.int32(nq)), lax.rem(f, jnp.int32(nq))
     tb, th = lax.div(bh, jnp.int32(heads)), lax.rem(bh, jnp.int32(heads))
     return tb, th, jnp.where(live, tile, -1), qv_ref[tb], kvv_ref[tb]
@@ -412,6 +423,17 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
                             by_rows=True)
 
 
+def tile_work(p: Problem, cfg: MosaicConfig, nq: int, nk: int, q_valid, kv_valid, ranges):
+  """int32 ``[B, nq]``: the key tiles each query tile's CTA steps through (the union of
+  its consumers' ranges, as the kernel's ``union``), in XLA."""
+  rows = CONSUMER_WGS * cfg.block_q
+  starts = jnp.arange(nq, dtype=jnp.int32)[None] * rows
+  seg = None if ranges is None else tuple(ranges[:, :, CONSUMER_WGS, x] for x in range(4))
+  lo, _, _, hi = mask_lib.kv_block_range(p.mask, starts, rows, cfg.block_kv, nk,
+                                         q_valid[:, None], kv_valid[:, None], seg)
+  return jnp.broadcast_to(hi - lo, (q_valid.shape[0], nq))
+
+
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
             kv_seg=None):
   """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
@@ -446,6 +468,9 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   grid_ctas = min(cfg.persistent, deal_units(b * n, nq, cfg.paired_deal)) if cfg.persistent else 0
+  if grid_ctas and cfg.sorted_deal:
+    ranges = extra[2] if seg else None
+    extra += (sorted_order(tile_work(p, cfg, nq, sp // bk, q_valid, kv_valid, ranges), n),)
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret, batch=b, heads=n,
                              grid_ctas=grid_ctas)

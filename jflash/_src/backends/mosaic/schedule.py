@@ -101,16 +101,36 @@ def paired_tile(c, j, ctas: int, copies: int, nq: int):
   return _where(in_pair, _div(u, pairs), single), _where(in_pair, tile, pairs)
 
 
+def sorted_order(work, heads: int):
+  """The sorted deal: which (batch, head, tile) runs at each ``q_tile`` place.
+
+  ``work [B, nq]``: each query tile's key tiles (the same for every head of a batch
+  row). Returns int32 ``[B * heads * nq]``, indexed by ``q_tile``'s flat index (which
+  counts from the end): the flat ``(b * heads + h) * nq + tile`` dealt there. Tiles go
+  longest first, each (batch, tile)'s heads side by side, ties in (batch, tile) order;
+  ``q_tile``'s serpentine over runs of falling work then gives every CTA about the same
+  work, whatever the mask. NumPy or traced arrays (in XLA, before the launch)."""
+  xp = jnp if _traced(work) else np
+  b, nq = work.shape
+  by_work = xp.argsort(-work.reshape(-1), stable=True)  # (batch, tile)s, longest first
+  bt = xp.repeat(by_work, heads)
+  h = xp.tile(xp.arange(heads), b * nq)
+  flat = (bt // nq * heads + h) * nq + bt % nq
+  return flat[::-1].astype(xp.int32)
+
+
 def deal_units(copies: int, nq: int, paired: bool) -> int:
   """The most CTAs a persistent deal can keep busy: tiles, or pairs and middle tiles."""
   return copies * (nq // 2 + nq % 2) if paired else copies * nq
 
 
-def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False) -> float:
+def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False,
+                   by_work: bool = False) -> float:
   """How far a persistent deal of ``copies`` (batch x head) runs of tiles, tile ``t``
   costing ``tile_work[t]``, is from balanced: the busiest CTA's work over the least any
   deal could give it (the mean, or the longest tile where that is more). 1.0: none.
-  ``paired``: ``paired_tile``'s deal; else ``q_tile``'s over the flat index.
+  ``paired``: ``paired_tile``'s deal; ``by_work``: the sorted deal (``sorted_order``);
+  else ``q_tile``'s over the flat index.
 
   The serpentine deal is balanced when each head's tiles cost the same, or when a run
   of ``ctas`` spans several heads. Under a causal mask, with about one head per run, a
@@ -126,6 +146,11 @@ def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False) -> f
     count = persistent_tiles(c, ctas, nq * copies)
   per_cta = np.zeros(ctas)
   for j in range(int(count.max())):
-    tile = paired_tile(c, j, ctas, copies, nq)[1] if paired else q_tile(c, j, ctas, nq * copies)
-    per_cta += np.where(j < count, work[np.clip(tile, 0, None) % nq], 0.0)
+    if paired:
+      tile = paired_tile(c, j, ctas, copies, nq)[1]
+    else:
+      tile = np.clip(q_tile(c, j, ctas, nq * copies), 0, None)
+      if by_work:
+        tile = sorted_order(work[None], copies)[tile]
+    per_cta += np.where(j < count, work[tile % nq], 0.0)
   return float(per_cta.max() / max(per_cta.mean(), work.max()))
