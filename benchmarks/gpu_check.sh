@@ -2,7 +2,8 @@
 # The one script run on the GPU machine: GPU tests, then the benchmark.
 #   bash benchmarks/gpu_check.sh [bench.py args...]    e.g. --quick --s 4096
 #   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; JOBS=4 test shards, SHARD_TIMEOUT s each;
-#   TESTS=<pytest -k expr>, or TEST_IDS_FILE=<file of test ids>. Output goes to $OUT (default ./bench_out):
+#   TESTS=<pytest -k expr>, or TEST_IDS_FILE=<file of test ids>; GPUS="1" to test on
+#   some GPUs only. Output goes to $OUT (default ./bench_out):
 #   gpu_tests.log, failures.log (each failing test's report, written as it fails),
 #   bench.log, results.json, results.md, tflops.png.
 #   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
@@ -53,8 +54,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # On a machine of several GPUs, shard i sees GPU i mod ngpu alone (more cores, more
   # shards). The tests that need several devices (test_ring.py, test_sharding.py) go to
   # one extra shard that sees them all.
+  # GPUS="1 2": use only these GPUs (e.g. while a probe times on GPU 0).
   ngpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
   [ "$ngpu" -ge 1 ] || ngpu=1
+  read -ra gpus <<< "${GPUS:-$(seq -s ' ' 0 $((ngpu - 1)))}"
+  ngpu="${#gpus[@]}"
   grep -E 'test_(ring|sharding)\.py' "$shards/ids" > "$shards/$jobs.ids"
   grep -vE 'test_(ring|sharding)\.py' "$shards/ids" > "$shards/single.ids"
   per_gpu=$(( (jobs + ngpu - 1) / ngpu + 1 ))  # shards on one GPU, the all-GPU one too
@@ -62,9 +66,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for ((i = 0; i <= jobs; i++)); do
     if ((i < jobs)); then
       awk -v n="$jobs" -v i="$i" 'NR % n == i' "$shards/single.ids" > "$shards/$i.ids"
-      visible=$(( i % ngpu ))
+      visible="${gpus[$(( i % ngpu ))]}"
     else
-      visible="$(seq -s, 0 $((ngpu - 1)))"
+      visible="$(IFS=,; echo "${gpus[*]}")"
     fi
     [ -s "$shards/$i.ids" ] || continue
     mapfile -t ids < "$shards/$i.ids"  # one test id per line (ids may hold spaces)

@@ -115,14 +115,17 @@ def visible(
   """
   row, col = (lambda x: x[None, :], lambda x: x[:, None]) if transpose else (
       lambda x: x[:, None], lambda x: x[None, :])
-  qi, kj = row(q_pos), col(k_pos)
-  # The length checks on the 1-D positions first, then expanded: Mosaic GPU infers no
-  # register layout for comparisons on [1, n] / [n, 1] arrays.
-  ok = col(k_pos < kv_valid) & row(q_pos < q_valid)
+  # Row i sees keys ``lo_i <= j <= hi_i``: the band and both valid lengths fold into two
+  # per-row bounds, worked out on the 1-D positions (a row past q_valid gets hi = -1, so
+  # no key), and the tile costs one comparison per element and side of the band rather
+  # than a subtraction, a comparison and the length tests. The offsets are clipped to the
+  # lengths (no int32 overflow; a band wider than the keys bounds nothing).
+  hi_off = spec.kv_len if spec.band_hi is None else min(spec.band_hi, spec.kv_len)
+  hi = jnp.where(q_pos < q_valid, jnp.minimum(q_pos + hi_off, kv_valid - 1), -1)
+  kj = col(k_pos)
+  ok = kj <= row(hi)
   if spec.band_lo is not None:
-    ok = ok & (kj - qi >= spec.band_lo)
-  if spec.band_hi is not None:
-    ok = ok & (kj - qi <= spec.band_hi)
+    ok = ok & (kj >= row(q_pos + max(spec.band_lo, -spec.q_len)))
   if spec.has_segment_ids:
     ok = ok & (row(q_seg) == col(kv_seg))
   if spec.has_dense_mask:
