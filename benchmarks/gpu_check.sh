@@ -75,13 +75,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # Each shard stops by SHARD_TIMEOUT seconds, so a slow one cannot take the logs down.
     # numpy's BLAS (the float64 references) gets its share of the cores, not all of them
     # in every shard: oversubscribed, the references took minutes per test.
+    # No XLA autotuning in the tests (they time nothing): with it off, 2 x H200 2026-11-27,
+    # 90 gpu tests took 255 s in 10 shards on one GPU (session 18: 83 in 550 s, 22 shards
+    # on two; both the flag and the shard count changed between them).
     # The shards' JAX pools take 70% of the GPU's memory, not 90%: the rest is the CUDA
     # driver's, for 13 contexts and their command buffers (with 90%, H100 2026-11-26:
     # RESOURCE_EXHAUSTED "instantiate command buffer" in three tests, test_fuzz_triton_gpu
     # among them: likely session 9's unexplained failure of it too).
     threads=$(( $(nproc) / (jobs + 1) > 0 ? $(nproc) / (jobs + 1) : 1 ))
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
-    CUDA_VISIBLE_DEVICES="$visible" \
+    CUDA_VISIBLE_DEVICES="$visible" XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $per_gpu, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
       --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &

@@ -264,21 +264,24 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
 
 
 @pytest.mark.parametrize("d, segments, sms, persistent", [
-    (128, False, 132, 132), (128, False, 114, 114), (128, False, 0, 0), (128, True, 132, 0),
-    (64, False, 132, 132), (64, True, 132, 0), (256, False, 132, 0)])
+    (128, False, 132, 132), (128, False, 114, 114), (128, False, 0, 0), (128, True, 132, 132),
+    (128, True, 0, 0), (64, False, 132, 132), (64, True, 132, 132), (256, False, 132, 0),
+    (256, True, 132, 0)])
 def test_mosaic_config_persistent_only_where_timed_faster(d, segments, sms, persistent):
-  """A persistent grid of one CTA per SM where it was timed faster, without segment ids:
+  """A persistent grid of one CTA per SM where it was timed faster. Without segment ids:
   at d=128 without a causal mask, and with one on the benchmark grid's shapes up to 8k,
-  whose deals are balanced; at d=64 only up to 1k keys without a causal mask. None where
-  the SM count is not known."""
+  whose deals are balanced; at d=64 only up to 1k keys without a causal mask. With them
+  (packed documents), at d <= 128 at every length, dealt longest first (sorted_deal).
+  None where the SM count is not known."""
   for s in (1024, 4096, 8192, 16384):
     for causal in (False, True):
-      if d == 128 and causal and (s == 16384 or sms == 114):
+      if d == 128 and causal and not segments and (s == 16384 or sms == 114):
         continue  # (deals not balanced: 16k at 132 CTAs, 4k at 114; the next test)
       cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=sms,
                                      batch_heads=16384 // s * 2048 // d)
-      on = persistent and (d == 128 or (s <= 1024 and not causal))
+      on = persistent and (segments or d == 128 or (s <= 1024 and not causal))
       assert cfg.persistent == (persistent if on else 0), (s, causal)
+      assert cfg.sorted_deal == bool(on and segments), (s, causal)
 
 
 @pytest.mark.parametrize("s, batch_heads, persistent", [

@@ -70,7 +70,8 @@ class MosaicConfig:
   # Variant (off by default; benchmarks/MOSAIC_NOTES.md, session 16): each consumer
   # warpgroup runs a copy of the code of its own, its index a constant (common.consumers).
   static_wg: bool = False
-  # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17).
+  # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17),
+  # and with them at d <= 128 (under sorted_deal).
   persistent: int = 0
   # Variant (off by default; MOSAIC_NOTES.md, session 18): the persistent grid deals
   # each head's tiles in equal-cost pairs (schedule.paired_tile) instead of q_tile's
@@ -81,6 +82,7 @@ class MosaicConfig:
   # before the launch (schedule.sorted_order), the heads of one tile side by side: a
   # serpentine over tiles sorted by work is balanced under any mask, packed documents
   # included (8 docs in 16k, causal, 16 heads: 1.00 against q_tile's 1.44).
+  # for_problem's choice with segment ids at d <= 128.
   sorted_deal: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
@@ -162,7 +164,15 @@ class MosaicConfig:
     # at 1.54).
     short_d64 = head_dim == 64 and not causal and kv_len <= 1024
     persistent = sm_count if (head_dim == 128 or short_d64) and not segments else 0
-    if persistent and causal:
+    # Packed documents (segment ids, d <= 128): a persistent grid dealing tiles longest
+    # first (``sorted_deal``), balanced whatever the documents' lengths (H200 2026-11-27,
+    # 8 docs in 16k, causal, fwd useful TFLOP/s, one CTA per tile -> sorted deal: d=128
+    # 390 -> 401, 386 -> 401 and with mask.visible's row bounds 421 -> 432; d=64 280 ->
+    # 292-295, 278 -> 292 and 288 -> 313). The serpentine deal loses there (342, 1.44).
+    sorted_deal = bool(segments and sm_count and head_dim <= 128)
+    if sorted_deal:
+      persistent = sm_count
+    elif persistent and causal:
       rows, nk = CONSUMER_WGS * WG_ROWS, -(-kv_len // block_kv)
       spec = mask_lib.MaskSpec(q_len=q_len, kv_len=kv_len, causal=True)
       ranges = (mask_lib.kv_block_range(spec, t * rows, rows, block_kv, nk, q_len, kv_len)
@@ -171,7 +181,7 @@ class MosaicConfig:
       if not batch_heads or deal_imbalance(work, batch_heads, sm_count) > 1.06:
         persistent = 0
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
-              persistent=persistent)
+              persistent=persistent, sorted_deal=sorted_deal)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
