@@ -572,3 +572,70 @@ def test_mosaic_backward_traced_wg_against_reference(name, dq_mode, mosaic_bwd_c
   with _mosaic_backward(case, _fused_dq_config(case, dq_mode, static_wg=False)):
     check_case(case, "mosaic")
   assert set(mosaic_bwd_calls) == {dq_mode}
+
+
+# ---- sorted_grid: dq_mode="separate"'s kernels launch their CTAs longest first, through
+# a launch order worked out in XLA (bwd._launch_order). Each CTA must still run its own
+# tile's keys and rows: the cases mix batch rows of their own lengths, empty rows, GQA,
+# windows and segment ids, so a tile run with another's (batch, head, tile) shows.
+SORTED_GRID_INTERPRET_CASES = {
+    "bf16_causal_cross_tail_gqa": Case(b=1, t=150, s=200, n=2, k=1, h=64,
+                                       dtype=jnp.bfloat16, is_causal=True),
+    "f16_lengths_empty_window_d80": Case(b=2, t=130, s=140, n=1, k=1, h=80,
+                                         dtype=jnp.float16, q_lengths=[130, 0],
+                                         kv_lengths=[100, 140], window=(40, 10)),
+    "segment_packed_causal_gqa": SEGMENT_INTERPRET_CASES["segment_packed_causal_gqa"],
+    "segment_pair_lengths_empty": SEGMENT_INTERPRET_CASES["segment_pair_lengths_empty"],
+}
+
+
+def _sorted_grid_config(case: Case) -> MosaicBwdConfig:
+  d = mosaic_backend.padded_head_dim(case.h)
+  return dataclasses.replace(MosaicBwdConfig.for_problem(case.t, case.s, d),
+                             dq_mode="separate", sorted_grid=True)
+
+
+@pytest.mark.parametrize("name", list(SORTED_GRID_INTERPRET_CASES))
+def test_mosaic_backward_sorted_grid_interpret_against_reference(name, mosaic_bwd_calls):
+  case = SORTED_GRID_INTERPRET_CASES[name]
+  _check_backward_interpret(case, _sorted_grid_config(case), mosaic_bwd_calls)
+
+
+@pytest.mark.parametrize("d, causal, segments", [(64, True, True), (128, False, True),
+                                                 (128, True, False), (256, True, True)])
+def test_mosaic_backward_sorted_grid_lowers_for_cuda(d, causal, segments):
+  _lower_backward_for_cuda(d, causal, None, 2, segments=segments, dq_mode="separate",
+                           sorted_grid=True)
+
+
+def test_mosaic_bwd_config_sorted_grid_needs_separate_dq():
+  with pytest.raises(ValueError, match="sorted_grid"):
+    MosaicBwdConfig(dq_mode="atomic", sorted_grid=True)
+
+
+def test_mosaic_backward_launch_order_runs_every_tile_once_longest_first():
+  """bwd._launch_order and bwd._launched: the CTA launched i-th runs ``order[i]``, each
+  (batch, head, tile) once, in falling work; the flat index splits back into the grid's
+  (batch, head, tile) with the tile fastest."""
+  work = jnp.asarray([[3, 0, 7, 7], [1, 9, 2, 0]], jnp.int32)
+  heads = 3
+  order = np.asarray(mosaic_bwd._launch_order(work, heads))
+  assert sorted(order) == list(range(2 * heads * 4))
+  b, h, t = order // (heads * 4), order // 4 % heads, order % 4
+  w = np.asarray(work)[b, t]
+  assert (np.diff(w) <= 0).all() and w[0] == 9, w
+  ids = np.asarray(jax.vmap(lambda i: jnp.stack(mosaic_bwd._launched(
+      jnp.asarray(order), (i // (heads * 4), i // 4 % heads, i % 4), (2, heads, 4))))(
+          jnp.arange(2 * heads * 4)))
+  np.testing.assert_array_equal(ids, np.stack([b, h, t], axis=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [
+    "segment_bf16_d64_s4096_8docs_causal_gqa", "segment_f16_d128_pair_lengths_empty",
+    "bf16_d256_causal_gqa_tail_1000", "bf16_lengths_empty_rows", "bf16_window"])
+def test_mosaic_backward_sorted_grid_against_reference(name, mosaic_bwd_calls):
+  case = {**BWD_GPU_CASES, **FUSED_DQ_GPU_CASES}[name]
+  with _mosaic_backward(case, _sorted_grid_config(case)):
+    check_case(case, "mosaic")
+  assert set(mosaic_bwd_calls) == {"separate"}

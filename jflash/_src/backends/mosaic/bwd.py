@@ -67,7 +67,8 @@ from jflash._src.backends.mosaic import bwd_parts as parts
 from jflash._src.backends.mosaic import fused_dq
 from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges
-from jflash._src.backends.mosaic.common import smem_tile
+from jflash._src.backends.mosaic.common import smem_tile, tile_work
+from jflash._src.backends.mosaic.schedule import sorted_order
 from jflash._src.problem import Problem
 
 # d=256 splits the head dim between the consumers (MosaicBwdConfig.split_head_dim): its
@@ -101,17 +102,40 @@ def _dscores(pr, t, dp, delta, axis: int):
   return logits_lib.dscores(pr * (dp - _per_q(delta, pr.shape, axis)), t)
 
 
-def _with_segments(kernel, has_segments: bool):
+def _with_segments(kernel, has_segments: bool, has_order: bool = False):
   """plgpu.kernel's body for ``kernel``: 8 inputs, then (with segment ids) the q ids, kv
-  ids and cta_segment_ranges, passed on as ``segs`` (None without them); the refs after
-  them (a fused dQ's offsets and accumulator, the outputs, the scratch) follow the 8 inputs."""
-  n_in = 11 if has_segments else 8
+  ids and cta_segment_ranges, passed on as ``segs`` (None without them), then (with
+  ``has_order``, MosaicBwdConfig.sorted_grid) the launch order, as ``order``; the refs
+  after them (a fused dQ's offsets and accumulator, the outputs, the scratch) follow the
+  8 inputs."""
+  n_in = 8 + 3 * has_segments + has_order
 
   def body(*refs, **kw):
-    segs = refs[8:n_in] if has_segments else None
-    return kernel(*refs[:8], *refs[n_in:], segs=segs, **kw)
+    segs = refs[8:11] if has_segments else None
+    order = refs[n_in - 1] if has_order else None
+    return kernel(*refs[:8], *refs[n_in:], segs=segs, order=order, **kw)
 
   return body
+
+
+def _launched(order, ids, sizes):
+  """sorted_grid: the grid indices ``ids`` (over ``sizes``, the last CUDA's fastest) of
+  the CTA launched ``i``-th (flat) run the flat index ``order[i]`` instead."""
+  flat = 0
+  for i, size in zip(ids, sizes):
+    flat = flat * size + i
+  flat = order[flat]
+  out = []
+  for size in reversed(sizes):
+    out.append(lax.rem(flat, jnp.int32(size)))
+    flat = lax.div(flat, jnp.int32(size))
+  return out[::-1]
+
+
+def _launch_order(work, copies: int):
+  """The flat (batch, copy, tile) to launch ``i``-th, longest first: ``work [B, n]``,
+  the same for each of ``copies`` heads."""
+  return sorted_order(work, copies)[::-1]
 
 
 def _range_row(segs, b, tile, wg):
@@ -122,7 +146,8 @@ def _range_row(segs, b, tile, wg):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
-                segs, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int, interpret: bool):
+                segs, order, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
+                interpret: bool):
   """``refs``: [offsets, dq_acc (fused dQ only)], dk, dv, then the scratch of
   ``backward``; ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query
   ids) are None without segment ids. With a fused dQ the grid covers batches
@@ -141,9 +166,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   bk, bq, wgs, tiles = WG_ROWS, cfg.dkv_block_q, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh_c, b_c, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
+  if order is not None:
+    b_c, kh_c, kt = _launched(order, (b_c, kh_c, lax.axis_index("k")),
+                              (k_ref.shape[0], k_ref.shape[2], k_ref.shape[1] // (tiles * bk)))
   kh, b = (kh_c + offsets[1], b_c + offsets[0]) if cfg.fused_dq else (kh_c, b_c)
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
-  kt = lax.axis_index("k")
+  if order is None:
+    kt = lax.axis_index("k")
   cta_k0 = kt * (tiles * bk)
   # Query tiles any consumer may need: what the producer loads, for every query head.
   u_lo, _, _, u_hi = mask_lib.q_block_range(p.mask, cta_k0, tiles * bk, bq, nq, q_valid,
@@ -359,7 +388,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, stage_smem, ds_smem,
                q_full, full, consumed, met, done, ready, qseg_smem, kseg_smem, *, segs,
-               p: Problem,
+               order, p: Problem,
                cfg: MosaicBwdConfig, nq: int, nk: int, groups: int, interpret: bool):
   """``qseg_smem`` (a tile's query ids), ``kseg_smem`` (the ring's key ids): None
   without segment ids; ``ds_smem``, ``met``, ``done``, ``ready``: split_head_dim only
@@ -370,6 +399,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
   # The last query tiles first: under a causal mask they have the most keys.
   qt = nq - 1 - lax.axis_index("q")
   h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+  if order is not None:  # sorted_grid: longest first by the work counted in XLA
+    b, h, qt = _launched(order, (b, h, lax.axis_index("q")),
+                         (q_ref.shape[0], q_ref.shape[2], nq))
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   cta_q0 = qt * (tiles * bq)
   u_lo, _, _, u_hi = mask_lib.kv_block_range(p.mask, cta_q0, tiles * bq, bk, nk, q_valid,
@@ -558,9 +590,13 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       kernel_name="jflash_mosaic_bwd_dkv",
       **params,
   )
-  body = functools.partial(_with_segments(_dkv_kernel, seg), p=p, cfg=cfg, nq=tp // bq,
-                           groups=groups, interpret=interpret)
   nk = sp // (tiles * WG_ROWS)
+  if cfg.sorted_grid:  # (never fused: MosaicBwdConfig refuses that)
+    work = tile_work(p.mask, tiles * WG_ROWS, bq, nk, tp // bq, q_valid, kv_valid,
+                     extra[2][:, :, tiles] if seg else None, by_rows=False)
+    extra += (_launch_order(work, kh),)
+  body = functools.partial(_with_segments(_dkv_kernel, seg, cfg.sorted_grid), p=p, cfg=cfg,
+                           nq=tp // bq, groups=groups, interpret=interpret)
   if fused:
     return fused_dq.fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
   dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -571,8 +607,12 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
   nq = tp // (tiles * WG_ROWS)
   extra = (q_seg, kv_seg, cta_segment_ranges(q_seg, kv_seg, WG_ROWS, bk, tiles, by_rows=True)
            ) if seg else ()
+  if cfg.sorted_grid:
+    work = tile_work(p.mask, tiles * WG_ROWS, bk, nq, sp // bk, q_valid, kv_valid,
+                     extra[2][:, :, tiles] if seg else None, by_rows=True)
+    extra += (_launch_order(work, n),)
   dq = plgpu.kernel(
-      functools.partial(_with_segments(_dq_kernel, seg), p=p, cfg=cfg, nq=nq,
+      functools.partial(_with_segments(_dq_kernel, seg, cfg.sorted_grid), p=p, cfg=cfg, nq=nq,
                         nk=sp // bk, groups=groups, interpret=interpret),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[

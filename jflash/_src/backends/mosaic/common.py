@@ -41,6 +41,21 @@ def per_row(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
 
 
+def tile_work(spec, size: int, other_block: int, n_tiles: int, n_other: int, q_valid,
+              kv_valid, union=None, *, by_rows: bool):
+  """int32 ``[B, n_tiles]``: the tiles of the other axis that each CTA's tile of ``size``
+  (query rows if ``by_rows``, else keys) steps through: the range its producer loads
+  (mask.kv_block_range or q_block_range; ``union``: the union rows ``[B, n_tiles, 4]``
+  of cta_segment_ranges, or None). Worked out in XLA, before a launch (the deals and
+  launch orders by work: schedule.sorted_order)."""
+  starts = jnp.arange(n_tiles, dtype=jnp.int32)[None] * size
+  block_range = mask_lib.kv_block_range if by_rows else mask_lib.q_block_range
+  seg = None if union is None else tuple(union[..., x] for x in range(4))
+  lo, _, _, hi = block_range(spec, starts, size, other_block, n_other, q_valid[:, None],
+                             kv_valid[:, None], seg)
+  return jnp.broadcast_to(hi - lo, (q_valid.shape[0], n_tiles))
+
+
 def cta_segment_ranges(q_seg, kv_seg, block_q: int, block_k: int, consumers: int, *,
                        by_rows: bool):
   """int32 ``[B, n_cta, consumers + 1, 4]``: for each CTA (``consumers`` consecutive

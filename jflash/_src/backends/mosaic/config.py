@@ -279,6 +279,12 @@ class MosaicBwdConfig:
   dv_early: bool = False
   split_head_dim: bool = False
   static_wg: bool = False
+  # Variant (off by default; MOSAIC_NOTES.md, session 19): dq_mode="separate"'s dK/dV and
+  # dQ kernels launch their CTAs longest first, by each tile's work worked out in XLA
+  # before the launch (schedule.sorted_order), so that the last wave holds the shortest
+  # tiles. Packed documents (8 in 16k, causal): a list schedule in launch order ends
+  # 1.11x past the mean work per SM, sorted 1.00x (CPU count).
+  sorted_grid: bool = False
 
   def __post_init__(self):
     for name in ("dkv_block_q", "dq_block_kv"):
@@ -292,6 +298,9 @@ class MosaicBwdConfig:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
     if self.dq_mode not in DQ_MODES:
       raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
+    if self.sorted_grid and self.dq_mode != "separate":
+      raise ValueError(f"sorted_grid orders dq_mode='separate''s kernels; got "
+                       f"dq_mode={self.dq_mode!r}")
     if not isinstance(self.dq_chunks, int) or self.dq_chunks < 1:
       raise ValueError(f"dq_chunks={self.dq_chunks!r} must be an int >= 1")
     if not self.dq_chunk_flops >= 0:

@@ -56,7 +56,7 @@ from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.mosaic import fwd_overlap
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
-from jflash._src.backends.mosaic.common import smem_tile
+from jflash._src.backends.mosaic.common import smem_tile, tile_work
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
 from jflash._src.backends.mosaic.schedule import deal_units, paired_tile, paired_tiles
 from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile, sorted_order
@@ -423,17 +423,6 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
                             by_rows=True)
 
 
-def tile_work(p: Problem, cfg: MosaicConfig, nq: int, nk: int, q_valid, kv_valid, ranges):
-  """int32 ``[B, nq]``: the key tiles each query tile's CTA steps through (the union of
-  its consumers' ranges, as the kernel's ``union``), in XLA."""
-  rows = CONSUMER_WGS * cfg.block_q
-  starts = jnp.arange(nq, dtype=jnp.int32)[None] * rows
-  seg = None if ranges is None else tuple(ranges[:, :, CONSUMER_WGS, x] for x in range(4))
-  lo, _, _, hi = mask_lib.kv_block_range(p.mask, starts, rows, cfg.block_kv, nk,
-                                         q_valid[:, None], kv_valid[:, None], seg)
-  return jnp.broadcast_to(hi - lo, (q_valid.shape[0], nq))
-
-
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
             kv_seg=None):
   """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
@@ -469,8 +458,10 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
   grid_ctas = min(cfg.persistent, deal_units(b * n, nq, cfg.paired_deal)) if cfg.persistent else 0
   if grid_ctas and cfg.sorted_deal:
-    ranges = extra[2] if seg else None
-    extra += (sorted_order(tile_work(p, cfg, nq, sp // bk, q_valid, kv_valid, ranges), n),)
+    # Each query tile's key tiles, as the kernel's ``union``.
+    work = tile_work(p.mask, CONSUMER_WGS * bq, bk, nq, sp // bk, q_valid, kv_valid,
+                     extra[2][:, :, CONSUMER_WGS] if seg else None, by_rows=True)
+    extra += (sorted_order(work, n),)
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret, batch=b, heads=n,
                              grid_ctas=grid_ctas)
