@@ -608,9 +608,18 @@ def test_mosaic_backward_sorted_grid_lowers_for_cuda(d, causal, segments):
                            sorted_grid=True)
 
 
-def test_mosaic_bwd_config_sorted_grid_needs_separate_dq():
-  with pytest.raises(ValueError, match="sorted_grid"):
-    MosaicBwdConfig(dq_mode="atomic", sorted_grid=True)
+def test_mosaic_bwd_config_sorts_the_grid_for_segment_ids():
+  """Launched longest first with segment ids (packed documents), whose tiles differ in
+  work, where that was timed (d <= 128); the fused dQ ("atomic", lowered here with it
+  set) keeps its own launches."""
+  for d in mosaic_bwd.HEAD_DIMS:
+    for causal, deterministic in ((False, True), (True, False)):
+      cfg = MosaicBwdConfig.for_problem(4096, 4096, d, deterministic=deterministic,
+                                        segments=True, causal=causal)
+      assert cfg.sorted_grid == (d <= 128) and cfg.dq_mode == "separate", (d, causal)
+      assert not MosaicBwdConfig.for_problem(4096, 4096, d, causal=causal).sorted_grid
+  _lower_backward_for_cuda(64, True, None, 2, segments=True, dq_mode="atomic",
+                           sorted_grid=True)
 
 
 def test_mosaic_backward_launch_order_runs_every_tile_once_longest_first():

@@ -591,11 +591,12 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
       **params,
   )
   nk = sp // (tiles * WG_ROWS)
-  if cfg.sorted_grid:  # (never fused: MosaicBwdConfig refuses that)
+  order = cfg.sorted_grid and not fused  # (the fused dQ's launches keep their grid)
+  if order:
     work = tile_work(p.mask, tiles * WG_ROWS, bq, nk, tp // bq, q_valid, kv_valid,
                      extra[2][:, :, tiles] if seg else None, by_rows=False)
     extra += (_launch_order(work, kh),)
-  body = functools.partial(_with_segments(_dkv_kernel, seg, cfg.sorted_grid), p=p, cfg=cfg,
+  body = functools.partial(_with_segments(_dkv_kernel, seg, order), p=p, cfg=cfg,
                            nq=tp // bq, groups=groups, interpret=interpret)
   if fused:
     return fused_dq.fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)

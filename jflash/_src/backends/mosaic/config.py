@@ -279,11 +279,12 @@ class MosaicBwdConfig:
   dv_early: bool = False
   split_head_dim: bool = False
   static_wg: bool = False
-  # Variant (off by default; MOSAIC_NOTES.md, session 19): dq_mode="separate"'s dK/dV and
-  # dQ kernels launch their CTAs longest first, by each tile's work worked out in XLA
-  # before the launch (schedule.sorted_order), so that the last wave holds the shortest
-  # tiles. Packed documents (8 in 16k, causal): a list schedule in launch order ends
-  # 1.11x past the mean work per SM, sorted 1.00x (CPU count).
+  # for_problem's choice with segment ids (MOSAIC_NOTES.md, session 19): dq_mode=
+  # "separate"'s dK/dV and dQ kernels launch their CTAs longest first, by each tile's
+  # work worked out in XLA before the launch (schedule.sorted_order), so that the last
+  # wave holds the shortest tiles. Packed documents (8 in 16k, causal): a list schedule
+  # in launch order ends 1.11x past the mean work per SM, sorted 1.00x (CPU count). The
+  # fused dQ modes' launches (fused_dq.py) do not use it.
   sorted_grid: bool = False
 
   def __post_init__(self):
@@ -298,9 +299,6 @@ class MosaicBwdConfig:
       raise ValueError(f"consumers={self.consumers} must be 1 or 2")
     if self.dq_mode not in DQ_MODES:
       raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES}")
-    if self.sorted_grid and self.dq_mode != "separate":
-      raise ValueError(f"sorted_grid orders dq_mode='separate''s kernels; got "
-                       f"dq_mode={self.dq_mode!r}")
     if not isinstance(self.dq_chunks, int) or self.dq_chunks < 1:
       raise ValueError(f"dq_chunks={self.dq_chunks!r} must be an int >= 1")
     if not self.dq_chunk_flops >= 0:
@@ -426,6 +424,11 @@ class MosaicBwdConfig:
     # which computed S and dP in both consumers).
     if head_dim == 256:
       cfg = dataclasses.replace(cfg, producer_regs=24)
+    # Packed documents ("separate"): CTAs launched longest first (``sorted_grid``). H200
+    # 2026-11-27, 8 docs in 16k, causal, fwd+bwd useful TFLOP/s, off -> on in one run:
+    # d=128 365.8 -> 378.6, 378.1; d=64 292.2 -> 295.7, 296.7. d=256 not timed.
+    if segments and head_dim <= 128:
+      cfg = dataclasses.replace(cfg, sorted_grid=True)
     long = kv_len >= (8192 if causal else 4096)
     if not (deterministic or segments or cfg.split_head_dim) and (head_dim == 64 or long):
       # (The 128-row floor of ``rows`` keeps its split dQ whole: split_dq_unsupported.)
