@@ -108,3 +108,34 @@ def test_intersect_ranges_keeps_order():
     assert lo >= max(a[0], b[0]) and hi <= max(min(a[3], b[3]), lo)
     if fhi > flo:
       assert flo >= max(a[1], b[1]) and fhi <= min(a[2], b[2])
+
+
+def test_visible_matches_the_definitions():
+  """``mask.visible`` (per-row key bounds) against the numpy definitions: causal, windows
+  of any sign and width (the ring's shifted bands have ``lo > 0`` or ``hi < 0``; wider
+  than the lengths they bound nothing), lengths (0 and full), padded rows and keys past
+  T and S, segment ids; both orientations."""
+  rng = np.random.default_rng(3)
+  for trial in range(60):
+    t, s = (int(x) for x in rng.integers(1, 40, size=2))
+    tp, sp = t + int(rng.integers(0, 9)), s + int(rng.integers(0, 9))
+    causal = bool(rng.integers(2))
+    window = None
+    if trial % 3:
+      left, right = (int(x) for x in rng.integers(-12, 50, size=2))
+      window = (max(left, -right), right)  # a non-empty band: lo <= hi
+    q_valid, kv_valid = int(rng.integers(0, t + 1)), int(rng.integers(0, s + 1))
+    seg = trial % 2 == 1
+    q_seg = rng.integers(0, 3, size=tp).astype(np.int32) if seg else None
+    kv_seg = rng.integers(0, 3, size=sp).astype(np.int32) if seg else None
+    spec = mask_lib.MaskSpec(q_len=t, kv_len=s, causal=causal,
+                             window_left=None if window is None else window[0],
+                             window_right=None if window is None else window[1],
+                             has_segment_ids=seg)
+    want = _dense_visibility(tp, sp, causal, window, q_valid, kv_valid, q_seg, kv_seg)
+    q_pos, k_pos = np.arange(tp, dtype=np.int32), np.arange(sp, dtype=np.int32)
+    got = np.asarray(mask_lib.visible(spec, q_pos, k_pos, q_valid, kv_valid, q_seg, kv_seg))
+    np.testing.assert_array_equal(got, want, err_msg=str((spec, q_valid, kv_valid)))
+    got_t = np.asarray(mask_lib.visible(spec, q_pos, k_pos, q_valid, kv_valid, q_seg,
+                                        kv_seg, transpose=True))
+    np.testing.assert_array_equal(got_t, want.T, err_msg=str((spec, q_valid, kv_valid)))
