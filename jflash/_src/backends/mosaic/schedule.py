@@ -144,6 +144,7 @@ def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False,
     count = paired_tiles(c, ctas, copies, nq)
   else:
     count = persistent_tiles(c, ctas, nq * copies)
+  order = sorted_order(work[None], copies) if by_work else None
   per_cta = np.zeros(ctas)
   for j in range(int(count.max())):
     if paired:
@@ -151,6 +152,6 @@ def deal_imbalance(tile_work, copies: int, ctas: int, paired: bool = False,
     else:
       tile = np.clip(q_tile(c, j, ctas, nq * copies), 0, None)
       if by_work:
-        tile = sorted_order(work[None], copies)[tile]
+        tile = order[tile]
     per_cta += np.where(j < count, work[tile % nq], 0.0)
   return float(per_cta.max() / max(per_cta.mean(), work.max()))
