@@ -89,14 +89,14 @@ def forward(p: Problem, q, k, v, bias, arrays):
       causal=p.mask.causal, sm_count=sm_count(p.interpret),
       batch_heads=q.shape[0] * q.shape[2])
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
-  # Padded rows and keys lie past q_valid / kv_valid (<= T, S): the mask hides them.
-  pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
-  # Padding ids differ on the two sides (as in the Triton backend): they never match.
+  # Q, K and V go in unpadded along the sequence (the kernels' TMA loads fill the tail
+  # tiles with zeros, past q_valid / kv_valid <= T, S, so masked): no copies. Padding
+  # ids differ on the two sides (as in the Triton backend): they never match.
   q_seg = pad_axis(arrays.q_segment_ids, 1, tp, -1)
   kv_seg = pad_axis(arrays.kv_segment_ids, 1, sp, -2)
-  out, lse = fwd_lib.forward(p, cfg, pad(q, tp), pad(k, sp), pad(v, sp), arrays.q_valid,
-                             arrays.kv_valid, q_seg, kv_seg)
-  return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
+  out, lse = fwd_lib.forward(p, cfg, pad_axis(q, 3, d), pad_axis(k, 3, d), pad_axis(v, 3, d),
+                             arrays.q_valid, arrays.kv_valid, q_seg, kv_seg)
+  return out[..., :h], lse[:, :, :p.q_len]
 
 
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
@@ -113,12 +113,12 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
       p.q_len, p.kv_len, d, itemsize, deterministic=p.deterministic,
       segments=p.mask.has_segment_ids, causal=p.mask.causal)
   tp, sp = round_up(p.q_len, bcfg.q_multiple), round_up(p.kv_len, bcfg.k_multiple)
-  # Padded rows get lse = +inf (p = 0) and delta = 0; padded keys lie past kv_valid.
-  pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, d)
+  # As in the forward, Q, K, V and dO go in unpadded along the sequence. The rows of
+  # the tail tiles get lse = +inf (p = 0) and delta = 0; the keys lie past kv_valid.
+  pad = lambda x: pad_axis(x, 3, d)
   rows = lambda x, fill: pad_axis(x, 2, tp, fill)
-  dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q, tp), pad(k, sp), pad(v, sp), pad(dout, tp),
+  dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q), pad(k), pad(v), pad(dout),
                                 rows(lse, jnp.inf), rows(delta, 0.0), arrays.q_valid,
                                 arrays.kv_valid, pad_axis(arrays.q_segment_ids, 1, tp, -1),
                                 pad_axis(arrays.kv_segment_ids, 1, sp, -2))
-  s = p.kv_len
-  return dq[:, :p.q_len, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h], None
+  return dq[..., :h], dk[..., :h], dv[..., :h], None

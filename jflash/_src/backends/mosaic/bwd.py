@@ -69,6 +69,7 @@ from jflash._src.backends.mosaic.config import WG_ROWS, MosaicBwdConfig
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges
 from jflash._src.backends.mosaic.common import smem_tile, tile_work
 from jflash._src.backends.mosaic.schedule import sorted_order
+from jflash._src.layout import round_up
 from jflash._src.problem import Problem
 
 # d=256 splits the head dim between the consumers (MosaicBwdConfig.split_head_dim): its
@@ -146,8 +147,8 @@ def _range_row(segs, b, tile, wg):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref, *refs,
-                segs, order, p: Problem, cfg: MosaicBwdConfig, nq: int, groups: int,
-                interpret: bool):
+                segs, order, p: Problem, cfg: MosaicBwdConfig, nq: int, nk: int,
+                groups: int, interpret: bool):
   """``refs``: [offsets, dq_acc (fused dQ only)], dk, dv, then the scratch of
   ``backward``; ``kseg_smem`` (a consumer's key ids), ``qseg_smem`` (the ring's query
   ids) are None without segment ids. With a fused dQ the grid covers batches
@@ -161,14 +162,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
   if cfg.dq_mode == "ordered" and not interpret:
     # One get_global for the whole kernel: each call is a distinct zeroed buffer, and the
     # step is traced once per loop (masked, unmasked), which must share the turns.
-    batch, tp, n, _ = dq_acc.shape
-    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * (tp // cfg.dkv_block_q),)))
+    batch, _, n, _ = dq_acc.shape
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * n * nq,)))
   bk, bq, wgs, tiles = WG_ROWS, cfg.dkv_block_q, cfg.consumers, cfg.tiles_per_cta
   d, dtype = q_smem.shape[-1], q_smem.dtype
   kh_c, b_c, wg = lax.axis_index("k_head"), lax.axis_index("b"), lax.axis_index("wg")
   if order is not None:
     b_c, kh_c, kt = _launched(order, (b_c, kh_c, lax.axis_index("k")),
-                              (k_ref.shape[0], k_ref.shape[2], k_ref.shape[1] // (tiles * bk)))
+                              (k_ref.shape[0], k_ref.shape[2], nk))
   kh, b = (kh_c + offsets[1], b_c + offsets[0]) if cfg.fused_dq else (kh_c, b_c)
   q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   if order is None:
@@ -334,7 +335,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
       added into query tile ``i``'s rows of head ``g``'s dQ."""
       fused_dq.add_dq(p, cfg, ds_smem.at[wg], my_k, dq_smem.at[wg], dq_acc, sems, b=b_c,
                       h=kh_c * groups + g, i=i, k_tile=kt * wgs + wg,
-                      nk=k_ref.shape[1] // WG_ROWS, q_valid=q_valid, kv_valid=kv_valid,
+                      nq=nq, nk=nk * tiles, q_valid=q_valid, kv_valid=kv_valid,
                       interpret=interpret)
 
     def share_ds(c, dst):
@@ -516,13 +517,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
 def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
              q_seg=None, kv_seg=None):
-  """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
-  ``cfg.q_multiple``, Sp of ``cfg.k_multiple``, D in HEAD_DIMS), ``lse, delta [B, N, Tp]``
-  (f32; lse natural-log, +inf on empty and padded rows), ``q_valid, kv_valid [B]``,
-  segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff ``p.mask.has_segment_ids``;
-  padding ids never equal). Returns ``dq, dk, dv`` (padded)."""
-  b, tp, n, d = q.shape
-  sp, kh = k.shape[1], k.shape[2]
+  """``q, dout [B, T, N, D]``, ``k, v [B, S, K, D]`` (D in HEAD_DIMS), ``lse, delta
+  [B, N, Tp]`` (f32; lse natural-log, +inf on empty and padded rows), ``q_valid,
+  kv_valid [B]``, segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff
+  ``p.mask.has_segment_ids``; padding ids never equal), where Tp is T rounded up to
+  ``cfg.q_multiple`` and Sp is S rounded up to ``cfg.k_multiple``. Returns ``dq, dk,
+  dv`` of the shapes of q, k, v: as in fwd.forward, the kernels run the padded tiles,
+  their TMA loads fill the rows past T or S with zeros and their stores drop them."""
+  b, t, n, d = q.shape
+  kh = k.shape[2]
+  tp, sp = round_up(t, cfg.q_multiple), round_up(k.shape[1], cfg.k_multiple)
   groups, wgs, tiles, interpret = n // kh, cfg.consumers, cfg.tiles_per_cta, p.interpret
   params = dict(
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -597,7 +601,7 @@ def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_vali
                      extra[2][:, :, tiles] if seg else None, by_rows=False)
     extra += (_launch_order(work, kh),)
   body = functools.partial(_with_segments(_dkv_kernel, seg, order), p=p, cfg=cfg,
-                           nq=tp // bq, groups=groups, interpret=interpret)
+                           nq=tp // bq, nk=nk, groups=groups, interpret=interpret)
   if fused:
     return fused_dq.fused_backward(p, cfg, dkv, body, args, extra, q, k, v, nk)
   dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),

@@ -38,9 +38,10 @@ def dq_turn(p: Problem, bq: int, nk: int, i, k_tile, q_valid, kv_valid):
 
 
 def add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, b, h, i,
-            k_tile, nk: int, q_valid, kv_valid, interpret: bool):
+            k_tile, nq: int, nk: int, q_valid, kv_valid, interpret: bool):
   """Adds ``dS K`` (``ds_s``: dS^T [64 keys, bq] in SMEM; ``k_s``: K [64, D]; key tile
-  ``k_tile`` of ``nk``) into rows ``i * bq ...`` of query head ``h`` of the f32 ``dq_acc``.
+  ``k_tile`` of ``nk``) into rows ``i * bq ...`` (query tile ``i`` of ``nq``) of query
+  head ``h`` of the f32 ``dq_acc``.
 
   On the GPU: a TMA reduce-add of the partial, staged in ``dq_s`` (one buffer: the wait
   for the previous add's read comes a whole step after it was issued). ``"ordered"``
@@ -59,8 +60,8 @@ def add_dq(p: Problem, cfg: MosaicBwdConfig, ds_s, k_s, dq_s, dq_acc, sems, *, b
   if cfg.dq_mode == "atomic":
     plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
     return
-  _, tp, n, _ = dq_acc.shape
-  sem = sems.at[(b * n + h) * (tp // bq) + i]
+  n = dq_acc.shape[2]
+  sem = sems.at[(b * n + h) * nq + i]
   turn = dq_turn(p, bq, nk, i, k_tile, q_valid, kv_valid)
   plgpu.semaphore_wait(sem, turn, decrement=False)  # every earlier key tile has added
   plgpu.copy_smem_to_gmem(dq_s, dq_acc.at[b, rows, h], reduction_op="add")
@@ -143,7 +144,7 @@ def fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, 
   Session 7 first built this as an unrolled sequence of jitted launches with dK and dV
   refs passed through each: there the peak did not fall (likely copies of dK and dV at
   every launch)."""
-  b, tp, n, d = q.shape
+  b, t, n, d = q.shape
   kh = k.shape[2]
   groups = n // kh
   blocks = dq_chunks(b, kh, fused_dq_launches(p, cfg, b, n, d))
@@ -159,7 +160,7 @@ def fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, 
   if len(blocks) == 1:
     # One launch writes every key's dK and dV, so they are plain outputs: no zero-filled
     # carries for the kernel to overwrite (2 x 64 MiB of writes on the grid's shapes).
-    acc = jax.new_ref(jnp.zeros((*slabs, b, tp, n, d), jnp.float32))
+    acc = jax.new_ref(jnp.zeros((*slabs, b, t, n, d), jnp.float32))
     dk, dv = dkv(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
                  grid=(b, kh, nk))(*args, *extra, jnp.zeros((2,), jnp.int32), acc)
@@ -169,7 +170,7 @@ def fused_backward(p: Problem, cfg: MosaicBwdConfig, dkv, body, args, extra, q, 
     dq, dk, dv = carry
     b0, h0 = lax.div(i, per_b) * nb, lax.rem(i, per_b) * nh
     offsets = jnp.stack([b0, h0]).astype(jnp.int32)
-    acc = jax.new_ref(jnp.zeros((*slabs, nb, tp, nh * groups, d), jnp.float32))
+    acc = jax.new_ref(jnp.zeros((*slabs, nb, t, nh * groups, d), jnp.float32))
     dk, dv = jax.new_ref(dk), jax.new_ref(dv)
     dkv(body, out_type=(), grid=(nb, nh, nk))(*args, *extra, offsets, acc, dk, dv)
     zero = jnp.zeros((), b0.dtype)

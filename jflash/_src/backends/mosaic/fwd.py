@@ -58,6 +58,7 @@ from jflash._src.backends.mosaic import fwd_overlap
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
 from jflash._src.backends.mosaic.common import smem_tile, tile_work
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
+from jflash._src.layout import round_up
 from jflash._src.backends.mosaic.schedule import deal_units, paired_tile, paired_tiles
 from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile, sorted_order
 from jflash._src.problem import Problem
@@ -425,13 +426,20 @@ def segment_ranges(q_seg, kv_seg, cfg: MosaicConfig):
 
 def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=None,
             kv_seg=None):
-  """Padded ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` (Tp a multiple of
-  ``cfg.q_multiple``, Sp of ``cfg.block_kv``, D in {64, 128, 256}), ``q_valid,
-  kv_valid [B]``, segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff
-  ``p.mask.has_segment_ids``; padding ids never equal) -> ``out [B, Tp, N, D]``,
-  ``lse [B, N, Tp]`` (f32, natural log)."""
-  b, tp, n, d = q.shape
-  sp, kh = k.shape[1], k.shape[2]
+  """``q [B, T, N, D]``, ``k, v [B, S, K, D]`` (D in {64, 128, 256}), ``q_valid,
+  kv_valid [B]`` (<= T, S), segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` padded to
+  Tp = T rounded up to ``cfg.q_multiple`` and Sp = S rounded up to ``cfg.block_kv`` (iff
+  ``p.mask.has_segment_ids``; padding ids never equal) -> ``out [B, T, N, D]``,
+  ``lse [B, N, Tp]`` (f32, natural log).
+
+  T and S need not be tile multiples: the kernel runs the padded tiles, its TMA loads
+  fill the rows past T or S with zeros (as padded copies would hold, past q_valid /
+  kv_valid so masked) and its stores drop them, so no padded copy of Q, K, V or O is
+  made. lse stays padded: its rows are TMA-stored as 1-D runs, whose bounds are the
+  whole buffer's, and it is small."""
+  b, t, n, d = q.shape
+  kh = k.shape[2]
+  tp, sp = round_up(t, cfg.q_multiple), round_up(k.shape[1], cfg.k_multiple)
   bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
   nq = tp // cfg.q_multiple
   ctas = -(-nq // cfg.q_tiles_per_cta)  # along q
