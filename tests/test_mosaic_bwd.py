@@ -26,6 +26,7 @@ from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic import bwd as mosaic_bwd
 from jflash._src.backends.mosaic import fused_dq
+from jflash._src.backends.mosaic import fwd as mosaic_fwd
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 from jflash._src.mask import MaskSpec
 from jflash._src.problem import Problem
@@ -339,6 +340,49 @@ def _lower_backward_for_cuda(d, causal, softcap, kh, segments=False, t=512, cfg=
   cfg = dataclasses.replace(cfg or MosaicBwdConfig.for_problem(t, t, d), **fields)
   f = jax.jit(lambda *a: mosaic_bwd.backward(p, cfg, *a))
   f.trace(q, kv, kv, q, rows, rows, lens, lens, *ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("t, s", [(776, 904), (5, 1000), (1000, 8)])
+@pytest.mark.parametrize("d, causal, dq_mode", [(128, True, "separate"), (64, False, "atomic")])
+def test_mosaic_kernels_lower_for_cuda_at_unpadded_lengths(t, s, d, causal, dq_mode):
+  """The kernels take Q, K, V and dO at their own lengths, not padded to whole tiles, where
+  Mosaic's TMA can tile them (backend.tma_length: at most 8 rows, or a multiple of 8);
+  their loads zero-fill the tail tiles. Only lse, delta and the ids come padded."""
+  assert (mosaic_backend.tma_length(t), mosaic_backend.tma_length(s)) == (t, s)
+  b, n, kh = 2, 4, 2
+  fcfg = MosaicConfig.for_problem(t, s, d, causal=causal, sm_count=132, batch_heads=b * n)
+  bcfg = dataclasses.replace(MosaicBwdConfig.for_problem(t, s, d, causal=causal),
+                             dq_mode=dq_mode)
+  p = Problem(mask=MaskSpec(q_len=t, kv_len=s, causal=causal), scale=0.1, softcap=None,
+              implementation="mosaic")
+  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, kh, d), jnp.bfloat16)
+  lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+  rows = jax.ShapeDtypeStruct((b, n, -(-t // bcfg.q_multiple) * bcfg.q_multiple), jnp.float32)
+  fwd = jax.jit(lambda *a: mosaic_fwd.forward(p, fcfg, *a)).trace(q, kv, kv, lens, lens)
+  out, lse = fwd.out_info
+  assert out.shape == q.shape  # not padded
+  assert lse.shape == (b, n, -(-t // fcfg.q_multiple) * fcfg.q_multiple)
+  fwd.lower(lowering_platforms=("cuda",))
+  bwd = jax.jit(lambda *a: mosaic_bwd.backward(p, bcfg, *a)).trace(
+      q, kv, kv, q, rows, rows, lens, lens)
+  assert [g.shape for g in bwd.out_info] == [q.shape, kv.shape, kv.shape]
+  bwd.lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_lengths_tma_cannot_tile_are_padded_to_eight():
+  """Why backend.tma_length pads 777 rows to 784: Mosaic refuses to tile an array whose
+  length is over 8 and not a multiple of 8 for TMA (checked when it lowers for CUDA)."""
+  assert [mosaic_backend.tma_length(n) for n in (1, 8, 9, 777, 784, 1000)] == [
+      1, 8, 16, 784, 784, 1000]
+  p = Problem(mask=MaskSpec(q_len=777, kv_len=777), scale=0.1, softcap=None,
+              implementation="mosaic")
+  x = jax.ShapeDtypeStruct((1, 777, 2, 64), jnp.bfloat16)
+  lens = jax.ShapeDtypeStruct((1,), jnp.int32)
+  cfg = MosaicConfig.for_problem(777, 777, 64)
+  f = jax.jit(lambda *a: mosaic_fwd.forward(p, cfg, *a)).trace(x, x, x, lens, lens)
+  with pytest.raises(ValueError, match="multiple of its tiling"):
+    f.lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("d", mosaic_bwd.HEAD_DIMS)

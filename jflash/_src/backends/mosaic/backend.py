@@ -72,6 +72,20 @@ def padded_head_dim(h: int) -> int:
   return next(d for d in HEAD_DIMS if d >= h)
 
 
+def tma_length(n: int) -> int:
+  """The sequence length the kernels take an array of ``n`` rows at: as it is where
+  Mosaic's TMA can tile it, which needs 8 rows or fewer, or a multiple of 8 (its
+  swizzled tiles are 8 rows high); else rounded up to a multiple of 8, by a padded copy.
+  The kernels' loads zero-fill the rows past it up to whole tiles (fwd.forward)."""
+  return n if n <= 8 or n % 8 == 0 else round_up(n, 8)
+
+
+def _seq_pad(x, h: int, d: int):
+  """``x [B, L, N, h]`` as the kernels take it: the head dim zero-padded to ``d`` and the
+  length to ``tma_length`` (both no-ops, so no copy, where they already fit)."""
+  return pad_axis(pad_axis(x, 1, tma_length(x.shape[1])), 3, d)
+
+
 def sm_count(interpret: bool = False) -> int:
   """The SMs of the GPU the kernels run on (MosaicConfig.for_problem's persistent grid);
   0 in interpret mode or where the device does not say."""
@@ -89,14 +103,15 @@ def forward(p: Problem, q, k, v, bias, arrays):
       causal=p.mask.causal, sm_count=sm_count(p.interpret),
       batch_heads=q.shape[0] * q.shape[2])
   tp, sp = round_up(p.q_len, cfg.q_multiple), round_up(p.kv_len, cfg.k_multiple)
-  # Q, K and V go in unpadded along the sequence (the kernels' TMA loads fill the tail
-  # tiles with zeros, past q_valid / kv_valid <= T, S, so masked): no copies. Padding
-  # ids differ on the two sides (as in the Triton backend): they never match.
+  # Q, K and V go in unpadded along the sequence where TMA can tile them (tma_length):
+  # the kernels' loads fill the tail tiles with zeros, past q_valid / kv_valid <= T, S,
+  # so masked. Padding ids differ on the two sides (as in the Triton backend): they
+  # never match.
   q_seg = pad_axis(arrays.q_segment_ids, 1, tp, -1)
   kv_seg = pad_axis(arrays.kv_segment_ids, 1, sp, -2)
-  out, lse = fwd_lib.forward(p, cfg, pad_axis(q, 3, d), pad_axis(k, 3, d), pad_axis(v, 3, d),
+  out, lse = fwd_lib.forward(p, cfg, _seq_pad(q, h, d), _seq_pad(k, h, d), _seq_pad(v, h, d),
                              arrays.q_valid, arrays.kv_valid, q_seg, kv_seg)
-  return out[..., :h], lse[:, :, :p.q_len]
+  return out[:, :p.q_len, :, :h], lse[:, :, :p.q_len]
 
 
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
@@ -113,12 +128,14 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
       p.q_len, p.kv_len, d, itemsize, deterministic=p.deterministic,
       segments=p.mask.has_segment_ids, causal=p.mask.causal)
   tp, sp = round_up(p.q_len, bcfg.q_multiple), round_up(p.kv_len, bcfg.k_multiple)
-  # As in the forward, Q, K, V and dO go in unpadded along the sequence. The rows of
-  # the tail tiles get lse = +inf (p = 0) and delta = 0; the keys lie past kv_valid.
-  pad = lambda x: pad_axis(x, 3, d)
+  # As in the forward, Q, K, V and dO go in unpadded along the sequence where TMA can
+  # tile them. The rows of the tail tiles get lse = +inf (p = 0) and delta = 0; the keys
+  # lie past kv_valid.
+  pad = lambda x: _seq_pad(x, h, d)
   rows = lambda x, fill: pad_axis(x, 2, tp, fill)
   dq, dk, dv = bwd_lib.backward(p, bcfg, pad(q), pad(k), pad(v), pad(dout),
                                 rows(lse, jnp.inf), rows(delta, 0.0), arrays.q_valid,
                                 arrays.kv_valid, pad_axis(arrays.q_segment_ids, 1, tp, -1),
                                 pad_axis(arrays.kv_segment_ids, 1, sp, -2))
-  return dq[..., :h], dk[..., :h], dv[..., :h], None
+  s = p.kv_len
+  return dq[:, :p.q_len, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h], None

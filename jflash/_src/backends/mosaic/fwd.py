@@ -432,10 +432,11 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   ``p.mask.has_segment_ids``; padding ids never equal) -> ``out [B, T, N, D]``,
   ``lse [B, N, Tp]`` (f32, natural log).
 
-  T and S need not be tile multiples: the kernel runs the padded tiles, its TMA loads
-  fill the rows past T or S with zeros (as padded copies would hold, past q_valid /
-  kv_valid so masked) and its stores drop them, so no padded copy of Q, K, V or O is
-  made. lse stays padded: its rows are TMA-stored as 1-D runs, whose bounds are the
+  T and S need not be tile multiples, only at most 8 or multiples of 8 (Mosaic tiles
+  the TMA'd arrays in 8-row swizzle tiles; backend.tma_length): the kernel runs the
+  padded tiles, its TMA loads fill the rows past T or S with zeros (as padded copies
+  would hold, past q_valid / kv_valid so masked) and its stores drop them, so no padded
+  copy of Q, K, V or O is made. lse stays padded: its rows are TMA-stored as 1-D runs, whose bounds are the
   whole buffer's, and it is small."""
   b, t, n, d = q.shape
   kh = k.shape[2]
