@@ -517,14 +517,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
 
 def backward(p: Problem, cfg: MosaicBwdConfig, q, k, v, dout, lse, delta, q_valid, kv_valid,
              q_seg=None, kv_seg=None):
-  """``q, dout [B, T, N, D]``, ``k, v [B, S, K, D]`` (D in HEAD_DIMS), ``lse, delta
-  [B, N, Tp]`` (f32; lse natural-log, +inf on empty and padded rows), ``q_valid,
-  kv_valid [B]``, segment ids ``q_seg [B, Tp]``, ``kv_seg [B, Sp]`` (iff
-  ``p.mask.has_segment_ids``; padding ids never equal; T and S at most 8 or multiples
-  of 8, as in fwd.forward), where Tp is T rounded up to
-  ``cfg.q_multiple`` and Sp is S rounded up to ``cfg.k_multiple``. Returns ``dq, dk,
-  dv`` of the shapes of q, k, v: as in fwd.forward, the kernels run the padded tiles,
-  their TMA loads fill the rows past T or S with zeros and their stores drop them."""
+  """``q, dout [B, T, N, D]``, ``k, v [B, S, K, D]`` (D in HEAD_DIMS; T and S at most 8
+  or multiples of 8, as in fwd.forward), ``lse, delta [B, N, Tp]`` (f32; lse natural-log,
+  +inf on empty and padded rows), ``q_valid, kv_valid [B]``, segment ids ``q_seg [B,
+  Tp]``, ``kv_seg [B, Sp]`` (iff ``p.mask.has_segment_ids``; padding ids never equal),
+  where Tp is T rounded up to ``cfg.q_multiple`` and Sp is S rounded up to
+  ``cfg.k_multiple``. Returns ``dq, dk, dv`` of the shapes of q, k, v: as in
+  fwd.forward, the kernels run the padded tiles, their TMA loads fill the rows past T or
+  S with zeros and their stores drop them."""
   b, t, n, d = q.shape
   kh = k.shape[2]
   tp, sp = round_up(t, cfg.q_multiple), round_up(k.shape[1], cfg.k_multiple)

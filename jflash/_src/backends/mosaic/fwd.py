@@ -58,9 +58,9 @@ from jflash._src.backends.mosaic import fwd_overlap
 from jflash._src.backends.mosaic.common import COL, ROW, consumers, cta_segment_ranges, per_row
 from jflash._src.backends.mosaic.common import smem_tile, tile_work
 from jflash._src.backends.mosaic.config import CONSUMER_WGS, MosaicConfig
-from jflash._src.layout import round_up
 from jflash._src.backends.mosaic.schedule import deal_units, paired_tile, paired_tiles
 from jflash._src.backends.mosaic.schedule import persistent_tiles, q_tile, sorted_order
+from jflash._src.layout import round_up
 from jflash._src.problem import Problem
 
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
@@ -436,8 +436,8 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   the TMA'd arrays in 8-row swizzle tiles; backend.tma_length): the kernel runs the
   padded tiles, its TMA loads fill the rows past T or S with zeros (as padded copies
   would hold, past q_valid / kv_valid so masked) and its stores drop them, so no padded
-  copy of Q, K, V or O is made. lse stays padded: its rows are TMA-stored as 1-D runs, whose bounds are the
-  whole buffer's, and it is small."""
+  copy of Q, K, V or O is made. lse stays padded: its rows are TMA-stored as 1-D runs,
+  whose bounds are the whole buffer's, and it is small."""
   b, t, n, d = q.shape
   kh = k.shape[2]
   tp, sp = round_up(t, cfg.q_multiple), round_up(k.shape[1], cfg.k_multiple)
