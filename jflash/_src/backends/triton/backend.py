@@ -1,4 +1,4 @@
-"""The "triton" implementation: pads to tile multiples and runs the Pallas Triton kernels.
+"""The "triton" implementation: runs the Pallas Triton kernels.
 
 Any NVIDIA GPU of sm80 or newer; without a GPU the same kernels run in Pallas interpret
 mode (``Problem.interpret``), which is how CI exercises them.
@@ -42,7 +42,10 @@ def _config(p: Problem, head_dim: int, dtype, bias) -> TritonConfig:
 
 
 class _Padded:
-  """Pads T, S to tile multiples and H to a power of two (>= 16), and undoes it."""
+  """Pads H to a power of two (>= 16), and the bias, dense mask and segment ids to tile
+  multiples of T and S, and undoes it. Q, K, V and dO keep their lengths: the kernels
+  read the rows past them as zeros and write none (tiles.load, tiles.store), so no
+  padded copy of them is made."""
 
   def __init__(self, p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
     self.h = q.shape[-1]
@@ -65,11 +68,9 @@ class _Padded:
     x = pad_axis(x, 2, self.tp) if x.shape[2] > 1 else x
     return pad_axis(x, 3, self.sp) if x.shape[3] > 1 else x
 
-  def q(self, x):
-    return pad_axis(pad_axis(x, 1, self.tp), 3, self.d)
-
-  def kv(self, x):
-    return pad_axis(pad_axis(x, 1, self.sp), 3, self.d)
+  def head(self, x):
+    """Q, K, V or dO with the head dim padded (their lengths as they are)."""
+    return pad_axis(x, 3, self.d)
 
   def rows(self, x, fill):
     return pad_axis(x, 2, self.tp, fill)
@@ -79,7 +80,7 @@ def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
   if decode_lib.applies(p, q, k, bias, arrays):  # a few query tokens: split the keys instead
     return decode_lib.forward(p, q, k, v, arrays)
   pad = _Padded(p, q, k, v, bias, arrays)
-  out, lse = fwd_lib.forward(p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias),
+  out, lse = fwd_lib.forward(p, pad.cfg, pad.head(q), pad.head(k), pad.head(v), pad.bcast(bias),
                              pad.arrays)
   return out[:, :pad.t, :, :pad.h], lse[:, :, :pad.t]
 
@@ -88,8 +89,8 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
   pad = _Padded(p, q, k, v, bias, arrays)
   want_dbias = want_dbias and bias is not None
   dq, dk, dv, ds = bwd_lib.backward(
-      p, pad.cfg, pad.q(q), pad.kv(k), pad.kv(v), pad.bcast(bias), pad.arrays, pad.q(dout),
-      pad.rows(lse, jnp.inf), pad.rows(delta, 0.0), want_dbias)
+      p, pad.cfg, pad.head(q), pad.head(k), pad.head(v), pad.bcast(bias), pad.arrays,
+      pad.head(dout), pad.rows(lse, jnp.inf), pad.rows(delta, 0.0), want_dbias)
   s = p.kv_len
   dbias = reduce_to_shape(ds[:, :, :pad.t, :s], bias.shape, bias.dtype) if want_dbias else None
   return dq[:, :pad.t, :, :pad.h], dk[:, :s, :, :pad.h], dv[:, :s, :, :pad.h], dbias

@@ -21,15 +21,18 @@ from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.triton import tiles
 from jflash._src.backends.triton.config import TritonConfig
+from jflash._src.layout import round_up
 from jflash._src.problem import Problem
 
 
-def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int):
+def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int, q_len: int,
+                kv_len: int):
   r = tiles.named_refs(names, refs)
   kj, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k0 = kj * bk
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
-  k, v = r["k"][...], r["v"][...]
+  k_rows = tiles.rows_below(k0, bk, kv_len, bk)
+  k, v = tiles.load(r["k"], k_rows), tiles.load(r["v"], k_rows)
   kv_seg = r["kv_seg"][...] if "kv_seg" in r else None
   ranges = mask_lib.q_block_range(p.mask, k0, bk, bq, nq, q_valid, kv_valid,
                                  tiles.segment_range(r))
@@ -39,8 +42,9 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
       dk, dv = carry
       q0 = pl.multiple_of(i * bq, bq)
       rows = pl.ds(q0, bq)
-      q = r["q"][rows, g, :]
-      do = r["do"][rows, g, :]
+      q_rows = tiles.rows_below(q0, bq, q_len, bq)
+      q = tiles.load(r["q"].at[rows, g, :], q_rows)
+      do = tiles.load(r["do"].at[rows, g, :], q_rows)
       lse2 = r["lse"][g, rows] * logits_lib.LOG2E
       delta = r["delta"][g, rows]
       q_seg = r["q_seg"][rows] if "q_seg" in r else None
@@ -68,16 +72,18 @@ def _dkv_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, groups: int
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
-  r["dk"][...] = (dk * p.scale).astype(r["dk"].dtype)
-  r["dv"][...] = dv.astype(r["dv"].dtype)
+  tiles.store(r["dk"], (dk * p.scale).astype(r["dk"].dtype), k_rows)
+  tiles.store(r["dv"], dv.astype(r["dv"].dtype), k_rows)
 
 
-def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
+def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int, q_len: int,
+               kv_len: int):
   r = tiles.named_refs(names, refs)
   qi, b, h = nq - 1 - pl.program_id(0), pl.program_id(1), pl.program_id(2)  # reversed_index
   q0 = qi * bq
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
-  q, do = r["q"][...], r["do"][...]
+  q_rows = tiles.rows_below(q0, bq, q_len, bq)
+  q, do = tiles.load(r["q"], q_rows), tiles.load(r["do"], q_rows)
   lse2 = r["lse"][...] * logits_lib.LOG2E
   delta = r["delta"][...]
   q_seg = r["q_seg"][...] if "q_seg" in r else None
@@ -87,7 +93,8 @@ def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   def step(j, dq, masked):
     k0 = pl.multiple_of(j * bk, bk)
     cols = pl.ds(k0, bk)
-    k, v = r["k"][cols, :], r["v"][cols, :]
+    k_rows = tiles.rows_below(k0, bk, kv_len, bk)
+    k, v = tiles.load(r["k"].at[cols, :], k_rows), tiles.load(r["v"].at[cols, :], k_rows)
     kv_seg = r["kv_seg"][cols] if "kv_seg" in r else None
     bias = tiles.load_row_tile(r["bias"], k0, bk) if "bias" in r else None
     dense = tiles.load_row_tile(r["dense"], k0, bk) if "dense" in r else None
@@ -106,18 +113,23 @@ def _dq_kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   if "flags" in r:
     live = lambda j: r["flags"][0, j if r["flags"].shape[1] > 1 else 0] != 0
   dq = tiles.three_phase_loop(ranges, step, jnp.zeros(q.shape, jnp.float32), live)
-  r["dq"][...] = (dq * p.scale).astype(r["dq"].dtype)
+  tiles.store(r["dq"], (dq * p.scale).astype(r["dq"].dtype), q_rows)
 
 
 def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskArrays, dout,
              lse, delta, want_dbias: bool):
-  """Padded ``q, dout [B, Tp, N, D]``, ``k, v [B, Sp, K, D]``, ``lse, delta [B, N, Tp]``.
+  """``q, dout [B, T, N, D]``, ``k, v [B, S, K, D]``, ``lse, delta [B, N, Tp]`` (Tp, Sp:
+  T, S rounded up to ``cfg.q_multiple``, ``cfg.k_multiple``; bias, dense mask and
+  segment ids padded to them). Q, K, V and dO come unpadded along the sequence, as in
+  fwd.forward.
 
-  Returns ``dq, dk, dv`` (padded) and, if ``want_dbias``, the full f32 ``[B, N, Tp, Sp]``
-  gradient of the logits (zero outside visited tiles), for the caller to reduce.
+  Returns ``dq, dk, dv`` (the shapes of q, k, v) and, if ``want_dbias``, the full f32
+  ``[B, N, Tp, Sp]`` gradient of the logits (zero outside visited tiles), for the caller
+  to reduce.
   """
-  b, tp, n, d = q.shape
-  sp, kh = k.shape[1], k.shape[2]
+  b, t, n, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  tp, sp = round_up(t, cfg.q_multiple), round_up(s, cfg.k_multiple)
   groups = n // kh
   full_len = lambda: pl.BlockSpec((b,), lambda *_: (0,))
 
@@ -140,7 +152,7 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, i, h: (i, j, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, names=tuple(names + ["dk", "dv"]), p=p, bq=bq, bk=bk,
-                        nq=tp // bq, groups=groups),
+                        nq=tp // bq, groups=groups, q_len=t, kv_len=s),
       grid=(sp // bk, b, kh),
       in_specs=in_specs,
       out_specs=[kv_out, kv_out],
@@ -181,7 +193,7 @@ def backward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.Mask
     out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, names=tuple(names + ["dq", "dbias"][:len(out_shape)]), p=p,
-                        bq=bq, bk=bk, nq=tp // bq, nk=sp // bk),
+                        bq=bq, bk=bk, nq=tp // bq, nk=sp // bk, q_len=t, kv_len=s),
       grid=(tp // bq, b, n),
       in_specs=in_specs,
       out_specs=out_specs,

@@ -13,15 +13,18 @@ from jflash._src import logits as logits_lib
 from jflash._src import mask as mask_lib
 from jflash._src.backends.triton import tiles
 from jflash._src.backends.triton.config import TritonConfig
+from jflash._src.layout import round_up
 from jflash._src.problem import Problem
 
 
-def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
+def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int, q_len: int,
+            kv_len: int):
   r = tiles.named_refs(names, refs)
   qi, b, h = nq - 1 - pl.program_id(0), pl.program_id(1), pl.program_id(2)  # see reversed_index
   q0 = qi * bq
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
-  q = r["q"][...]
+  q_rows = tiles.rows_below(q0, bq, q_len, bq)
+  q = tiles.load(r["q"], q_rows)
   q_seg = r["q_seg"][...] if "q_seg" in r else None
   ranges = mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, q_valid, kv_valid,
                                   tiles.segment_range(r))
@@ -29,7 +32,8 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   def step(j, carry, masked):
     acc, m, l = carry
     k0 = pl.multiple_of(j * bk, bk)
-    k = r["k"][pl.ds(k0, bk), :]
+    k_rows = tiles.rows_below(k0, bk, kv_len, bk)
+    k = tiles.load(r["k"].at[pl.ds(k0, bk), :], k_rows)
     kv_seg = r["kv_seg"][pl.ds(k0, bk)] if "kv_seg" in r else None
     bias = tiles.load_row_tile(r["bias"], k0, bk) if "bias" in r else None
     dense = tiles.load_row_tile(r["dense"], k0, bk) if "dense" in r else None
@@ -43,7 +47,7 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
     l = l * alpha + jnp.sum(pr, axis=1)
     if p.dropout_rate:
       pr = pr * tiles.dropout_scale(p, r["seed"], b, h, q0, k0, bq, bk)
-    v = r["v"][pl.ds(k0, bk), :]
+    v = tiles.load(r["v"].at[pl.ds(k0, bk), :], k_rows)
     acc = acc * alpha[:, None] + tiles.dot(pr.astype(v.dtype), v)
     return acc, m_new, l
 
@@ -56,17 +60,23 @@ def _kernel(*refs, names, p: Problem, bq: int, bk: int, nq: int, nk: int):
   acc, m, l = tiles.three_phase_loop(ranges, step, init, live)
   live = (l > 0.0) & (q0 + jnp.arange(bq) < q_valid)
   l_safe = jnp.where(live, l, 1.0)
-  r["o"][...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(r["o"].dtype)
+  tiles.store(r["o"], jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(r["o"].dtype),
+              q_rows)
   r["lse"][...] = jnp.where(live, (m + jnp.log2(l_safe)) * logits_lib.LN2, jnp.inf)
 
 
 def forward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskArrays):
-  """Padded inputs ``q [B, Tp, N, D]``, ``k, v [B, Sp, K, D]`` -> ``out, lse [B, N, Tp]``.
+  """``q [B, T, N, D]``, ``k, v [B, S, K, D]`` -> ``out [B, T, N, D]``, ``lse [B, N, Tp]``,
+  where Tp is T rounded up to ``cfg.q_multiple`` (Sp: S to ``cfg.k_multiple``).
 
-  ``bias`` and ``arrays.dense`` (int8) are broadcastable ``[B', N', Tp|1, Sp|1]``.
+  Q, K and V come unpadded along the sequence: the kernel's loads read the rows of a tile
+  past T or S as zeros, and its stores leave them out (tiles.load, tiles.store). ``bias``,
+  ``arrays.dense`` (int8; broadcastable ``[B', N', Tp|1, Sp|1]``) and the segment ids
+  come padded to Tp and Sp.
   """
-  b, tp, n, d = q.shape
-  sp, kh = k.shape[1], k.shape[2]
+  b, t, n, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  tp, sp = round_up(t, cfg.q_multiple), round_up(s, cfg.k_multiple)
   groups = n // kh
   bq, bk = cfg.block_q, cfg.block_k
   nq, nk = tp // bq, sp // bk
@@ -84,7 +94,8 @@ def forward(p: Problem, cfg: TritonConfig, q, k, v, bias, arrays: mask_lib.MaskA
                                 q_tile=qt)
   names, in_specs, args = names + extra[0], in_specs + extra[1], args + extra[2]
   names += ["o", "lse"]
-  kernel = functools.partial(_kernel, names=tuple(names), p=p, bq=bq, bk=bk, nq=nq, nk=nk)
+  kernel = functools.partial(_kernel, names=tuple(names), p=p, bq=bq, bk=bk, nq=nq, nk=nk,
+                             q_len=t, kv_len=s)
   return pl.pallas_call(
       kernel,
       grid=(nq, b, n),

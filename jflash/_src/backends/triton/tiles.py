@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jflash._src import dropout as dropout_lib
 from jflash._src import logits as logits_lib
@@ -39,6 +40,33 @@ def masked_scores(p: Problem, qk, q0, k0, q_valid, kv_valid, q_seg, kv_seg, *,
                          q_seg, kv_seg, None if dense is None else dense != 0,
                          transpose=transpose)
   return jnp.where(vis, s, -jnp.inf), t, vis
+
+
+def rows_below(start, size: int, length: int, multiple: int):
+  """bool ``[size]``: which rows ``start ...`` of a tile lie below ``length`` (the array's
+  true length along that axis), or None where no tile can cross it (``length`` a multiple
+  of the tiles' size ``multiple``, every tile starting at a multiple of it)."""
+  if length % multiple == 0:
+    return None
+  return start + jnp.arange(size) < length
+
+
+def load(ref, rows):
+  """``ref[...]``, a tile whose leading axis is rows, with the rows where ``rows`` (from
+  rows_below) is False read as zeros and never touched in memory: the arrays come
+  unpadded, so those rows lie past the array's end (backend.py)."""
+  if rows is None:
+    return ref[...]
+  mask = rows.reshape(rows.shape + (1,) * (len(ref.shape) - 1))
+  return plgpu.load(ref, mask=mask, other=0)
+
+
+def store(ref, val, rows):
+  """``ref[...] = val``, the rows where ``rows`` is False left out (see ``load``)."""
+  if rows is None:
+    ref[...] = val
+    return
+  plgpu.store(ref, val, mask=rows.reshape(rows.shape + (1,) * (val.ndim - 1)))
 
 
 def segment_range(r):
