@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -124,3 +125,19 @@ def assert_lse_close(actual, expected, dtype):
   np.testing.assert_array_equal(np.isneginf(actual), empty, err_msg="lse: -inf rows differ")
   tol = {jnp.dtype(jnp.float32): 1e-5}.get(jnp.dtype(dtype), 2e-2)
   np.testing.assert_allclose(actual[~empty], expected[~empty], atol=tol, rtol=tol)
+
+
+def rank4_pads(jaxpr) -> list[tuple[int, ...]]:
+  """The output shapes of every ``pad`` of a rank-4 array (Q, K, V, dO or an output) in
+  ``jaxpr`` and the jaxprs nested in it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pad" and eqn.outvars[0].aval.ndim == 4:
+      found.append(tuple(eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += rank4_pads(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += rank4_pads(sub)
+  return found

@@ -15,7 +15,7 @@ import pytest
 
 import jflash
 import reference
-from helpers import Case, assert_close, assert_lse_close
+from helpers import Case, assert_close, assert_lse_close, rank4_pads
 
 IMPLS = ["xla", "triton"]
 
@@ -182,6 +182,27 @@ def test_unbatched_rank3(impl):
   assert out3.shape == q.shape[1:] and lse3.shape == q.shape[1:-1]
   np.testing.assert_allclose(out3, ref_out[0], atol=2e-5)
   np.testing.assert_allclose(lse3, ref_lse[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("t, s", [(40, 33), (200, 136)])
+def test_triton_makes_no_padded_copy_of_q_k_v(t, s):
+  """fwd+bwd under "triton" at lengths that are not tile multiples pads no [B, L, N, D]
+  array (its kernels mask the rows past T and S instead), and stays exact."""
+  case = Case(b=2, t=t, s=s, n=2, k=1, h=64, is_causal=True)
+  q, k, v, do = case.inputs()
+
+  def fwd_bwd(q, k, v, do):
+    out, pullback = jax.vjp(lambda q, k, v: jflash.dot_product_attention(
+        q, k, v, is_causal=True, implementation="triton"), q, k, v)
+    return out, pullback(do)
+
+  assert rank4_pads(jax.make_jaxpr(fwd_bwd)(q, k, v, do).jaxpr) == []
+  out, grads = fwd_bwd(q, k, v, do)
+  ref_out, ref_grads = run_reference(case, jnp.float32)
+  base_out, base_grads = run_reference(case, case.dtype)
+  assert_close("out", out, ref_out, base_out, case.dtype)
+  for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+    assert_close(name, g, r, b, case.dtype)
 
 
 def test_default_implementation_on_cpu_is_xla():

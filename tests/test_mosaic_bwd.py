@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jflash
-from helpers import Case, assert_close
+from helpers import Case, assert_close, rank4_pads
 from jflash._src import mask as mask_lib
 from jflash._src import vjp
 from jflash._src.backends.mosaic import backend as mosaic_backend
@@ -370,22 +370,6 @@ def test_mosaic_kernels_lower_for_cuda_at_unpadded_lengths(t, s, d, causal, dq_m
   bwd.lower(lowering_platforms=("cuda",))
 
 
-def _rank4_pads(jaxpr) -> list[tuple[int, ...]]:
-  """The output shapes of every ``pad`` of a rank-4 array (Q, K, V, dO or an output) in
-  ``jaxpr`` and the jaxprs nested in it."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pad" and eqn.outvars[0].aval.ndim == 4:
-      found.append(tuple(eqn.outvars[0].aval.shape))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          found += _rank4_pads(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          found += _rank4_pads(sub)
-  return found
-
-
 @pytest.mark.parametrize("t, s, pads", [
     (296, 200, []),  # multiples of 8, not of the 128-row tiles: no copy
     (300, 203, [(2, 304, 2, 64)] * 3 + [(2, 208, 1, 64)] * 4),  # Q twice, dO; K, V twice
@@ -402,7 +386,7 @@ def test_mosaic_copies_only_lengths_tma_cannot_tile(t, s, pads):
                                    q, k, v)
     return out, pullback((do, jnp.zeros_like(lse)))
 
-  assert sorted(_rank4_pads(jax.make_jaxpr(fwd_bwd)(q, k, v, do).jaxpr)) == sorted(pads)
+  assert sorted(rank4_pads(jax.make_jaxpr(fwd_bwd)(q, k, v, do).jaxpr)) == sorted(pads)
 
 
 def test_mosaic_lengths_tma_cannot_tile_are_padded_to_eight():
