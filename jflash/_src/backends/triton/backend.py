@@ -82,7 +82,7 @@ def forward(p: Problem, q, k, v, bias, arrays: mask_lib.MaskArrays):
   pad = _Padded(p, q, k, v, bias, arrays)
   out, lse = fwd_lib.forward(p, pad.cfg, pad.head(q), pad.head(k), pad.head(v), pad.bcast(bias),
                              pad.arrays)
-  return out[:, :pad.t, :, :pad.h], lse[:, :, :pad.t]
+  return out[..., :pad.h], lse[:, :, :pad.t]
 
 
 def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bool):
@@ -93,4 +93,4 @@ def backward(p: Problem, q, k, v, bias, arrays, lse, dout, delta, want_dbias: bo
       pad.head(dout), pad.rows(lse, jnp.inf), pad.rows(delta, 0.0), want_dbias)
   s = p.kv_len
   dbias = reduce_to_shape(ds[:, :, :pad.t, :s], bias.shape, bias.dtype) if want_dbias else None
-  return dq[:, :pad.t, :, :pad.h], dk[:, :s, :, :pad.h], dv[:, :s, :, :pad.h], dbias
+  return dq[..., :pad.h], dk[..., :pad.h], dv[..., :pad.h], dbias
