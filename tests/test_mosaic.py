@@ -246,7 +246,6 @@ def test_mosaic_long_d64_default_lowers_for_cuda(causal):
     # Several q tiles per CTA: the ids of every Q buffer and K slot counted in SMEM.
     (64, True, dict(q_tiles_per_cta=3)), (128, False, dict(q_tiles_per_cta=3)),
     (128, True, dict(q_tiles_per_cta=2, overlap=True)),
-    (128, True, dict(paired=True)), (64, False, dict(paired=True, q_tiles_per_cta=3)),
     (256, True, dict(q_tiles_per_cta=2, block_kv=64)), (128, True, dict(persistent=132))])
 def test_mosaic_segment_forward_lowers_for_cuda(d, causal, config):
   _lower_forward_for_cuda(d, causal, None, segments=True, **config)
@@ -380,11 +379,6 @@ VARIANTS = {
     # (schedule.sorted_order, computed before the launch from the mask and the ids).
     "persistent3_sorted": dict(persistent=3, sorted_deal=True),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
-    # PV of the last tile and QK^T of the next issued as a pair (fwd_overlap.paired); with
-    # 3 q tiles in a CTA and 64-key tiles, and without the ping-pong.
-    "paired": dict(paired=True),
-    "paired_qtiles3_bkv64": dict(paired=True, q_tiles_per_cta=3, block_kv=64),
-    "paired_no_pingpong_persistent3": dict(paired=True, pingpong=False, persistent=3),
     # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
 }
@@ -484,10 +478,7 @@ def test_mosaic_config_refuses_too_many_registers():
     ("segment_pair_lengths_empty", "persistent3"),
     ("segment_packed_causal_gqa", "persistent3_paired"),
     ("segment_packed_causal_gqa", "persistent3_sorted"),
-    ("segment_pair_lengths_empty", "persistent3_sorted"),
-    # Pairs: K's slot (holding the key ids) goes back after the softmax that reads them.
-    ("segment_packed_causal_gqa", "paired"),
-    ("segment_pair_lengths_empty", "paired_qtiles3_bkv64")])
+    ("segment_pair_lengths_empty", "persistent3_sorted")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 

@@ -37,10 +37,6 @@ class MosaicConfig:
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
-  ``paired``: a consumer issues PV of tile i-1 and QK^T of tile i back to back and waits
-  for both, then runs the softmax of tile i (fwd_overlap.paired); the warpgroups take
-  turns issuing whole pairs, so one's pair is queued on the tensor cores when the
-  other's completes. K and V slots are released separately, as under ``overlap``.
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -66,7 +62,6 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
-  paired: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40
@@ -114,8 +109,6 @@ class MosaicConfig:
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
     if not isinstance(self.persistent, int) or self.persistent < 0:
       raise ValueError(f"persistent={self.persistent!r} must be an int >= 0 (0: off)")
-    if self.overlap and self.paired:
-      raise ValueError("overlap and paired are two schedules of the step loop: choose one")
     if self.paired_deal and self.sorted_deal:
       raise ValueError("paired_deal and sorted_deal are two deals of the persistent grid: "
                        "choose one")
@@ -213,11 +206,6 @@ class MosaicConfig:
     ring = 2 * self.stages * self.block_kv * head_dim * itemsize
     ids = (q_buffers * CONSUMER_WGS * self.block_q + self.stages * self.block_kv) * 4
     return q + ring + CONSUMER_WGS * self.block_q * 4 + (ids if segments else 0)
-
-  @property
-  def split_release(self) -> bool:
-    """K and V slots of the ring are released by barriers of their own."""
-    return self.overlap or self.paired
 
   @property
   def q_multiple(self) -> int:

@@ -86,7 +86,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             cfg: MosaicConfig,
             nq: int, nk: int, groups: int, q_bufs: int, interpret: bool, batch: int,
             heads: int, grid_ctas: int):
-  """``v_consumed`` is None unless ``cfg.split_release``: then K and V slots are released
+  """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
   separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
   ``q_full`` hold ``q_bufs`` buffers per consumer: buffer ``x`` of warpgroup ``wg`` is
   entry ``x * CONSUMER_WGS + wg``. ``segs``: refs of the q ids ``[B, Tp]``, kv ids
@@ -343,9 +343,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       # 1's last step, so neither waits for the other's epilogue.
       pl.when(wg == 1)(sync)
       carry = lax.fori_loop(u_lo, lo, skip, init)
-      if cfg.overlap or cfg.paired:
-        schedule = fwd_overlap.overlapped if cfg.overlap else fwd_overlap.paired
-        carry = schedule(
+      if cfg.overlap:
+        carry = fwd_overlap.overlapped(
             carry, lo, full_lo, full_hi, hi, sync=sync, softmax=tile_softmax,
             k_late=segs is not None, pv=pv, slot_of=slot_of, release_k=release_k,
             release_v=release_v, my_q=my_q, k_smem=k_smem, v_smem=v_smem, k_full=k_full,
@@ -459,9 +458,8 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
-      # Separate "V consumed" barriers under the overlap and paired schedules (_kernel).
-      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.split_release
-      else None,
+      # Separate "V consumed" barriers under the overlap schedule (see _kernel).
+      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids

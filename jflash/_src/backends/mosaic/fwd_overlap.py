@@ -1,6 +1,5 @@
-"""The forward's variant schedules of one consumer's key tiles, which fwd.py runs in
-place of its step loops: ``MosaicConfig.overlap`` (FA3's intra-warpgroup overlap,
-``overlapped``) and ``MosaicConfig.paired`` (matmuls issued in pairs, ``paired``)."""
+"""The forward's variant schedule ``MosaicConfig.overlap``: FA3's intra-warpgroup
+overlap of one consumer's key tiles (fwd.py runs it in place of its step loops)."""
 
 from __future__ import annotations
 
@@ -106,107 +105,6 @@ def overlapped(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, sl
     plgpu.barrier_wait(v_full.at[slot])
     out = pv(scaled, p16, slot)
     sync()
-    release_v(hi - 1)
-    return out
-
-  acc = lax.cond(lo < hi, last, lambda: acc)
-  return acc, m, l
-
-
-def paired(carry, lo, full_lo, full_hi, hi, *, sync, softmax, k_late, pv, slot_of,
-           release_k, release_v, my_q, k_smem, v_smem, k_full, v_full, p_smem, dtype):
-  """The key tiles ``[lo, hi)`` of one consumer, issued in pairs (``MosaicConfig.paired``).
-
-  Step j issues PV of tile j-1 and QK^T of tile j back to back, waits for both, then runs
-  the softmax of tile j. A prologue issues QK^T of tile lo alone, an epilogue the last PV.
-  In the default schedule a consumer waits for its PV before it issues its next QK^T, so
-  the tensor cores drain between the two (the wait's latency and the issue, once per step
-  and warpgroup). Here the other warpgroup's pair is already queued when ours completes,
-  and one wait covers both matmuls. What crosses the loop is P (bf16) and not the scores,
-  which the softmax reads in the step that computed them.
-
-  Ping-pong points (``sync``): one before and one after each issue, none around the
-  epilogue's PV: ``2 * (hi - lo)`` in all, as ``step`` makes. So the warpgroups take
-  turns issuing whole pairs. K's slot goes back after its QK^T (or, with ``k_late``,
-  after the softmax that read the key ids there), V's after its PV, so the producer may
-  refill K a step earlier than V. ``p_smem`` (interpret mode only) stages P in SMEM.
-  """
-  acc0, m0, l0 = carry
-  bq, bk = m0.shape[0], k_smem.shape[1]
-  d = acc0.shape[1]
-
-  def scores_of(j, s, m, l, masked):
-    if not k_late:
-      release_k(j)
-    new = softmax(s, j, m, l, masked)
-    if k_late:
-      release_k(j)
-    return new
-
-  def first():
-    slot = slot_of(lo)
-    sync()  # our turn to issue
-    plgpu.barrier_wait(k_full.at[slot])
-
-    def qk(ref):
-      plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
-      sync()  # issued: the other warpgroup's turn
-      return ref[...]
-
-    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    # Tile lo may or may not need the predicate: the masked path is right for both. The
-    # accumulator is still zero, so alpha need not be applied.
-    p16, m, l, _ = scores_of(lo, s, m0, l0, masked=True)
-    return p16, m, l
-
-  def nothing():
-    return plgpu.layout_cast(jnp.zeros((bq, bk), dtype), plgpu.Layout.WGMMA), m0, l0
-
-  p16, m, l = lax.cond(lo < hi, first, nothing)
-
-  def step(j, carry, masked: bool):
-    acc, p16, m, l = carry
-    slot, prev = slot_of(j), slot_of(j - 1)
-    sync()  # our turn to issue
-
-    def issue(pv_ref, s_ref, p_operand):
-      plgpu.barrier_wait(v_full.at[prev])
-      plgpu.wgmma(pv_ref, p_operand, v_smem.at[prev])
-      plgpu.barrier_wait(k_full.at[slot])
-      plgpu.wgmma(s_ref, my_q, k_smem.at[slot].T)
-      sync()  # both issued: the other warpgroup's turn
-
-    if p_smem is None:
-      # Both accumulators in one run_state, which waits for both when it returns; the
-      # running sums go in without a copy.
-      zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
-      acc, s = pl.run_state(lambda refs: issue(*refs, p16))(
-          (plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
-    else:
-      def body(pv_ref, s_ref):
-        p_smem[...] = p16
-        plgpu.commit_smem()
-        issue(pv_ref, s_ref, p_smem)
-        s = plgpu.wgmma_accumulator_load(s_ref)  # both done
-        return acc + pv_ref[...], s
-
-      acc, s = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32),
-                             plgpu.ACC((bq, bk), jnp.float32))
-    release_v(j - 1)
-    p16, m, l, alpha = scores_of(j, s, m, l, masked)
-    return acc * per_row(alpha, acc.shape), p16, m, l
-
-  carry = (acc0, p16, m, l)
-  after = lambda x: jnp.maximum(x, lo + 1)
-  carry = lax.fori_loop(lo + 1, full_lo, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(after(full_lo), full_hi, functools.partial(step, masked=False), carry)
-  carry = lax.fori_loop(after(full_hi), hi, functools.partial(step, masked=True), carry)
-  acc, p16, m, l = carry
-
-  def last():
-    slot = slot_of(hi - 1)
-    plgpu.barrier_wait(v_full.at[slot])
-    out = pv(acc, p16, slot)
     release_v(hi - 1)
     return out
 
