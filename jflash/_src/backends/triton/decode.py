@@ -86,17 +86,13 @@ def _split_ranges(ranges, split, num_splits: int):
   return tuple(jnp.minimum(jnp.maximum(x, start), stop) for x in ranges)
 
 
-def _load_rows(ref, k0, bk: int, d: int, rows_valid, masked: bool):
-  """``[bk, d]`` from a ``[S, H]`` ref; rows past S (when ``masked``) and columns past H
-  read as zeros, so no NaN from memory past the end can reach ``p @ v``."""
-  h = ref.shape[1]
-  tile = ref.at[pl.ds(k0, bk), pl.ds(0, d)]
-  if not masked and h == d:
-    return plgpu.load(tile)
-  ok = jnp.arange(d)[None, :] < h
-  if masked:
-    ok = ok & (k0 + jnp.arange(bk)[:, None] < rows_valid)
-  return plgpu.load(tile, mask=ok, other=0)
+def _load_rows(ref, k0, bk: int, d: int):
+  """``[bk, d]`` from a ``[S, H]`` ref; rows past S and columns past H read as zeros (as
+  the regular kernels' tiles.load), so no NaN from memory past the end can reach
+  ``p @ v``."""
+  s, h = ref.shape
+  cols = jnp.arange(d) < h if h != d else None
+  return tiles.load(ref.at[pl.ds(k0, bk), pl.ds(0, d)], tiles.rows_below(k0, bk, s, bk), cols)
 
 
 def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: int):
@@ -105,7 +101,7 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   q_valid, kv_valid = r["q_valid"][b], r["kv_valid"][b]
   q = r["q"][...]
   rp, d = q.shape
-  t, kv_len = p.q_len, p.kv_len
+  t = p.q_len
   row = jnp.arange(rp)
   # Padding rows get position T, which no query length reaches: never visible.
   q_pos = jnp.where(row < rows, lax.rem(row, t), t)
@@ -117,7 +113,7 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
   def step(j, carry, masked):
     acc, m, l = carry
     k0 = pl.multiple_of(j * bk, bk)
-    k = _load_rows(r["k"], k0, bk, d, kv_len, masked)
+    k = _load_rows(r["k"], k0, bk, d)
     x, _ = logits_lib.scores(tiles.dot(q, k, trans_b=True), p.scale, p.softcap, base2=True)
     if masked:
       kv_seg = r["kv_seg"][pl.ds(k0, bk)] if "kv_seg" in r else None
@@ -130,7 +126,7 @@ def _kernel(*refs, names, p: Problem, rows: int, bk: int, nk: int, num_splits: i
     pr = jnp.exp2(x - m_use[:, None])
     alpha = jnp.exp2(m - m_use)
     l = l * alpha + jnp.sum(pr, axis=1)
-    v = _load_rows(r["v"], k0, bk, d, kv_len, masked)
+    v = _load_rows(r["v"], k0, bk, d)
     acc = acc * alpha[:, None] + tiles.dot(pr.astype(v.dtype), v)
     return acc, m_new, l
 

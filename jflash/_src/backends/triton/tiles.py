@@ -51,13 +51,16 @@ def rows_below(start, size: int, length: int, multiple: int):
   return start + jnp.arange(size) < length
 
 
-def load(ref, rows):
+def load(ref, rows, cols=None):
   """``ref[...]``, a tile whose leading axis is rows, with the rows where ``rows`` (from
   rows_below) is False read as zeros and never touched in memory: the arrays come
-  unpadded, so those rows lie past the array's end (backend.py)."""
-  if rows is None:
+  unpadded, so those rows lie past the array's end (backend.py). ``cols``: the same for
+  the last axis of a 2-D tile (decode.py's head dim, padded in the kernel only)."""
+  if rows is None and cols is None:
     return ref[...]
-  mask = rows.reshape(rows.shape + (1,) * (len(ref.shape) - 1))
+  mask = None if rows is None else rows.reshape(rows.shape + (1,) * (len(ref.shape) - 1))
+  if cols is not None:
+    mask = cols[None, :] if mask is None else mask & cols[None, :]
   return plgpu.load(ref, mask=mask, other=0)
 
 
