@@ -379,6 +379,8 @@ VARIANTS = {
     # (schedule.sorted_order, computed before the launch from the mask and the ids).
     "persistent3_sorted": dict(persistent=3, sorted_deal=True),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
+    # QK^T with Q in registers (loaded once per tile) rather than from SMEM.
+    "q_registers": dict(q_registers=True),
     # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
 }

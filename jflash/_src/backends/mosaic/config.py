@@ -37,6 +37,10 @@ class MosaicConfig:
   ``overlap``: FA3's intra-warpgroup overlap: a consumer issues QK^T of tile i and PV of
   tile i-1 back to back, then runs the softmax of tile i while PV runs; K and V slots get
   separate "consumed" barriers, so K goes back to the producer as soon as S is read.
+  ``q_registers``: QK^T takes Q from registers (loaded once per query tile) instead of
+  SMEM, so each QK^T wgmma reads only K from SMEM: at d=128 and 128-key tiles, 64 in
+  place of 96 bytes of SMEM per tensor-core cycle, beside the TMA writes. Costs the
+  consumer ``d / 4`` registers a thread for the whole tile.
   ``fold_scale``: take the row max of the raw scores and fold scale*log2(e) into the
   exp2 argument (one FMA per score instead of a multiply and a subtract); used only
   where it is exact in meaning (no soft-cap, scale > 0).
@@ -62,6 +66,7 @@ class MosaicConfig:
   stages: int = 2
   pingpong: bool = True
   overlap: bool = False
+  q_registers: bool = False
   fold_scale: bool = True  # H200: +4-10% fwd at d=64, +6% at d=128 s=16k, 0 at 4k
   q_outer: bool = False
   producer_regs: int = 40

@@ -274,7 +274,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     def kv_loop(my_q, entry, w, q0, g, u_lo, u_hi):
       """One tile's pass over the key tiles ``[u_lo, u_hi)`` from ring step ``g``:
       ``(acc, m, l)`` of the rows from ``q0`` (query tile ``w = work(j)``, its Q and ids
-      in buffer ``entry``, already waited for)."""
+      in buffer ``entry``, already waited for; ``my_q``: QK^T's A operand, that
+      buffer or Q in registers)."""
       tb, _, tile, qv, kvv = w
       lo, full_lo, full_hi, hi = (
           jnp.clip(x, u_lo, u_hi)
@@ -404,9 +405,13 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_q(j + 1)
       my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
+      # QK^T's A operand: Q's SMEM tile, or (``q_registers``) Q in registers. The
+      # interpreter has no wgmma with a register operand (module docstring).
+      q_op = (plgpu.load(my_q, layout=plgpu.Layout.WGMMA)
+              if cfg.q_registers and not interpret else my_q)
       # (Not persistent: work(j) again, which the traced kernel of one tile per CTA
       # has always had here.)
-      acc, m, l = kv_loop(my_q, q_entry(j), w if persistent else work(j), q0, g, u_lo, u_hi)
+      acc, m, l = kv_loop(q_op, q_entry(j), w if persistent else work(j), q0, g, u_lo, u_hi)
       epilogue(my_q, w, q0, acc, m, l)
       return g + (u_hi - u_lo)
 
