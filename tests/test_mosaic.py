@@ -56,6 +56,10 @@ GPU_CASES = {
     # d=64, causal, past 4096 keys: the three-stage ring of 256-key tiles (for_problem).
     "bf16_d64_causal_5000": Case(b=1, t=5000, s=5000, n=2, k=1, h=64, dtype=jnp.bfloat16,
                                  is_causal=True),
+    # Past 4k keys, d=128, and past 4096 keys, d=64 without a causal mask: QK^T takes Q
+    # from registers (for_problem's q_registers).
+    "bf16_d128_4096": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16),
+    "bf16_d64_5000": Case(b=1, t=5000, s=5000, n=2, k=2, h=64, dtype=jnp.bfloat16),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
     # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
     # d <= 128, the Triton one for d = 256.
@@ -261,6 +265,22 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
   keys, no segment ids) and nowhere else; both schedules run the interpret cases."""
   cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal)
   assert cfg.pingpong == pingpong
+
+
+@pytest.mark.parametrize("s, d, causal, segments, q_registers", [
+    (4096, 128, False, False, True), (16384, 128, True, False, True),
+    (1024, 128, False, False, False), (4096, 128, True, True, False),
+    (16384, 64, False, False, True), (5000, 64, False, False, True),
+    (4096, 64, False, False, False), (16384, 64, True, False, False),
+    (16384, 256, False, False, False)])
+def test_mosaic_config_q_registers_where_it_measured_faster(s, d, causal, segments,
+                                                            q_registers):
+  """QK^T takes Q from registers at d=128 from 4k keys and at d=64 past 4k keys without
+  a causal mask, never with segment ids (not timed); GPU_CASES bf16_d128_4096 and
+  bf16_d64_5000 run it against the reference."""
+  cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=132,
+                                 batch_heads=64)
+  assert cfg.q_registers == q_registers
 
 
 @pytest.mark.parametrize("d, segments, sms, persistent", [

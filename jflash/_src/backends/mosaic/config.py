@@ -185,8 +185,15 @@ class MosaicConfig:
       work = [hi - lo for lo, _, _, hi in ranges]
       if not batch_heads or deal_imbalance(work, batch_heads, sm_count) > 1.06:
         persistent = 0
+    # Q in registers for QK^T (H200 2026-11-27, two calls, fwd TFLOP/s, default ->
+    # q_registers): d=128 4k 570-573 -> 578-584, causal 531-553 -> 535-548; 16k 586-602 ->
+    # 603-610, causal 581-586 -> 589-595; d=64 16k 447-455 -> 472-477. Not d=64 causal
+    # (16k 462-466 -> 455-461) nor d=64 at 4k (-1..-2%); d=128 at 1k +-1%. Packed
+    # documents not timed.
+    q_registers = not segments and (
+        (head_dim == 128 and kv_len >= 4096) or (head_dim == 64 and not causal and kv_len > 4096))
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
-              persistent=persistent, sorted_deal=sorted_deal)
+              persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
