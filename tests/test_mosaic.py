@@ -69,6 +69,12 @@ GPU_CASES = {
     "segment_f16_d64_pair_lengths_empty": Case(b=2, t=700, s=900, n=4, k=1, h=64,
                                                dtype=jnp.float16, segments="pair",
                                                q_lengths=[700, 100], kv_lengths=[0, 900]),
+    # Packed documents past 4096 keys: the sorted deal with Q in registers (for_problem).
+    "segment_bf16_d128_4352_packed_causal": Case(b=1, t=4352, s=4352, n=2, k=1, h=128,
+                                                 dtype=jnp.bfloat16, is_causal=True,
+                                                 segments="packed"),
+    "segment_bf16_d64_4608_packed": Case(b=1, t=4608, s=4608, n=2, k=2, h=64,
+                                         dtype=jnp.bfloat16, segments="packed"),
     "segment_bf16_d256_packed": Case(b=1, t=640, s=640, n=2, k=1, h=256, dtype=jnp.bfloat16,
                                      segments="packed"),
     "segment_bf16_d80_packed_window_softcap": Case(b=2, t=1000, s=1000, n=2, k=2, h=80,
@@ -272,12 +278,15 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
     (1024, 128, False, False, False), (4096, 128, True, True, False),
     (16384, 64, False, False, True), (5000, 64, False, False, True),
     (4096, 64, False, False, False), (16384, 64, True, False, False),
-    (16384, 256, False, False, False)])
+    (16384, 256, False, False, False), (16384, 128, True, True, True),
+    (4352, 64, True, True, True), (4096, 64, False, True, False),
+    (16384, 256, False, True, False)])
 def test_mosaic_config_q_registers_where_it_measured_faster(s, d, causal, segments,
                                                             q_registers):
   """QK^T takes Q from registers at d=128 from 4k keys and at d=64 past 4k keys without
-  a causal mask, never with segment ids (not timed); GPU_CASES bf16_d128_4096 and
-  bf16_d64_5000 run it against the reference."""
+  a causal mask; with segment ids past 4k keys at d=64 and d=128, causal or not.
+  GPU_CASES bf16_d128_4096, bf16_d64_5000 and the two packed cases past 4096 keys run it
+  against the reference."""
   cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=132,
                                  batch_heads=64)
   assert cfg.q_registers == q_registers

@@ -189,8 +189,12 @@ class MosaicConfig:
     # q_registers): d=128 4k 570-573 -> 578-584, causal 531-553 -> 535-548; 16k 586-602 ->
     # 603-610, causal 581-586 -> 589-595; d=64 16k 447-455 -> 472-477. Not d=64 causal
     # (16k 462-466 -> 455-461) nor d=64 at 4k (-1..-2%); d=128 at 1k +-1%. Packed
-    # documents not timed.
-    q_registers = not segments and (
+    # documents past 4k keys (16k keys, useful TFLOP/s, q_registers off -> on, 4 then 8
+    # documents, one H200 call each, 2026-11-27): d=128 522 -> 534-540 and 469 ->
+    # 477-487, causal 495-498 -> 504-506 and 405-419 -> 419-423; d=64 385 -> 388-391 and
+    # 351 -> 354-356, causal 366-370 -> 372-375 and 303-305 -> 309. At 4k, within the
+    # calls' noise.
+    q_registers = (head_dim in (64, 128) and kv_len > 4096) if segments else (
         (head_dim == 128 and kv_len >= 4096) or (head_dim == 64 and not causal and kv_len > 4096))
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
               persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers)
