@@ -711,33 +711,3 @@ def test_mosaic_backward_sorted_grid_against_reference(name, mosaic_bwd_calls):
   with _mosaic_backward(case, _sorted_grid_config(case)):
     check_case(case, "mosaic")
   assert set(mosaic_bwd_calls) == {"separate"}
-
-
-# ---- own_registers (variant, off by default): each consumer's own tile (K and V in the
-# dK/dV kernel, Q and dO in the dQ kernel) as the wgmma A operand from registers. The
-# interpreter has no wgmma with a register operand, so it runs on the GPU and is lowered
-# for CUDA here.
-
-@pytest.mark.parametrize("d, causal, segments, fields", [
-    (64, False, False, dict(dq_mode="separate")), (64, True, True, dict(dq_mode="atomic")),
-    (128, True, False, dict(dq_mode="separate")),
-    (128, False, False, dict(dq_mode="atomic", dv_early=True))])
-def test_mosaic_backward_own_registers_lowers_for_cuda(d, causal, segments, fields):
-  _lower_backward_for_cuda(d, causal, 30.0 if segments else None, 2, segments=segments,
-                           own_registers=True, **fields)
-
-
-def test_mosaic_bwd_config_own_registers_refuses_split_head_dim():
-  with pytest.raises(ValueError, match="own_registers.*split_head_dim"):
-    MosaicBwdConfig(split_head_dim=True, own_registers=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name, dq_mode", [
-    (name, mode) for name in ("bf16_lengths_empty_rows", "bf16_window", "bf16_d128_causal_4k")
-    for mode in ("separate", "atomic")])
-def test_mosaic_backward_own_registers_against_reference(name, dq_mode, mosaic_bwd_calls):
-  case = FUSED_DQ_GPU_CASES[name]
-  with _mosaic_backward(case, _fused_dq_config(case, dq_mode, own_registers=True)):
-    check_case(case, "mosaic")
-  assert set(mosaic_bwd_calls) == {dq_mode}

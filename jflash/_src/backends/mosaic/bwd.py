@@ -77,16 +77,6 @@ from jflash._src.problem import Problem
 HEAD_DIMS = (64, 128, 256)
 
 
-def _a_operands(cfg: MosaicBwdConfig, interpret: bool, *refs):
-  """A consumer's own SMEM tiles as wgmma A operands: the refs themselves, or with
-  ``cfg.own_registers`` their values in registers (not in the interpreter, which has no
-  wgmma with a register operand; not with ``split_head_dim``, whose consumers share
-  one tile and use the refs in their roles)."""
-  if not cfg.own_registers or interpret:
-    return refs
-  return tuple(plgpu.load(r, layout=plgpu.Layout.WGMMA) for r in refs)
-
-
 def _grad_scores(p: Problem, qk, dp, lse, delta, axis: int, vis):
   """From a tile of q.k products and of dO.v products to ``(P, dS)`` (dS with respect to
   ``x = scale * qk``). ``lse``, ``delta``: per query, along ``axis`` of the tile (1 for
@@ -233,8 +223,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
     k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=ROW) + k0
     plgpu.barrier_wait(kv_full.at[own])
     kv_seg = None if segs is None else plgpu.load(kseg_smem.at[own], layout=ROW)
-    # S^T's and dP^T's A operands: K and V in SMEM, or (``own_registers``) in registers.
-    a_k, a_v = _a_operands(cfg, interpret, my_k, my_v)
 
     def vis_of(masked: bool, i, ids):
       """The predicate of this consumer's keys against the query rows of streamed tile
@@ -253,7 +241,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref
         return role_step(c, slot, i, carry, masked)
       dk, dv = carry
       q_s, do_s = q_smem.at[slot], do_smem.at[slot]
-      st, dpt = parts.matmuls((bk, bq), (a_k, q_s.T), (a_v, do_s.T))
+      st, dpt = parts.matmuls((bk, bq), (my_k, q_s.T), (my_v, do_s.T))
       lse = plgpu.load(lse_smem.at[slot], layout=COL)
       delta = plgpu.load(delta_smem.at[slot], layout=COL)
       vis = vis_of(masked, i, q_ids(slot))
@@ -463,8 +451,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     q_seg = None if segs is None else plgpu.load(qseg_smem.at[own], layout=ROW)
     lse = plgpu.load(lse_smem.at[own], layout=ROW)
     delta = plgpu.load(delta_smem.at[own], layout=ROW)
-    # S's and dP's A operands: Q and dO in SMEM, or (``own_registers``) in registers.
-    a_q, a_do = _a_operands(cfg, interpret, my_q, my_do)
 
     def vis_of(masked: bool, j, ids):
       """The predicate of this consumer's query rows against the keys of streamed tile
@@ -511,7 +497,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qv_ref, kvv_ref,
     def step(c, slot, j, dq, masked: bool):
       if cfg.split_head_dim:
         return role_step(c, slot, j, dq, masked)
-      s, dp = parts.matmuls((bq, bk), (a_q, k_smem.at[slot].T), (a_do, v_smem.at[slot].T))
+      s, dp = parts.matmuls((bq, bk), (my_q, k_smem.at[slot].T), (my_do, v_smem.at[slot].T))
       vis = vis_of(masked, j, k_ids(slot))
       _, ds = _grad_scores(p, s, dp, lse, delta, 1, vis)
       stage = stage_smem.at[wg] if interpret else None

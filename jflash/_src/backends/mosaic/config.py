@@ -273,10 +273,6 @@ class MosaicBwdConfig:
   ``static_wg``: each consumer warpgroup runs a copy of the code of its own, with its
   index a constant (common.consumers), instead of one copy that computes its tile's SMEM
   addresses from the traced index (``for_problem``: on, but with ``split_head_dim``).
-  ``own_registers``: each consumer holds its own tile's two A operands in registers
-  (dK/dV kernel: K of S^T = K Q^T and V of dP^T = V dO^T; dQ kernel: Q and dO), loaded
-  once, so those wgmmas read only the streamed tile from SMEM (the forward's
-  ``q_registers``). Costs ``d / 2`` registers a thread. Not with ``split_head_dim``.
   ``dq_chunks``, ``dq_chunk_flops``: fused dQ only: the dK/dV kernel runs as up to
   ``dq_chunks`` launches over blocks of batches and key heads (fused_dq.dq_chunks), each
   adding into an f32 dQ of its block alone, so that the buffer costs ``2 / launches``
@@ -299,8 +295,6 @@ class MosaicBwdConfig:
   dv_early: bool = False
   split_head_dim: bool = False
   static_wg: bool = False
-  # Variant (off by default; MOSAIC_NOTES.md, session 21): not yet timed.
-  own_registers: bool = False
   # for_problem's choice with segment ids (MOSAIC_NOTES.md, session 19): dq_mode=
   # "separate"'s dK/dV and dQ kernels launch their CTAs longest first, by each tile's
   # work worked out in XLA before the launch (schedule.sorted_order), so that the last
@@ -332,9 +326,6 @@ class MosaicBwdConfig:
       # Its consumers' roles are branches on the index: with a constant index each copy
       # holds one branch, and Mosaic's layout inference finds no solution (d=256).
       raise ValueError("static_wg is not built for split_head_dim (d=256): set one of them")
-    if self.own_registers and self.split_head_dim:
-      raise ValueError("own_registers is not built for split_head_dim (d=256), whose "
-                       "consumers share one tile: set one of them")
     if self.split_head_dim and (self.consumers != 2 or self.dq_mode != "separate"):
       raise ValueError(f"split_head_dim needs consumers=2 and dq_mode='separate'; got "
                        f"consumers={self.consumers}, dq_mode={self.dq_mode!r}")
