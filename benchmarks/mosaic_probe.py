@@ -13,6 +13,8 @@
       --impls cudnn --sweep-bwd "" dq_mode=atomic dq_mode=ordered   # fused dQ vs the dQ kernel
   PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 16384 --heads 16x128 --causal yes \
       --docs 8 --impls mosaic triton --variants q_tiles_per_cta=2 q_tiles_per_cta=4  # packed
+  PYTHONPATH=.:benchmarks python3 benchmarks/mosaic_probe.py --s 16384 --heads 16x128 \
+      --modes fwd --impls cudnn --variants q_registers=0 --sustain 1.5  # + clock, per GHz
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -20,6 +22,13 @@ that) per implementation and the ratios mosaic/cudnn and mosaic/triton. Each num
 the median over ``--loops`` loops of ``--reps`` back-to-back calls of a compiled function,
 after ``--warmup`` calls, ended by block_until_ready; within a cell and mode the loops
 of all implementations and variants take turns (``interleaved_seconds``).
+
+``--sustain SECONDS`` adds, per cell and mode, ``--sustain-rounds`` rounds of one loop of
+about SECONDS per implementation in turn, timed with the SM clock and power that
+nvidia-smi samples meanwhile (sustained.py). The lent H200s run attention at their power
+cap, where each kernel settles at a clock of its own. So a variant's sustained TFLOP/s
+and its TFLOP/s per GHz (work per cycle) say more than the short loops do
+(benchmarks/README.md, "Sustained load and the power cap").
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import statistics
 import time
 
@@ -43,6 +53,7 @@ from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 
 # benchmarks/ is on sys.path when this runs as a script.
 from _features import doc_lengths
+import sustained as sustained_lib
 
 
 def attention(impl: str, segment_ids=None):
@@ -171,6 +182,10 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--loops", type=int, default=5)
   ap.add_argument("--json", default=None, help="also write the rows to this file")
+  ap.add_argument("--sustain", type=float, default=0.0,
+                  help="also time sustained loops of this many seconds per implementation, "
+                       "with the SM clock (see the module docstring)")
+  ap.add_argument("--sustain-rounds", type=int, default=2)
   ap.add_argument("--mosaic-bwd", action="store_true",
                   help="fwdbwd: also time 'mosaic_bwd', mosaic with the Mosaic backward kernels "
                        "(MosaicConfig.mosaic_backward), and print its grads' difference to cudnn's")
@@ -184,6 +199,10 @@ def main():
 
   dev = jax.devices()[0]
   print(f"# {dev.device_kind} jax {jax.__version__}", flush=True)
+  sampler = None
+  if args.sustain:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    sampler = sustained_lib.ClockSampler(gpu)
   causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
   sweeping = bool(args.sweep_block_kv or args.sweep_stages or args.sweep_pingpong
                   or args.sweep_overlap or args.sweep_fold_scale or args.sweep_q_outer
@@ -260,6 +279,11 @@ def main():
       secs = interleaved_seconds({label: fn for label, (_, fn) in compiled.items()},
                                  (q, k, v, do), warmup=args.warmup, reps=args.reps,
                                  loops=args.loops)
+      long = {}
+      if sampler is not None:
+        long = sustained_lib.sustained({label: fn for label, (_, fn) in compiled.items()},
+                                       [(q, k, v, do)], secs, seconds=args.sustain,
+                                       rounds=args.sustain_rounds)
       for label, (impl, fn) in compiled.items():
         sec = secs[label]
         out = fn(q, k, v, do)
@@ -277,12 +301,23 @@ def main():
         tf = mult * flops / sec / 1e12
         tflops[label] = tf
         print(f"  {mode:6s} {label:34s} {sec * 1e3:9.3f} ms {tf:7.1f} TFLOP/s{diff}", flush=True)
-        rows.append(dict(mode=mode, impl=label, b=b, s=s, n=n, d=d, causal=causal,
-                         ms=sec * 1e3, tflops=tf, device=dev.device_kind))
+        row = dict(mode=mode, impl=label, b=b, s=s, n=n, d=d, causal=causal, ms=sec * 1e3,
+                   tflops=tf, device=dev.device_kind)
+        if label in long:
+          mhz, watts = sampler.mean(long[label][1])
+          row.update(sustained_tflops=mult * flops / long[label][0] / 1e12, mhz=mhz,
+                     watts=watts)
+          row["per_ghz"] = row["sustained_tflops"] / mhz * 1e3 if mhz else None
+          print(f"  {mode:6s} {label:34s} sustained {row['sustained_tflops']:7.1f} TFLOP/s at "
+                f"{mhz or 0:.0f} MHz, {watts or 0:.0f} W: "
+                f"{row['per_ghz'] or 0:.1f} TFLOP/s per GHz", flush=True)
+        rows.append(row)
       for label, tf in tflops.items():
         if label.startswith("mosaic"):
           ratios = [f"{tf / tflops[o]:.2f}x {o}" for o in ("cudnn", "triton") if o in tflops]
           print(f"  {mode:6s} {label} vs " + ", ".join(ratios), flush=True)
+  if sampler is not None:
+    sampler.stop()
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
