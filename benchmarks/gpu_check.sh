@@ -6,6 +6,8 @@
 #   some GPUs only. Output goes to $OUT (default ./bench_out):
 #   gpu_tests.log, failures.log (each failing test's report, written as it fails),
 #   bench.log, results.json, results.md, tflops.png.
+#   RUN_SUSTAINED=1 adds sustained.py $SUSTAINED_ARGS (ratios in short and sustained
+#   loops, with the SM clock): sustained.log, sustained.json.
 #   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
 #   train_step.log, train_step.md, train_step.json.
 # Exits with the pytest status, so a benchmark hiccup cannot hide a failing kernel.
@@ -108,6 +110,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # --memory first so that a later --no-memory in "$@" wins.
   python3 benchmarks/bench.py --out "$OUT" --memory "$@" 2>&1 | tee "$OUT/bench.log"
   echo "== bench exit status: ${PIPESTATUS[0]}"
+fi
+
+if [ "${RUN_SUSTAINED:-0}" = 1 ]; then
+  # The grid's mosaic/cuDNN ratios in short and sustained loops, with each kernel's SM
+  # clock under the power cap (benchmarks/README.md); SUSTAINED_ARGS split into words on
+  # purpose, e.g. SUSTAINED_ARGS="--d 128 --seconds 1.2 --rounds 2".
+  python3 benchmarks/sustained.py --json "$OUT/sustained.json" ${SUSTAINED_ARGS:-} 2>&1 \
+    | tee "$OUT/sustained.log"
+  echo "== sustained exit status: ${PIPESTATUS[0]}"
 fi
 
 if [ "${RUN_TRAIN:-0}" = 1 ]; then
