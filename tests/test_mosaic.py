@@ -407,6 +407,10 @@ VARIANTS = {
     # The same grid dealing the tiles longest first, by the key tiles each visits
     # (schedule.sorted_order, computed before the launch from the mask and the ids).
     "persistent3_sorted": dict(persistent=3, sorted_deal=True),
+    # One cluster of two CTAs (kv_multicast) taking each (batch, head)'s two q tiles
+    # side by side, its ring crossing heads or batch rows; in the interpreter each CTA
+    # loads the K/V tiles itself (no multicast), paced by the cluster barriers.
+    "persistent2_multicast": dict(persistent=2, kv_multicast=True),
     "qtiles3_overlap_bkv64": dict(q_tiles_per_cta=3, overlap=True, block_kv=64),
     # QK^T with Q in registers (loaded once per tile) rather than from SMEM.
     "q_registers": dict(q_registers=True),

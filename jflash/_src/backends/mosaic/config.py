@@ -78,6 +78,15 @@ class MosaicConfig:
   # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17),
   # and with them at d <= 128 (under sorted_deal).
   persistent: int = 0
+  # Variant (off by default; MOSAIC_NOTES.md, session 23): the persistent grid runs as
+  # clusters of two CTAs that take two neighbouring query tiles of one (batch, head) and
+  # share each K/V tile: each CTA's producer loads half of it and TMA multicasts it to
+  # both, and a slot goes back to the producers once all four consumers are done with it
+  # (a cluster barrier). Half the K/V bytes read from L2 (FlashAttention-3 does this at
+  # d >= 128 without a causal mask). Needs ``persistent`` (whose CTA count it rounds
+  # down to pairs); runs only where the problem allows (no segment ids, an even count of
+  # query tiles, fwd.forward), else as ``persistent`` alone.
+  kv_multicast: bool = False
   # Variant (off by default; MOSAIC_NOTES.md, session 18): the persistent grid deals
   # each head's tiles in equal-cost pairs (schedule.paired_tile) instead of q_tile's
   # serpentine, balanced under a causal mask at any head count.
@@ -114,6 +123,10 @@ class MosaicConfig:
           f"{self.consumer_regs} must be <= {REGISTERS_PER_THREAD_SLOT} (64K registers per SM)")
     if not isinstance(self.persistent, int) or self.persistent < 0:
       raise ValueError(f"persistent={self.persistent!r} must be an int >= 0 (0: off)")
+    if self.kv_multicast and (self.persistent < 2 or self.paired_deal or self.sorted_deal):
+      raise ValueError("kv_multicast runs on the persistent grid's q_tile deal: it needs "
+                       "persistent >= 2 (a pair of CTAs) and neither paired_deal nor "
+                       "sorted_deal")
     if self.paired_deal and self.sorted_deal:
       raise ValueError("paired_deal and sorted_deal are two deals of the persistent grid: "
                        "choose one")

@@ -85,7 +85,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
             v_consumed, sched, qseg_smem, kseg_smem, *, segs, order_ref, p: Problem,
             cfg: MosaicConfig,
             nq: int, nk: int, groups: int, q_bufs: int, interpret: bool, batch: int,
-            heads: int, grid_ctas: int):
+            heads: int, grid_ctas: int, pair: bool):
   """``v_consumed`` is None unless ``cfg.overlap``: then K and V slots are released
   separately; otherwise ``k_consumed`` guards both halves of a slot. ``q_smem`` and
   ``q_full`` hold ``q_bufs`` buffers per consumer: buffer ``x`` of warpgroup ``wg`` is
@@ -95,7 +95,13 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   ``grid_ctas``: the CTAs of a persistent grid (``cfg.persistent``), which deal out the
   query tiles of all ``batch`` x ``heads``; 0: one CTA per ``q_tiles_per_cta`` tiles of
   one (batch, head). ``order_ref``: under ``cfg.sorted_deal``, the flat (batch, head,
-  tile) at each of ``q_tile``'s places (schedule.sorted_order), else None."""
+  tile) at each of ``q_tile``'s places (schedule.sorted_order), else None. ``pair``
+  (``cfg.kv_multicast`` where it runs): the grid's ``grid_ctas`` are clusters of two
+  CTAs, which take query tiles ``2u`` and ``2u + 1`` of one (batch, head) for each unit
+  ``u`` that q_tile deals the cluster, step through the same key tiles (the union of
+  both tiles' ranges) and share each K/V tile: each producer loads half of it, TMA
+  multicasts it to both CTAs, and the "consumed" barriers are cluster barriers, so a slot
+  is loaded again only once the consumers of both CTAs are done with it."""
   bq, bk, stages, tiles = cfg.block_q, cfg.block_kv, cfg.stages, cfg.q_tiles_per_cta
   rows = CONSUMER_WGS * bq
   persistent = grid_ctas > 0
@@ -104,6 +110,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   c = lax.axis_index("q")
   if persistent:
     wg = lax.axis_index("wg")
+    rank = lax.axis_index("pair") if pair else 0  # which tile of the cluster's two
   else:
     h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     q_valid, kv_valid = qv_ref[b], kvv_ref[b]
@@ -121,12 +128,15 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       bh, tile = paired_tile(c, j, ctas, batch * heads, nq)
       live = j < n_tiles
     else:
-      f = q_tile(c, j, ctas, batch * heads * nq)
+      f = q_tile(c, j, ctas, units)
       live = f >= 0
       f = jnp.maximum(f, 0)
       if order_ref is not None:
         f = order_ref[f]
-      bh, tile = lax.div(f, jnp.int32(nq)), lax.rem(f, jnp.int32(nq))
+      per_bh = nq // 2 if pair else nq
+      bh, tile = lax.div(f, jnp.int32(per_bh)), lax.rem(f, jnp.int32(per_bh))
+      if pair:
+        tile = 2 * tile + rank
     tb, th = lax.div(bh, jnp.int32(heads)), lax.rem(bh, jnp.int32(heads))
     return tb, th, jnp.where(live, tile, -1), qv_ref[tb], kvv_ref[tb]
 
@@ -144,7 +154,9 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     consumer may need: what the producer loads, what both consumers step through."""
     w = work(j)
     tb, _, tile, qv, kvv = w
-    lo, _, _, hi = mask_lib.kv_block_range(p.mask, tile * rows, rows, bk, nk, qv, kvv,
+    # A cluster's two CTAs step through the union of both their tiles' key ranges.
+    first, span = ((tile - rank) * rows, 2 * rows) if pair else (tile * rows, rows)
+    lo, _, _, hi = mask_lib.kv_block_range(p.mask, first, span, bk, nk, qv, kvv,
                                            seg_range(tb, tile, CONSUMER_WGS))
     return w, tile * rows, lo, hi
 
@@ -154,7 +166,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   if persistent and cfg.paired_deal:
     n_tiles, total = paired_tiles(c, ctas, batch * heads, nq), None
   elif persistent:
-    n_tiles, total = persistent_tiles(c, ctas, batch * heads * nq), None
+    units = batch * heads * (nq // 2 if pair else nq)  # pairs of tiles, or tiles
+    n_tiles, total = persistent_tiles(c, ctas, units), None
   elif tiles == 1:
     n_tiles, total = 1, (lambda _, __, lo, hi: hi - lo)(*union(0))
   else:
@@ -185,6 +198,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
   def _producer():
     plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kv_head = lambda h: lax.div(h, jnp.asarray(groups, h.dtype))
+    # A cluster's producers each load half of every K/V tile into both CTAs. The
+    # interpreter has no multicast copies: there each loads the whole tile for itself
+    # (the same data in each CTA), and the cluster barriers still pace the pair.
+    multicast = "pair" if pair and not interpret else None
     if not persistent:
       kh = kv_head(h)
 
@@ -198,13 +215,15 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         src = (tb, pl.ds(i * bk, bk), t_kh)
         if wait:
           plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_full.at[slot],
+                                collective_axes=multicast)
         if segs is not None:  # the tile's key ids share K's slot and barrier
           plgpu.copy_gmem_to_smem(kseg_ref.at[tb, pl.ds(i * bk, bk)], kseg_smem.at[slot],
                                   k_full.at[slot])
         if wait and split:
           plgpu.barrier_wait(v_consumed.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_full.at[slot],
+                                collective_axes=multicast)
 
       # Only the CTA's first ``stages`` ring steps find their slots never used.
       first = jnp.minimum(u_lo + jnp.maximum(stages - g, 0), u_hi)
@@ -452,6 +471,12 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   seg = p.mask.has_segment_ids
   q_bufs = cfg.q_buffers(d, q.dtype.itemsize, segments=seg)
   interpret = p.interpret
+  # kv_multicast runs where the query tiles pair up within each (batch, head) and no
+  # key ids ride with K: else the persistent grid alone.
+  pair = cfg.kv_multicast and not seg and nq % 2 == 0
+  # A cluster's "consumed" barriers count the consumers of both CTAs (``pair``).
+  consumed = (functools.partial(plgpu.ClusterBarrier, collective_axes=("pair",)) if pair
+              else plgpu.Barrier)
   scratch = [
       smem_tile((q_bufs * CONSUMER_WGS, bq, d), q.dtype),  # Q, then O
       smem_tile((stages, bk, d), k.dtype),
@@ -462,15 +487,18 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=q_bufs * CONSUMER_WGS),
       plgpu.Barrier(num_arrivals=1 + seg, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages),
+      consumed(num_arrivals=CONSUMER_WGS, num_barriers=stages),
       # Separate "V consumed" barriers under the overlap schedule (see _kernel).
-      plgpu.Barrier(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
+      consumed(num_arrivals=CONSUMER_WGS, num_barriers=stages) if cfg.overlap else None,
       plgpu.Barrier(num_arrivals=CONSUMER_WGS),
   ]
   scratch += [plgpu.SMEM((q_bufs * CONSUMER_WGS, bq), jnp.int32) if seg else None,  # q ids
               plgpu.SMEM((stages, bk), jnp.int32) if seg else None]  # key ids, with K
   extra = (q_seg, kv_seg, segment_ranges(q_seg, kv_seg, cfg)) if seg else ()
-  grid_ctas = min(cfg.persistent, deal_units(b * n, nq, cfg.paired_deal)) if cfg.persistent else 0
+  if pair:
+    grid_ctas = min(cfg.persistent // 2, b * n * nq // 2)  # clusters of two CTAs
+  else:
+    grid_ctas = min(cfg.persistent, deal_units(b * n, nq, cfg.paired_deal)) if cfg.persistent else 0
   if grid_ctas and cfg.sorted_deal:
     # Each query tile's key tiles, as the kernel's ``union``.
     work = tile_work(p.mask, CONSUMER_WGS * bq, bk, nq, sp // bk, q_valid, kv_valid,
@@ -478,7 +506,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
     extra += (sorted_order(work, n),)
   kernel = functools.partial(_unpack, p=p, cfg=cfg, nq=nq, nk=sp // bk, groups=n // kh,
                              q_bufs=q_bufs, interpret=interpret, batch=b, heads=n,
-                             grid_ctas=grid_ctas)
+                             grid_ctas=grid_ctas, pair=pair)
   # Mosaic reverses the grid: its LAST axis is CUDA's x, the fastest in launch order.
   # q innermost (default): the CTAs of one wave share a (batch, head)'s K/V in L2. With q
   # outermost at s=1k, b=16 each CTA of a wave had a (batch, head) of its own and the
@@ -487,6 +515,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
   grid, names = ((ctas, n, b), ("q", "h", "b")) if cfg.q_outer else ((b, n, ctas), ("b", "h", "q"))
   if grid_ctas:  # persistent: the kernel deals out the (batch, head, q tile)s
     grid, names = (grid_ctas,), ("q",)
+  cluster = dict(cluster=(2,), cluster_names=("pair",)) if pair else {}
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -494,6 +523,7 @@ def forward(p: Problem, cfg: MosaicConfig, q, k, v, q_valid, kv_valid, q_seg=Non
       scratch_types=scratch,
       grid=grid,
       grid_names=names,
+      **cluster,
       num_threads=CONSUMER_WGS + 1,
       thread_name="wg",
       # No SMEM reserved for cross-warp reductions (2 KiB by default): the kernel's row
