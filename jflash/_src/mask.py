@@ -115,6 +115,17 @@ def visible(
   """
   row, col = (lambda x: x[None, :], lambda x: x[:, None]) if transpose else (
       lambda x: x[:, None], lambda x: x[None, :])
+  if spec.band_lo is None and spec.band_hi is None:
+    # No band: the two length tests on the 1-D positions, then expanded (Mosaic GPU
+    # infers no register layout for comparisons on [1, n] / [n, 1] arrays). Not the
+    # per-row bound below: in the Triton forward at d=128, s=4096 without a causal
+    # mask, that form's code (in the masked loops, which that call never runs) made
+    # the whole kernel compile slower (H200 2026-11-28, fwd TFLOP/s 405 -> 230; at
+    # 16k and under a causal mask no change; benchmarks/RESULTS.md).
+    ok = col(k_pos < kv_valid) & row(q_pos < q_valid)
+    if spec.has_segment_ids:
+      ok = ok & (row(q_seg) == col(kv_seg))
+    return ok & dense if spec.has_dense_mask else ok
   # Row i sees keys ``lo_i <= j <= hi_i``: the band and both valid lengths fold into two
   # per-row bounds, worked out on the 1-D positions (a row past q_valid gets hi = -1, so
   # no key), and the tile costs one comparison per element and side of the band rather
