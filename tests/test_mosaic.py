@@ -60,6 +60,14 @@ GPU_CASES = {
     # from registers (for_problem's q_registers).
     "bf16_d128_4096": Case(b=1, t=4096, s=4096, n=2, k=1, h=128, dtype=jnp.bfloat16),
     "bf16_d64_5000": Case(b=1, t=5000, s=5000, n=2, k=2, h=64, dtype=jnp.bfloat16),
+    # d=128 without a causal mask past 4096 keys: clusters of two CTAs share K/V
+    # (for_problem's kv_multicast): an even tile count per head with padded rows and
+    # lengths; an odd one (4200 rows: 33 tiles) runs the persistent grid alone.
+    "bf16_d128_4608_multicast_lengths": Case(b=2, t=4608, s=4608, n=2, k=1, h=128,
+                                             dtype=jnp.bfloat16, q_lengths=[4608, 4500],
+                                             kv_lengths=[4608, 4100]),
+    "bf16_d128_4200_odd_tiles": Case(b=1, t=4200, s=4200, n=2, k=2, h=128,
+                                     dtype=jnp.bfloat16),
     "f16_decode_t1": Case(b=4, t=1, s=1500, n=8, k=1, h=128, dtype=jnp.float16),
     # Packed documents: segment ranges, ids on masked tiles; the Mosaic backward for
     # d <= 128, the Triton one for d = 256.
@@ -271,6 +279,28 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
   keys, no segment ids) and nowhere else; both schedules run the interpret cases."""
   cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal)
   assert cfg.pingpong == pingpong
+
+
+@pytest.mark.parametrize("s, d, causal, segments, sm_count, multicast", [
+    (16384, 128, False, False, 132, True), (4608, 128, False, False, 132, True),
+    (4096, 128, False, False, 132, False), (16384, 128, True, False, 132, False),
+    (16384, 128, False, True, 132, False), (16384, 64, False, False, 132, False),
+    (16384, 128, False, False, 0, False)])
+def test_mosaic_config_kv_multicast_where_it_measured_faster(s, d, causal, segments,
+                                                             sm_count, multicast):
+  """d=128 without a causal mask or segment ids past 4096 keys, on the persistent grid
+  (which needs the SM count) only."""
+  cfg = MosaicConfig.for_problem(s, s, d, causal=causal, segments=segments,
+                                 sm_count=sm_count, batch_heads=16)
+  assert cfg.kv_multicast == multicast
+  assert not multicast or cfg.persistent == sm_count
+
+
+def test_mosaic_config_kv_multicast_needs_the_persistent_q_tile_deal():
+  for bad in (dict(), dict(persistent=1), dict(persistent=4, sorted_deal=True),
+              dict(persistent=4, paired_deal=True)):
+    with pytest.raises(ValueError, match="kv_multicast"):
+      MosaicConfig(kv_multicast=True, **bad)
 
 
 @pytest.mark.parametrize("s, d, causal, segments, q_registers", [

@@ -78,7 +78,8 @@ class MosaicConfig:
   # for_problem: the SM count at d=128 without segment ids (MOSAIC_NOTES.md, session 17),
   # and with them at d <= 128 (under sorted_deal).
   persistent: int = 0
-  # Variant (off by default; MOSAIC_NOTES.md, session 23): the persistent grid runs as
+  # for_problem's choice at d=128 without a causal mask past 4k keys (MOSAIC_NOTES.md,
+  # session 23): the persistent grid runs as
   # clusters of two CTAs that take two neighbouring query tiles of one (batch, head) and
   # share each K/V tile: each CTA's producer loads half of it and TMA multicasts it to
   # both, and a slot goes back to the producers once all four consumers are done with it
@@ -209,8 +210,17 @@ class MosaicConfig:
     # calls' noise.
     q_registers = (head_dim in (64, 128) and kv_len > 4096) if segments else (
         (head_dim == 128 and kv_len >= 4096) or (head_dim == 64 and not causal and kv_len > 4096))
+    # K/V shared by clusters of two CTAs (TMA multicast) at d=128 without a causal mask
+    # past 4k keys, on the persistent grid (2026-11-28, s=16k fwd, sustained TFLOP/s,
+    # default -> kv_multicast, two readings each: H100 607.8, 610.8 -> 621.0, 619.6, its
+    # SM clock 1531-1544 -> 1575-1577 MHz at the 700 W cap; H200 600.8, 602.3 -> 605.8,
+    # 606.2). Half the L2 -> SM traffic costs less power, so the capped clock rises; per
+    # cycle it is level or 0.5% lower. At 4k +0.2..+0.5%, at 1k -0.3%: not there.
+    kv_multicast = persistent >= 2 and head_dim == 128 and not causal and not segments and (
+        kv_len > 4096)
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
-              persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers)
+              persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers,
+              kv_multicast=kv_multicast)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
