@@ -5,7 +5,10 @@ one (batch, head), run in turn (see ``q_tile``); or, with ``MosaicConfig.persist
 (d=128's default: one CTA per SM), a grid of that many CTAs deals out the query tiles of
 all (batch, head)s, head by head (``work``; the deals are in schedule.py), so that the
 CTAs running side by side share a few heads' keys in L2 (or, with ``sorted_deal``, in an
-order worked out before the launch: longest tiles first). Each CTA runs three warpgroups:
+order worked out before the launch: longest tiles first). With ``kv_multicast`` (d=128's
+default without a causal mask past 4k keys) that grid runs as clusters of two CTAs on
+neighbouring query tiles, which share each K/V tile by TMA multicast (see ``_kernel``).
+Each CTA runs three warpgroups:
 
 * a producer that only issues TMA loads: K and V tiles stream into a ring of ``stages``
   SMEM slots, each guarded by a "full" barrier (TMA arrival) and a "consumed" barrier
