@@ -123,20 +123,19 @@ def visible(
     # the whole kernel compile slower (H200 2026-11-28, fwd TFLOP/s 405 -> 230; at
     # 16k and under a causal mask no change; benchmarks/RESULTS.md).
     ok = col(k_pos < kv_valid) & row(q_pos < q_valid)
-    if spec.has_segment_ids:
-      ok = ok & (row(q_seg) == col(kv_seg))
-    return ok & dense if spec.has_dense_mask else ok
-  # Row i sees keys ``lo_i <= j <= hi_i``: the band and both valid lengths fold into two
-  # per-row bounds, worked out on the 1-D positions (a row past q_valid gets hi = -1, so
-  # no key), and the tile costs one comparison per element and side of the band rather
-  # than a subtraction, a comparison and the length tests. The offsets are clipped to the
-  # lengths (no int32 overflow; a band wider than the keys bounds nothing).
-  hi_off = spec.kv_len if spec.band_hi is None else min(spec.band_hi, spec.kv_len)
-  hi = jnp.where(q_pos < q_valid, jnp.minimum(q_pos + hi_off, kv_valid - 1), -1)
-  kj = col(k_pos)
-  ok = kj <= row(hi)
-  if spec.band_lo is not None:
-    ok = ok & (kj >= row(q_pos + max(spec.band_lo, -spec.q_len)))
+  else:
+    # Row i sees keys ``lo_i <= j <= hi_i``: the band and both valid lengths fold into
+    # two per-row bounds, worked out on the 1-D positions (a row past q_valid gets
+    # hi = -1, so no key), and the tile costs one comparison per element and side of
+    # the band rather than a subtraction, a comparison and the length tests. The
+    # offsets are clipped to the lengths (no int32 overflow; a band wider than the keys
+    # bounds nothing).
+    hi_off = spec.kv_len if spec.band_hi is None else min(spec.band_hi, spec.kv_len)
+    hi = jnp.where(q_pos < q_valid, jnp.minimum(q_pos + hi_off, kv_valid - 1), -1)
+    kj = col(k_pos)
+    ok = kj <= row(hi)
+    if spec.band_lo is not None:
+      ok = ok & (kj >= row(q_pos + max(spec.band_lo, -spec.q_len)))
   if spec.has_segment_ids:
     ok = ok & (row(q_seg) == col(kv_seg))
   if spec.has_dense_mask:

@@ -79,14 +79,14 @@ class MosaicConfig:
   # and with them at d <= 128 (under sorted_deal).
   persistent: int = 0
   # for_problem's choice at d=128 without a causal mask past 4k keys (MOSAIC_NOTES.md,
-  # session 23): the persistent grid runs as
-  # clusters of two CTAs that take two neighbouring query tiles of one (batch, head) and
-  # share each K/V tile: each CTA's producer loads half of it and TMA multicasts it to
-  # both, and a slot goes back to the producers once all four consumers are done with it
-  # (a cluster barrier). Half the K/V bytes read from L2 (FlashAttention-3 does this at
-  # d >= 128 without a causal mask). Needs ``persistent`` (whose CTA count it rounds
-  # down to pairs); runs only where the problem allows (no segment ids, an even count of
-  # query tiles, fwd.forward), else as ``persistent`` alone.
+  # session 23): the persistent grid runs as clusters of two CTAs that take two
+  # neighbouring query tiles of one (batch, head) and share each K/V tile: each CTA's
+  # producer loads half of it and TMA multicasts it to both, and a slot goes back to the
+  # producers once all four consumers are done with it (a cluster barrier). Half the K/V
+  # bytes read from L2 (FlashAttention-3 does this at d >= 128 without a causal mask).
+  # Needs ``persistent`` (whose CTA count it rounds down to pairs); runs only where the
+  # problem allows (no segment ids, an even count of query tiles, fwd.forward), else as
+  # ``persistent`` alone.
   kv_multicast: bool = False
   # Variant (off by default; MOSAIC_NOTES.md, session 18): the persistent grid deals
   # each head's tiles in equal-cost pairs (schedule.paired_tile) instead of q_tile's
