@@ -303,6 +303,19 @@ def test_mosaic_config_kv_multicast_needs_the_persistent_q_tile_deal():
       MosaicConfig(kv_multicast=True, **bad)
 
 
+@pytest.mark.parametrize("s, d, causal, v_wait_first", [
+    (16384, 128, False, True), (1024, 128, True, True), (4096, 64, False, True),
+    (1024, 64, True, False), (16384, 64, True, False), (16384, 256, False, False)])
+def test_mosaic_config_v_wait_first_where_it_measured_faster(s, d, causal, v_wait_first):
+  """V waited for before the softmax at d=128 and at d=64 without a causal mask. The
+  default GPU cases run both orders (d=128, d=64 causal, d=256) against the reference,
+  the variant tests the early wait everywhere."""
+  for segments in (False, True):
+    cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=132,
+                                   batch_heads=64)
+    assert cfg.v_wait_first == v_wait_first
+
+
 @pytest.mark.parametrize("s, d, causal, segments, q_registers", [
     (4096, 128, False, False, True), (16384, 128, True, False, True),
     (1024, 128, False, False, False), (4096, 128, True, True, False),
@@ -446,6 +459,8 @@ VARIANTS = {
     "q_registers": dict(q_registers=True),
     # Each consumer with a code copy of its own, its index a constant (common.consumers).
     "static_wg": dict(static_wg=True),
+    # V's "full" barrier waited for before the softmax rather than after it.
+    "v_wait_first": dict(v_wait_first=True),
 }
 
 

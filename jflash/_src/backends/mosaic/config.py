@@ -99,6 +99,14 @@ class MosaicConfig:
   # included (8 docs in 16k, causal, 16 heads: 1.00 against q_tile's 1.44).
   # for_problem's choice with segment ids at d <= 128.
   sorted_deal: bool = False
+  # for_problem's choice at d=128, and at d=64 without a causal mask (MOSAIC_NOTES.md,
+  # session 24): a consumer waits for V's tile right after QK^T's scores are in, before
+  # the softmax, instead of between the softmax and PV. Each barrier wait is a loop,
+  # which ends ptxas's basic block: with V's wait after the softmax, the exp2s fall in
+  # one block and the accumulator's rescale and P's bf16 packing in the next, so the
+  # exp2s issue back to back on the MUFU pipe, one row-sum add between each (ncu, H200,
+  # d=128 16k: 12% of the consumers' stall samples on them, against cuDNN's 0.7%).
+  v_wait_first: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.
@@ -218,9 +226,16 @@ class MosaicConfig:
     # cycle it is level or 0.5% lower. At 4k +0.2..+0.5%, at 1k -0.3%: not there.
     kv_multicast = persistent >= 2 and head_dim == 128 and not causal and not segments and (
         kv_len > 4096)
+    # V waited for before the softmax (two H200 calls, 2026-11-28, sustained fwd TFLOP/s,
+    # default -> v_wait_first): d=128 16k 618.9, 612.7 -> 640.0, 631.4 (per GHz +5%), 4k
+    # 596.4, 590.9 -> 613.9, 609.2, 1k 525.9 -> 537.7; causal 16k 601.2, 591.7 -> 602.9,
+    # 593.4, 4k 540.3, 535.8 -> 550.3, 546.8, 1k 403.6 -> 406.6. d=64 without a causal
+    # mask: 16k 474.3, 472.3 -> 478.1, 474.5, 1k 404.4, 403.4 -> 413.0, 410.9, 4k level;
+    # causal it loses (16k 461.3, 457.4 -> 454.1, 450.8; 1k 291.0, 290.2 -> 286.2, 285.9).
+    v_wait_first = head_dim == 128 or (head_dim == 64 and not causal)
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
               persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers,
-              kv_multicast=kv_multicast)
+              kv_multicast=kv_multicast, v_wait_first=v_wait_first)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg

@@ -346,13 +346,16 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
           return ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        if cfg.v_wait_first:  # the softmax, rescale and packing in one basic block
+          plgpu.barrier_wait(v_full.at[slot])
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
         acc = acc * per_row(alpha, acc.shape)
         if cfg.pingpong:
           # "Softmax done" in the source, but ptxas issues it as soon as the scores are
           # in (nothing it orders depends on the exps); that schedule measured fastest.
           plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_full.at[slot])
+        if not cfg.v_wait_first:
+          plgpu.barrier_wait(v_full.at[slot])
         if cfg.pingpong:
           plgpu.barrier_wait(sched)  # the other warpgroup has issued its QK
         acc = pv(acc, p16, slot)
