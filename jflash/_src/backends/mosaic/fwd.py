@@ -19,7 +19,10 @@ Each CTA runs three warpgroups:
   (ping-pong): one's QK^T is issued before the other's PV. In the compiled kernel the
   two softmaxes run side by side: ptxas moves the "softmax done" arrive up to where the
   scores are in, and forcing it below the softmax (the FA3 ping-pong, whose softmaxes
-  take turns) measured 2-12% slower (benchmarks/MOSAIC_NOTES.md, session 13).
+  take turns) measured 2-12% slower (benchmarks/MOSAIC_NOTES.md, session 13). With
+  ``v_wait_first`` a consumer waits for V's tile before its softmax, not after it: a
+  barrier wait is a loop, which ends ptxas's basic block, and the softmax's exps then
+  share one with the accumulator's rescale and P's packing (session 24).
 
 Which key tiles a consumer visits, and which need the element predicate, is asked of
 mask.kv_block_range; masked tiles call mask.visible. The producer loads the union of
