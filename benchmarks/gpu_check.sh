@@ -90,10 +90,23 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     XLA_PYTHON_CLIENT_MEM_FRACTION="$(python3 -c "print(round(0.7 / $per_gpu, 3))")" \
       timeout "${SHARD_TIMEOUT:-1800}" python3 -m pytest -m gpu -v -p no:cacheprovider \
       --durations=3 "${ids[@]}" > "$shards/$i.log" 2>&1 &
-    pids+=($!)
+    pids+=("$i:$!")
   done
-  for pid in "${pids[@]}"; do
-    wait "$pid" || test_status=1
+  for entry in "${pids[@]}"; do
+    i="${entry%%:*}"
+    wait "${entry#*:}"; rc=$?
+    ((rc == 0)) && continue
+    # A shard killed by its time limit (124) after pytest printed a clean final summary
+    # ran every test it had (2026-11-28: one shard finished its 16 tests in 465 s of a
+    # 470 s limit, then was killed on its way out): say so, and let the counts below
+    # decide. Anything else fails the run.
+    if ((rc == 124)) && tail -3 "$shards/$i.log" | grep -qE "^=+ .*(passed|skipped) in " \
+        && ! tail -3 "$shards/$i.log" | grep -qE "[0-9]+ (failed|errors?)"; then
+      echo "shard $i: killed by SHARD_TIMEOUT after its pytest summary (no failures)"
+    else
+      echo "shard $i: exit status $rc"
+      test_status=1
+    fi
   done
   for ((i = 0; i <= jobs; i++)); do
     [ -f "$shards/$i.log" ] && { echo "-- shard $i: $(tr '\n' ' ' < "$shards/$i.ids")"; cat "$shards/$i.log"; }
