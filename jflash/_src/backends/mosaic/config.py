@@ -106,6 +106,7 @@ class MosaicConfig:
   # one block and the accumulator's rescale and P's bf16 packing in the next, so the
   # exp2s issue back to back on the MUFU pipe, one row-sum add between each (ncu, H200,
   # d=128 16k: 12% of the consumers' stall samples on them, against cuDNN's 0.7%).
+  # The default schedule's step only: ``overlap`` orders its waits itself.
   v_wait_first: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
