@@ -281,6 +281,19 @@ def test_mosaic_config_pingpong_off_only_for_short_causal_d64(s, d, causal, segm
   assert cfg.pingpong == pingpong
 
 
+@pytest.mark.parametrize("s, d, causal, segments, tiles", [
+    (1024, 64, True, False, 8), (700, 64, True, False, 8), (2048, 64, True, False, 4),
+    (1024, 64, False, False, 4), (1024, 64, True, True, 4), (1024, 128, True, False, 2),
+    (16384, 64, True, False, 1)])
+def test_mosaic_config_q_tiles_per_cta_where_they_measured_faster(s, d, causal, segments,
+                                                                  tiles):
+  """Eight query tiles per CTA (a whole (batch, head) at 1k) only for d=64, causal, up to
+  1k keys, without segment ids; four elsewhere at d=64 up to 4k keys, two at d=128
+  causal, one past 4k keys."""
+  cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal)
+  assert cfg.q_tiles_per_cta == tiles
+
+
 @pytest.mark.parametrize("s, d, causal, segments, sm_count, multicast", [
     (16384, 128, False, False, 132, True), (4608, 128, False, False, 132, True),
     (4096, 128, False, False, 132, False), (16384, 128, True, False, 132, False),

@@ -174,8 +174,12 @@ class MosaicConfig:
     # 2026-11-26, fwd TFLOP/s, four against two: 1k 357-380 / 338, 4k 478-485 / 449-454
     # non-causal; 4k causal 372-387 / 374; eight mixed), and at d=128 without a causal
     # mask (two H200 runs, four against two: 1k +6%, +7%; 4k +3%, -3%; causal 1k -5%).
-    # At 16k one (two: -2..-3% causal, 0 otherwise).
+    # At 16k one (two: -2..-3% causal, 0 otherwise). d=64, causal up to 1k keys: eight,
+    # a whole (batch, head) per CTA at 1k (H200 2026-11-28, sustained fwd TFLOP/s, two
+    # calls: four 295.0, 293.7 -> eight 298.4, 298.0; sixteen 297.7; two lose).
     tiles = (4 if head_dim <= 64 or not causal else 2) if kv_len <= 4096 else 1
+    if head_dim == 64 and causal and kv_len <= 1024 and not segments:
+      tiles = 8
     # d=64, causal up to 1k keys: no ping-pong. H100 2026-11-27, fwd TFLOP/s without /
     # with it, two calls: s=1k 268.3, 268.4 / 256.8, 260.9 and 264.6, 251.8, 255.0 /
     # 251.0, 246.9; but s=2k 327.1, 328.1, 325.1 / 337.2, 329.8, and s=16k -9..-12%.
