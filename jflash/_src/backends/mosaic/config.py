@@ -176,7 +176,8 @@ class MosaicConfig:
     # mask (two H200 runs, four against two: 1k +6%, +7%; 4k +3%, -3%; causal 1k -5%).
     # At 16k one (two: -2..-3% causal, 0 otherwise). d=64, causal up to 1k keys: eight,
     # a whole (batch, head) per CTA at 1k (H200 2026-11-28, sustained fwd TFLOP/s, two
-    # calls: four 295.0, 293.7 -> eight 298.4, 298.0; sixteen 297.7; two lose).
+    # calls: four 295.0, 293.7 -> eight 298.4, 298.0; sixteen 297.7; two lose). Against
+    # cuDNN, three more calls: 1.01-1.02x (MOSAIC_NOTES.md, session 25).
     tiles = (4 if head_dim <= 64 or not causal else 2) if kv_len <= 4096 else 1
     if head_dim == 64 and causal and kv_len <= 1024 and not segments:
       tiles = 8
