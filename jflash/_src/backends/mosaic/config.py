@@ -106,6 +106,8 @@ class MosaicConfig:
   # one block and the accumulator's rescale and P's bf16 packing in the next, so the
   # exp2s issue back to back on the MUFU pipe, one row-sum add between each (ncu, H200,
   # d=128 16k: 12% of the consumers' stall samples on them, against cuDNN's 0.7%).
+  # That was the reason to try it; the gain is measured, but its cause is not settled:
+  # with it, ncu still finds 12.8% there (MOSAIC_NOTES.md, session 25).
   # The default schedule's step only: ``overlap`` orders its waits itself.
   v_wait_first: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
