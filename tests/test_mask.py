@@ -87,6 +87,52 @@ def test_block_ranges_cover_visible_tiles_and_full_tiles_are_full(seg_kind, band
           None if cols is None else tuple(int(x) for x in cols[j])), s // bk, bk, bq, False, q_valid)
 
 
+@pytest.mark.parametrize("seg_kind", [None, "packed"])
+@pytest.mark.parametrize("band", ["none", "causal", "window"])
+def test_tail_in_first_half_against_brute_force(seg_kind, band):
+  """``tail_in_first_half`` is True only where the rows see nothing in the second half
+  of their last masked key tile; without segment ids, exactly there. The geometry of
+  the Mosaic forward: query tiles of half a key tile (a warpgroup's 64 rows against
+  128 keys), so under a causal mask every other query tile's diagonal qualifies."""
+  rng = np.random.default_rng(len(band) * 3 + len(seg_kind or ""))
+  bq, bk = 4, 8
+  seen = set()
+  for t, s in [(32, 32), (28, 40), (40, 24)]:
+    window = (5, 3) if band == "window" else None
+    for q_valid, kv_valid in [(t, s), (t - 5, s - 3), (3, s), (t, 13), (t, 11)]:
+      q_seg = kv_seg = None
+      if seg_kind:
+        q_seg = _segments(rng, t, seg_kind)
+        kv_seg = q_seg[:s] if s <= t else np.concatenate([q_seg, _segments(rng, s - t, seg_kind) + 9])
+      spec = mask_lib.MaskSpec(
+          q_len=t, kv_len=s, causal=band == "causal",
+          window_left=None if window is None else window[0],
+          window_right=None if window is None else window[1],
+          has_segment_ids=seg_kind is not None)
+      vis = _dense_visibility(t, s, band == "causal", window, q_valid, kv_valid, q_seg, kv_seg)
+      rows = None
+      if seg_kind:
+        rows = np.asarray(mask_lib.segment_tile_ranges(q_seg[None], kv_seg[None], bq, bk,
+                                                       by_rows=True))[0]
+      for i in range(t // bq):
+        ranges = mask_lib.kv_block_range(
+            spec, i * bq, bq, bk, s // bk, q_valid, kv_valid,
+            None if rows is None else tuple(int(x) for x in rows[i]))
+        _, _, full_hi, hi = (int(x) for x in ranges)
+        half = bool(mask_lib.tail_in_first_half(spec, i * bq, bq, bk, full_hi, hi, q_valid,
+                                                kv_valid))
+        seen.add(half)
+        if hi - 1 < full_hi:
+          assert not half, (t, s, q_valid, kv_valid, i)
+          continue
+        blk = vis[i * bq:(i + 1) * bq, (hi - 1) * bk:hi * bk]
+        if half:
+          assert not blk[:, bk // 2:].any(), (t, s, q_valid, kv_valid, i)
+        elif seg_kind is None:
+          assert blk[:, bk // 2:].any(), (t, s, q_valid, kv_valid, i)
+  assert seen == {True, False}
+
+
 def test_packed_documents_skip_tiles_of_other_documents():
   """Two documents of 16 tokens, tiles of 4: a query tile of document 0 visits only the
   key tiles of document 0, all of them without the predicate."""

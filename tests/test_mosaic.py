@@ -474,6 +474,9 @@ VARIANTS = {
     "static_wg": dict(static_wg=True),
     # V's "full" barrier waited for before the softmax rather than after it.
     "v_wait_first": dict(v_wait_first=True),
+    # The last masked key tile at half width where a consumer's rows see only its first
+    # half (mask.tail_in_first_half; the causal diagonal of each tile's upper rows).
+    "half_step": dict(half_step=True),
 }
 
 
@@ -571,7 +574,9 @@ def test_mosaic_config_refuses_too_many_registers():
     ("segment_pair_lengths_empty", "persistent3"),
     ("segment_packed_causal_gqa", "persistent3_paired"),
     ("segment_packed_causal_gqa", "persistent3_sorted"),
-    ("segment_pair_lengths_empty", "persistent3_sorted")])
+    ("segment_pair_lengths_empty", "persistent3_sorted"),
+    # Half-width diagonal tiles: the key ids read for the first half of K's slot.
+    ("segment_packed_causal_gqa", "half_step")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 

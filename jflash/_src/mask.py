@@ -203,6 +203,24 @@ def kv_block_range(spec: MaskSpec, q_start, block_q: int, block_k: int, num_k_bl
   return ranges if segment_range is None else intersect_ranges(ranges, segment_range)
 
 
+def tail_in_first_half(spec: MaskSpec, q_start, block_q: int, block_k: int, full_hi, hi,
+                       q_valid, kv_valid):
+  """Whether key block ``hi - 1`` (of a ``kv_block_range``) is a masked block whose keys
+  visible from rows ``[q_start, q_start + block_q)`` all lie in its first
+  ``block_k // 2``: a kernel may then compute that block at half width. Under a causal
+  mask this is the diagonal block of a query tile's first half (the top 64 rows of a
+  128-row tile meet only the first 64 keys of the 128-key block on their diagonal).
+
+  Bounds only by the band and the valid lengths; segment ids and a dense mask can only
+  hide more keys, so the answer holds under them too. False when the range has no
+  trailing masked block (``hi - 1 < full_hi``)."""
+  q_last = _min(q_start + block_q, q_valid) - 1
+  last_key = kv_valid - 1
+  if spec.band_hi is not None:
+    last_key = _min(last_key, q_last + min(spec.band_hi, spec.kv_len))
+  return (hi - 1 >= full_hi) & (last_key < (hi - 1) * block_k + block_k // 2)
+
+
 def q_block_range(spec: MaskSpec, k_start, block_k: int, block_q: int, num_q_blocks: int,
                   q_valid, kv_valid, segment_range=None):
   """For the key tile at ``k_start``: ``(lo, full_lo, full_hi, hi)`` over query blocks.

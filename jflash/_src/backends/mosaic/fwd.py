@@ -121,6 +121,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   split = v_consumed is not None
+  # Half-width tiles need whole 64-key swizzle tiles for PV's K (config.py).
+  half_step = cfg.half_step and bk % 128 == 0 and not cfg.overlap
   qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
 
   def work(j):
@@ -265,8 +267,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       else:
         s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
       if masked:
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=COL) + i * bk
-        kv_seg = None if segs is None else plgpu.load(kseg_smem.at[slot_of(i)], layout=COL)
+        keys = qk.shape[1]  # bk, or its first half (``half_step``)
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=COL) + i * bk
+        kv_seg = None if segs is None else plgpu.load(
+            kseg_smem.at[slot_of(i), pl.ds(0, keys)], layout=COL)
         vis = mask_lib.visible(p.mask, q_pos, k_pos, *valid, q_seg, kv_seg)
         s = jnp.where(vis, s, -jnp.inf)
       c = p.scale * logits_lib.LOG2E if fold else 1.0
@@ -279,20 +283,23 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       return pr.astype(dtype), m_new, l * alpha + pr.sum(axis=1), alpha
 
     def pv(acc, p16, slot):
-      """``acc + P @ V[slot]``, waited for."""
+      """``acc + P @ V[slot]``, waited for: all of V's tile, or its first keys where P
+      has fewer columns (``half_step``)."""
+      keys = p16.shape[1]
+      v_tile = v_smem.at[slot] if keys == bk else v_smem.at[slot, pl.ds(0, keys)]
       if interpret:
-        my_p = p_smem.at[wg]
+        my_p = p_smem.at[wg] if keys == bk else p_smem.at[wg, :, pl.ds(0, keys)]
         my_p[...] = p16
         plgpu.commit_smem()
 
         def body(ref):
-          plgpu.wgmma(ref, my_p, v_smem.at[slot])
+          plgpu.wgmma(ref, my_p, v_tile)
           return ref[...]
 
         return acc + pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
 
       def body(ref):
-        plgpu.wgmma(ref, p16, v_smem.at[slot])
+        plgpu.wgmma(ref, p16, v_tile)
 
       return pl.run_state(body)(plgpu.ACC.init(acc))
 
@@ -338,17 +345,19 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
           release_v(i)
         return carry
 
-      def step(i, carry, masked: bool):
+      def step(i, carry, masked: bool, keys: int = bk):
+        """One key tile: all ``bk`` keys, or (``half_step``) its first ``keys``."""
         acc, m, l = carry
         slot = slot_of(i)
         plgpu.barrier_wait(k_full.at[slot])
+        k_tile = k_smem.at[slot] if keys == bk else k_smem.at[slot, pl.ds(0, keys)]
 
         def qk(ref):
-          plgpu.wgmma(ref, my_q, k_smem.at[slot].T)
+          plgpu.wgmma(ref, my_q, k_tile.T)
           sync()  # our QK is issued: the other warpgroup may issue its PV
           return ref[...]
 
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        s = pl.run_scoped(qk, plgpu.ACC((bq, keys), jnp.float32))
         if cfg.v_wait_first:  # the softmax, rescale and packing in one basic block
           plgpu.barrier_wait(v_full.at[slot])
         p16, m_new, l, alpha = tile_softmax(s, i, m, l, masked=masked)
@@ -381,7 +390,16 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       else:
         carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+        # ``half_step``: the last masked tile at half width where this warpgroup's rows
+        # see only its first half of the keys (the causal diagonal of the upper rows).
+        half = 0
+        if half_step:
+          half = mask_lib.tail_in_first_half(p.mask, q0, bq, bk, full_hi, hi, qv,
+                                             kvv).astype(jnp.int32)
+        carry = lax.fori_loop(full_hi, hi - half, functools.partial(step, masked=True), carry)
+        if half_step:
+          carry = lax.fori_loop(hi - half, hi,
+                                functools.partial(step, masked=True, keys=bk // 2), carry)
       carry = lax.fori_loop(hi, u_hi, skip, carry)
       pl.when(wg == 0)(sync)
       return carry
