@@ -89,17 +89,17 @@ def test_block_ranges_cover_visible_tiles_and_full_tiles_are_full(seg_kind, band
 
 @pytest.mark.parametrize("seg_kind", [None, "packed"])
 @pytest.mark.parametrize("band", ["none", "causal", "window"])
-def test_tail_in_first_half_against_brute_force(seg_kind, band):
-  """``tail_in_first_half`` is True only where the rows see nothing in the second half
-  of their last masked key tile; without segment ids, exactly there. The geometry of
-  the Mosaic forward: query tiles of half a key tile (a warpgroup's 64 rows against
-  128 keys), so under a causal mask every other query tile's diagonal qualifies."""
+def test_tail_keys_against_brute_force(seg_kind, band):
+  """``tail_keys`` covers every key the rows see in their last masked key block; without
+  segment ids it is the least multiple of the chunk that does. The geometry of the
+  Mosaic forward scaled down: query tiles of 4 rows, key blocks of 8 in chunks of 2
+  (64 rows, 256 keys, 64-key swizzle tiles), so a causal diagonal takes every width."""
   rng = np.random.default_rng(len(band) * 3 + len(seg_kind or ""))
-  bq, bk = 4, 8
+  bq, bk, chunk = 4, 8, 2
   seen = set()
   for t, s in [(32, 32), (28, 40), (40, 24)]:
     window = (5, 3) if band == "window" else None
-    for q_valid, kv_valid in [(t, s), (t - 5, s - 3), (3, s), (t, 13), (t, 11)]:
+    for q_valid, kv_valid in [(t, s), (t - 5, s - 3), (3, s), (2, s), (t, 13), (t, 11), (t, 9)]:
       q_seg = kv_seg = None
       if seg_kind:
         q_seg = _segments(rng, t, seg_kind)
@@ -119,18 +119,18 @@ def test_tail_in_first_half_against_brute_force(seg_kind, band):
             spec, i * bq, bq, bk, s // bk, q_valid, kv_valid,
             None if rows is None else tuple(int(x) for x in rows[i]))
         _, _, full_hi, hi = (int(x) for x in ranges)
-        half = bool(mask_lib.tail_in_first_half(spec, i * bq, bq, bk, full_hi, hi, q_valid,
-                                                kv_valid))
-        seen.add(half)
+        keys = int(mask_lib.tail_keys(spec, i * bq, bq, bk, full_hi, hi, q_valid, kv_valid,
+                                      chunk))
+        assert keys % chunk == 0 and chunk <= keys <= bk, keys
+        seen.add(keys)
         if hi - 1 < full_hi:
-          assert not half, (t, s, q_valid, kv_valid, i)
+          assert keys == bk, (t, s, q_valid, kv_valid, i)
           continue
         blk = vis[i * bq:(i + 1) * bq, (hi - 1) * bk:hi * bk]
-        if half:
-          assert not blk[:, bk // 2:].any(), (t, s, q_valid, kv_valid, i)
-        elif seg_kind is None:
-          assert blk[:, bk // 2:].any(), (t, s, q_valid, kv_valid, i)
-  assert seen == {True, False}
+        assert not blk[:, keys:].any(), (t, s, q_valid, kv_valid, i, keys)
+        if seg_kind is None:
+          assert blk[:, keys - chunk:keys].any(), (t, s, q_valid, kv_valid, i, keys)
+  assert seen == set(range(chunk, bk + 1, chunk))
 
 
 def test_packed_documents_skip_tiles_of_other_documents():

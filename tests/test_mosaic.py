@@ -474,9 +474,9 @@ VARIANTS = {
     "static_wg": dict(static_wg=True),
     # V's "full" barrier waited for before the softmax rather than after it.
     "v_wait_first": dict(v_wait_first=True),
-    # The last masked key tile at half width where a consumer's rows see only its first
-    # half (mask.tail_in_first_half; the causal diagonal of each tile's upper rows).
-    "half_step": dict(half_step=True),
+    # The last masked key tile only as wide as a consumer's rows see of it (mask.tail_keys;
+    # the causal diagonal), in 64-key steps (256-key tiles: test_mosaic_narrow_tail_*).
+    "narrow_tail": dict(narrow_tail=True),
 }
 
 
@@ -575,10 +575,24 @@ def test_mosaic_config_refuses_too_many_registers():
     ("segment_packed_causal_gqa", "persistent3_paired"),
     ("segment_packed_causal_gqa", "persistent3_sorted"),
     ("segment_pair_lengths_empty", "persistent3_sorted"),
-    # Half-width diagonal tiles: the key ids read for the first half of K's slot.
-    ("segment_packed_causal_gqa", "half_step")])
+    # Narrowed diagonal tiles: the key ids read for the first keys of K's slot.
+    ("segment_packed_causal_gqa", "narrow_tail")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
+
+
+@pytest.mark.parametrize("name", ["bf16_causal_cross_tail", "segment_packed_causal_gqa"])
+def test_mosaic_narrow_tail_256_keys_interpret(monkeypatch, name):
+  """``narrow_tail`` with 256-key tiles, whose diagonal steps take three narrower widths:
+  in bf16_causal_cross_tail, 64 and 128 keys (the first q tile's warpgroups) and 192 (the
+  second's upper one, its rows cut at q_valid = 150)."""
+  monkeypatch.setitem(VARIANTS, "narrow_tail_256", dict(narrow_tail=True, block_kv=256))
+  test_mosaic_variant_interpret_against_reference(name, "narrow_tail_256")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_narrow_tail_256_keys_lowers_for_cuda(causal):
+  _lower_forward_for_cuda(64, causal, None, narrow_tail=True, block_kv=256)
 
 
 @pytest.mark.parametrize("tiles", [1, 2, 3, 4])

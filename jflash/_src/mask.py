@@ -203,22 +203,27 @@ def kv_block_range(spec: MaskSpec, q_start, block_q: int, block_k: int, num_k_bl
   return ranges if segment_range is None else intersect_ranges(ranges, segment_range)
 
 
-def tail_in_first_half(spec: MaskSpec, q_start, block_q: int, block_k: int, full_hi, hi,
-                       q_valid, kv_valid):
-  """Whether key block ``hi - 1`` (of a ``kv_block_range``) is a masked block whose keys
-  visible from rows ``[q_start, q_start + block_q)`` all lie in its first
-  ``block_k // 2``: a kernel may then compute that block at half width. Under a causal
-  mask this is the diagonal block of a query tile's first half (the top 64 rows of a
-  128-row tile meet only the first 64 keys of the 128-key block on their diagonal).
+def tail_keys(spec: MaskSpec, q_start, block_q: int, block_k: int, full_hi, hi, q_valid,
+              kv_valid, chunk: int):
+  """How many keys of key block ``hi - 1`` (of a ``kv_block_range``) rows ``[q_start,
+  q_start + block_q)`` may see, rounded up to a multiple of ``chunk``: every key they
+  see in that block lies in its first ``tail_keys`` ones, so a kernel may compute the
+  block at that width. Under a causal mask this narrows the diagonal block: with
+  64-row query tiles and 128-key blocks, the upper rows of each 128-row tile see only
+  the first 64 keys of theirs.
 
-  Bounds only by the band and the valid lengths; segment ids and a dense mask can only
-  hide more keys, so the answer holds under them too. False when the range has no
-  trailing masked block (``hi - 1 < full_hi``)."""
+  ``block_k`` (no narrowing) when the range has no trailing masked block (``hi - 1 <
+  full_hi``). Bounds only by the band and the valid lengths: segment ids and a dense
+  mask can only hide more keys, so the answer holds under them too."""
   q_last = _min(q_start + block_q, q_valid) - 1
   last_key = kv_valid - 1
   if spec.band_hi is not None:
     last_key = _min(last_key, q_last + min(spec.band_hi, spec.kv_len))
-  return (hi - 1 >= full_hi) & (last_key < (hi - 1) * block_k + block_k // 2)
+  need = _div(_max(last_key + 1 - (hi - 1) * block_k + chunk - 1, 0), chunk) * chunk
+  need = _min(_max(need, chunk), block_k)
+  if isinstance(need, int) and isinstance(full_hi, int) and isinstance(hi, int):
+    return need if hi - 1 >= full_hi else block_k
+  return jnp.where(hi - 1 >= full_hi, need, block_k)
 
 
 def q_block_range(spec: MaskSpec, k_start, block_k: int, block_q: int, num_q_blocks: int,

@@ -111,12 +111,11 @@ class MosaicConfig:
   # The default schedule's step only: ``overlap`` orders its waits itself.
   v_wait_first: bool = False
   # Variant (off by default; MOSAIC_NOTES.md, session 26): a consumer runs the last
-  # masked key tile of its range at half width (QK^T's N and PV's K halved) where its
-  # rows see only that tile's first half (mask.tail_in_first_half): under a causal mask
-  # the diagonal tile of each query tile's upper warpgroup, half of whose scores are
-  # masked. Only where half a tile is whole 64-key swizzle tiles (block_kv 128 or 256),
-  # and not under ``overlap``.
-  half_step: bool = False
+  # masked key tile of its range only as wide as its rows can see of it, in 64-key
+  # swizzle tiles (mask.tail_keys; QK^T's N and PV's K narrowed): under a causal mask
+  # the diagonal tile. With 128-key tiles, the upper warpgroup of each query tile runs
+  # its diagonal at half width. Not under ``overlap``.
+  narrow_tail: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.

@@ -70,6 +70,8 @@ from jflash._src.layout import round_up
 from jflash._src.problem import Problem
 
 _PRODUCER = CONSUMER_WGS  # warpgroup index of the TMA producer
+# ``narrow_tail``'s widths: PV's K (the keys) must be whole 64-element swizzle tiles.
+_CHUNK = 64
 
 
 def _unpack(*refs, p: Problem, cfg: MosaicConfig, grid_ctas: int, **kw):
@@ -121,8 +123,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
     h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     q_valid, kv_valid = qv_ref[b], kvv_ref[b]
   split = v_consumed is not None
-  # Half-width tiles need whole 64-key swizzle tiles for PV's K (config.py).
-  half_step = cfg.half_step and bk % 128 == 0 and not cfg.overlap
+  narrow = cfg.narrow_tail and bk > _CHUNK and not cfg.overlap
   qseg_ref, kseg_ref, range_ref = (None,) * 3 if segs is None else segs
 
   def work(j):
@@ -267,7 +268,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       else:
         s, _ = logits_lib.scores(qk, p.scale, p.softcap, base2=True)
       if masked:
-        keys = qk.shape[1]  # bk, or its first half (``half_step``)
+        keys = qk.shape[1]  # bk, or fewer (``narrow_tail``)
         k_pos = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=COL) + i * bk
         kv_seg = None if segs is None else plgpu.load(
             kseg_smem.at[slot_of(i), pl.ds(0, keys)], layout=COL)
@@ -284,7 +285,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
     def pv(acc, p16, slot):
       """``acc + P @ V[slot]``, waited for: all of V's tile, or its first keys where P
-      has fewer columns (``half_step``)."""
+      has fewer columns (``narrow_tail``)."""
       keys = p16.shape[1]
       v_tile = v_smem.at[slot] if keys == bk else v_smem.at[slot, pl.ds(0, keys)]
       if interpret:
@@ -346,7 +347,7 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         return carry
 
       def step(i, carry, masked: bool, keys: int = bk):
-        """One key tile: all ``bk`` keys, or (``half_step``) its first ``keys``."""
+        """One key tile: all ``bk`` keys, or (``narrow_tail``) its first ``keys``."""
         acc, m, l = carry
         slot = slot_of(i)
         plgpu.barrier_wait(k_full.at[slot])
@@ -390,16 +391,17 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       else:
         carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-        # ``half_step``: the last masked tile at half width where this warpgroup's rows
-        # see only its first half of the keys (the causal diagonal of the upper rows).
-        half = 0
-        if half_step:
-          half = mask_lib.tail_in_first_half(p.mask, q0, bq, bk, full_hi, hi, qv,
-                                             kvv).astype(jnp.int32)
-        carry = lax.fori_loop(full_hi, hi - half, functools.partial(step, masked=True), carry)
-        if half_step:
-          carry = lax.fori_loop(hi - half, hi,
-                                functools.partial(step, masked=True, keys=bk // 2), carry)
+        # ``narrow_tail``: the last masked tile at the width (in 64-key swizzle tiles)
+        # that this warpgroup's rows can see of it (the causal diagonal); each narrower
+        # width a loop of zero or one step.
+        widths = range(_CHUNK, bk, _CHUNK) if narrow else ()
+        keys = mask_lib.tail_keys(p.mask, q0, bq, bk, full_hi, hi, qv, kvv, _CHUNK) if narrow else bk
+        narrowed = (keys < bk).astype(jnp.int32) if narrow else 0
+        carry = lax.fori_loop(full_hi, hi - narrowed, functools.partial(step, masked=True),
+                              carry)
+        for w in widths:
+          carry = lax.fori_loop(hi - (keys == w).astype(jnp.int32), hi,
+                                functools.partial(step, masked=True, keys=w), carry)
       carry = lax.fori_loop(hi, u_hi, skip, carry)
       pl.when(wg == 0)(sync)
       return carry
