@@ -329,6 +329,23 @@ def test_mosaic_config_v_wait_first_where_it_measured_faster(s, d, causal, v_wai
     assert cfg.v_wait_first == v_wait_first
 
 
+@pytest.mark.parametrize("s, d, causal, narrow", [
+    (1024, 64, True, True), (2048, 64, True, True), (4096, 64, True, False),
+    (16384, 128, True, True), (1024, 128, True, True), (16384, 128, False, False),
+    (1024, 64, False, False), (16384, 256, True, False)])
+def test_mosaic_config_narrow_tail_under_a_causal_mask_with_128_key_tiles(s, d, causal,
+                                                                          narrow):
+  """The causal diagonal narrowed where the key tiles are 128 wide (d=128, and d=64 up
+  to 2k keys or with segment ids); the default GPU causal cases run it against the
+  reference, the variant tests elsewhere."""
+  for segments in (False, True):
+    cfg = MosaicConfig.for_problem(s, s, d, segments=segments, causal=causal, sm_count=132,
+                                   batch_heads=64)
+    assert cfg.narrow_tail == (causal and cfg.block_kv == 128)
+    if not segments:
+      assert cfg.narrow_tail == narrow
+
+
 @pytest.mark.parametrize("s, d, causal, segments, q_registers", [
     (4096, 128, False, False, True), (16384, 128, True, False, True),
     (1024, 128, False, False, False), (4096, 128, True, True, False),

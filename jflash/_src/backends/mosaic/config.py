@@ -110,11 +110,12 @@ class MosaicConfig:
   # with it, ncu still finds 12.8% there (MOSAIC_NOTES.md, session 25).
   # The default schedule's step only: ``overlap`` orders its waits itself.
   v_wait_first: bool = False
-  # Variant (off by default; MOSAIC_NOTES.md, session 26): a consumer runs the last
-  # masked key tile of its range only as wide as its rows can see of it, in 64-key
-  # swizzle tiles (mask.tail_keys; QK^T's N and PV's K narrowed): under a causal mask
-  # the diagonal tile. With 128-key tiles, the upper warpgroup of each query tile runs
-  # its diagonal at half width. Not under ``overlap``.
+  # A consumer runs the last masked key tile of its range only as wide as its rows can
+  # see of it, in 64-key swizzle tiles (mask.tail_keys; QK^T's N and PV's K narrowed):
+  # under a causal mask the diagonal tile. With 128-key tiles, the upper warpgroup of
+  # each query tile runs its diagonal at half width. Not under ``overlap``.
+  # for_problem's choice under a causal mask with 128-key tiles (MOSAIC_NOTES.md,
+  # session 26).
   narrow_tail: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
@@ -247,9 +248,15 @@ class MosaicConfig:
     # mask: 16k 474.3, 472.3 -> 478.1, 474.5, 1k 404.4, 403.4 -> 413.0, 410.9, 4k level;
     # causal it loses (16k 461.3, 457.4 -> 454.1, 450.8; 1k 291.0, 290.2 -> 286.2, 285.9).
     v_wait_first = head_dim == 128 or (head_dim == 64 and not causal)
+    # The causal diagonal narrowed to what each warpgroup's rows see of it, with 128-key
+    # tiles (two H200 calls, 2026-11-28, sustained fwd TFLOP/s, off -> on: d=64 1k
+    # 298.1 -> 305.5 and 291.3 -> 294.7; d=128 1k 410.8 -> 419.9, 4k 547.6 -> 553.5, 16k
+    # 586.4 -> 589.0; 8 packed documents in 16k at d=128 402.9 -> 404.7 useful). With
+    # 256-key tiles (d=64 past 2k keys) level: 4k 402.9 -> 400.7, 16k 457.4 -> 454.4.
+    narrow_tail = causal and block_kv == 128
     cfg = cls(block_kv=block_kv, stages=stages, q_tiles_per_cta=tiles, pingpong=pingpong,
               persistent=persistent, sorted_deal=sorted_deal, q_registers=q_registers,
-              kv_multicast=kv_multicast, v_wait_first=v_wait_first)
+              kv_multicast=kv_multicast, v_wait_first=v_wait_first, narrow_tail=narrow_tail)
     while cfg.stages > 2 and cfg.smem_bytes(head_dim, itemsize) > SMEM_BYTES:
       cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
