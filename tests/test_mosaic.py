@@ -494,9 +494,6 @@ VARIANTS = {
     # The last masked key tile only as wide as a consumer's rows see of it (mask.tail_keys;
     # the causal diagonal), in 64-key steps (256-key tiles: test_mosaic_narrow_tail_*).
     "narrow_tail": dict(narrow_tail=True),
-    # The consumers swap row blocks on every other tile of a CTA (the cases' default 2 or
-    # more q tiles per CTA; with segment ids, each reads its rows' segment ranges).
-    "swap_rows": dict(swap_rows=True, narrow_tail=True),
 }
 
 
@@ -596,8 +593,7 @@ def test_mosaic_config_refuses_too_many_registers():
     ("segment_packed_causal_gqa", "persistent3_sorted"),
     ("segment_pair_lengths_empty", "persistent3_sorted"),
     # Narrowed diagonal tiles: the key ids read for the first keys of K's slot.
-    ("segment_packed_causal_gqa", "narrow_tail"),
-    ("segment_packed_causal_gqa", "swap_rows")])
+    ("segment_packed_causal_gqa", "narrow_tail")])
 def test_mosaic_segment_variant_interpret_against_reference(name, variant):
   test_mosaic_variant_interpret_against_reference(name, variant)
 

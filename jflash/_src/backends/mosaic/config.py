@@ -117,10 +117,6 @@ class MosaicConfig:
   # for_problem's choice under a causal mask with 128-key tiles (MOSAIC_NOTES.md,
   # session 26).
   narrow_tail: bool = False
-  # Variant (off by default; MOSAIC_NOTES.md, session 26): with several q tiles per CTA,
-  # the consumers swap their row blocks on every other tile, so that under a causal
-  # mask each runs the upper rows (whose diagonal narrow_tail halves) as often.
-  swap_rows: bool = False
   # The backward pass: the Mosaic kernels of bwd.py (tuned by MosaicBwdConfig) where they
   # support the call, else the Triton ones. H200, s=4k: fwd+bwd 0.81-0.99x cuDNN with
   # them vs 0.74-0.86x with Triton's.

@@ -304,17 +304,16 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
 
       return pl.run_state(body)(plgpu.ACC.init(acc))
 
-    def kv_loop(my_q, entry, w, q0, who, g, u_lo, u_hi):
+    def kv_loop(my_q, entry, w, q0, g, u_lo, u_hi):
       """One tile's pass over the key tiles ``[u_lo, u_hi)`` from ring step ``g``:
       ``(acc, m, l)`` of the rows from ``q0`` (query tile ``w = work(j)``, its Q and ids
       in buffer ``entry``, already waited for; ``my_q``: QK^T's A operand, that
-      buffer or Q in registers; ``who``: which of the tile's row blocks, for its
-      segment ranges)."""
+      buffer or Q in registers)."""
       tb, _, tile, qv, kvv = w
       lo, full_lo, full_hi, hi = (
           jnp.clip(x, u_lo, u_hi)
           for x in mask_lib.kv_block_range(p.mask, q0, bq, bk, nk, qv, kvv,
-                                           seg_range(tb, tile, who)))
+                                           seg_range(tb, tile, wg)))
       q_pos = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=ROW) + q0
       q_seg = None if segs is None else plgpu.load(qseg_smem.at[entry], layout=ROW)
       step_of, slot_of = ring(g, u_lo)
@@ -428,15 +427,10 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
       plgpu.copy_smem_to_gmem(my_lse, lse_ref.at[tb, th, pl.ds(q0, bq)])
 
     q_entry = lambda j: (j % q_bufs) * CONSUMER_WGS + wg
-    # Which block of its query tile's rows this warpgroup runs: its own index, or with
-    # ``swap_rows`` the two swapped on every other tile of the CTA, so that each runs
-    # the upper rows (the shorter causal diagonal) half the time.
-    rows_of = (lambda j: lax.rem(wg + j, CONSUMER_WGS)) if cfg.swap_rows and multi else (
-        lambda j: wg)
 
     def load_q(j):
       (tb, th, *_), cta_q0, _, _ = union(j)
-      q0, at = cta_q0 + rows_of(j) * bq, q_entry(j)
+      q0, at = cta_q0 + wg * bq, q_entry(j)
       plgpu.copy_gmem_to_smem(q_ref.at[tb, pl.ds(q0, bq), th], q_smem.at[at], q_full.at[at])
       if segs is not None:  # the rows' ids share Q's buffer entry and barrier
         plgpu.copy_gmem_to_smem(qseg_ref.at[tb, pl.ds(q0, bq)], qseg_smem.at[at],
@@ -458,15 +452,14 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
           if q_bufs == 2:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_q(j + 1)
-      my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + rows_of(j) * bq
+      my_q, q0 = q_smem.at[q_entry(j)], cta_q0 + wg * bq
       # QK^T's A operand: Q's SMEM tile, or (``q_registers``) Q in registers. The
       # interpreter has no wgmma with a register operand (module docstring).
       q_op = (plgpu.load(my_q, layout=plgpu.Layout.WGMMA)
               if cfg.q_registers and not interpret else my_q)
       # (Not persistent: work(j) again, which the traced kernel of one tile per CTA
       # has always had here.)
-      acc, m, l = kv_loop(q_op, q_entry(j), w if persistent else work(j), q0, rows_of(j), g,
-                          u_lo, u_hi)
+      acc, m, l = kv_loop(q_op, q_entry(j), w if persistent else work(j), q0, g, u_lo, u_hi)
       epilogue(my_q, w, q0, acc, m, l)
       return g + (u_hi - u_lo)
 
