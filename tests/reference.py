@@ -42,11 +42,15 @@ def _per_head(mask, n, xp=np):
   return xp.broadcast_to(mask[:, None] if mask.ndim == 3 else mask, (mask.shape[0], n) + mask.shape[-2:])
 
 
-def attention(q, k, v, mask, *, scale=None, softcap=None, bias=None, dtype=jnp.float32):
+def attention(q, k, v, mask, *, scale=None, softcap=None, bias=None, dtype=jnp.float32,
+              dropout=None):
   """Naive attention in ``dtype`` (f32 default), differentiable, NaN-free on empty rows.
 
   q [B,T,N,H], k/v [B,S,K,H], mask bool[B,T,S] or [B,N,T,S], bias broadcastable to
-  [B,N,T,S] (added after scale, before the soft-cap). Returns (out, lse [B,T,N]).
+  [B,N,T,S] (added after scale, before the soft-cap). ``dropout``: None, or the factor
+  each probability is multiplied by before P V (0 where dropped, 1 / (1 - rate) where
+  kept), broadcastable to [B,N,T,S]; the lse is the softmax's, before dropout.
+  Returns (out, lse [B,T,N]).
   """
   b, t, n, h = q.shape
   kh = k.shape[2]
@@ -68,6 +72,8 @@ def attention(q, k, v, mask, *, scale=None, softcap=None, bias=None, dtype=jnp.f
   e = jnp.where(mask, jnp.exp(safe - mx), 0.0)
   z = e.sum(-1, keepdims=True)
   probs = e / jnp.where(empty, 1.0, z)
+  if dropout is not None:
+    probs = probs * jnp.asarray(dropout, jnp.float32)
   out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v, precision=prec)
   lse = jnp.where(empty, -jnp.inf, mx + jnp.log(jnp.where(empty, 1.0, z)))[..., 0]
   return out.astype(dtype), jnp.transpose(lse, (0, 2, 1))
