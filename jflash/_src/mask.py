@@ -5,7 +5,9 @@ module, and only this module, which (query, key) pairs are visible:
 
 * ``visible`` is the element predicate, evaluated on a tile of positions;
 * ``kv_block_range`` (for a query tile: which key tiles to visit, and which of them need
-  no per-element mask) and ``q_block_range`` (the same seen from a key tile, for dK/dV).
+  no per-element mask) and ``q_block_range`` (the same seen from a key tile, for dK/dV);
+* ``tail_keys`` (how many keys of a query tile's last masked key tile it can see: the
+  width the Mosaic forward computes that tile at).
 
 The mask is the intersection of:
   - a diagonal band  ``band_lo <= j - i <= band_hi`` (causal is ``band_hi = 0``, a window
