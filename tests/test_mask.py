@@ -103,7 +103,8 @@ def test_tail_keys_against_brute_force(seg_kind, band):
       q_seg = kv_seg = None
       if seg_kind:
         q_seg = _segments(rng, t, seg_kind)
-        kv_seg = q_seg[:s] if s <= t else np.concatenate([q_seg, _segments(rng, s - t, seg_kind) + 9])
+        kv_seg = q_seg[:s] if s <= t else np.concatenate(
+            [q_seg, _segments(rng, s - t, seg_kind) + 9])
       spec = mask_lib.MaskSpec(
           q_len=t, kv_len=s, causal=band == "causal",
           window_left=None if window is None else window[0],

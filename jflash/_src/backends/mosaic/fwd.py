@@ -397,7 +397,8 @@ def _kernel(q_ref, k_ref, v_ref, qv_ref, kvv_ref, o_ref, lse_ref,
         # that this warpgroup's rows can see of it (the causal diagonal); each narrower
         # width a loop of zero or one step.
         widths = range(_CHUNK, bk, _CHUNK) if narrow else ()
-        keys = mask_lib.tail_keys(p.mask, q0, bq, bk, full_hi, hi, qv, kvv, _CHUNK) if narrow else bk
+        keys = (mask_lib.tail_keys(p.mask, q0, bq, bk, full_hi, hi, qv, kvv, _CHUNK)
+                if narrow else bk)
         narrowed = (keys < bk).astype(jnp.int32) if narrow else 0
         carry = lax.fori_loop(full_hi, hi - narrowed, functools.partial(step, masked=True),
                               carry)
