@@ -27,11 +27,11 @@ Each CTA runs three warpgroups:
 Which key tiles a consumer visits, and which need the element predicate, is asked of
 mask.kv_block_range; masked tiles call mask.visible. With ``narrow_tail`` a consumer's
 last masked tile runs only as wide as its rows see of it (mask.tail_keys, in 64-key
-steps): under a causal mask the upper consumer computes half of its diagonal tile. The producer loads the union of
-both consumers' ranges; a consumer steps through that union too and *skips* (waits,
-releases, computes nothing) the tiles outside its own range, so that both stay in step
-on the shared ring and barriers. Fully masked tiles (causal upper triangle, windows,
-padding) are never loaded.
+steps): under a causal mask the upper consumer computes half of its diagonal tile. The
+producer loads the union of both consumers' ranges; a consumer steps through that union
+too and *skips* (waits, releases, computes nothing) the tiles outside its own range, so
+that both stay in step on the shared ring and barriers. Fully masked tiles (causal upper
+triangle, windows, padding) are never loaded.
 
 With several q tiles per CTA the ring runs on from tile to tile: its step counter (hence
 slot and barrier phase) counts over all the CTA's tiles, so the producer fills the free
