@@ -88,6 +88,17 @@ class Case:
       kw["key_value_seq_lengths"] = jnp.asarray(self.kv_lengths, jnp.int32)
     return kw
 
+  def dropout_factor(self, rate: float, rng):
+    """f32 ``[B, N, T, S]``: what dropout at ``rate`` with ``rng`` multiplies each
+    probability by (0 where dropped, 1 / (1 - rate) where kept), written out densely from
+    its definition (jflash._src.dropout.keep, the documented counter-based hash)."""
+    from jflash._src import dropout as dropout_def
+    seed = dropout_def.seed_from_rng(rng)
+    kept = dropout_def.keep(seed, jnp.arange(self.b)[:, None, None, None],
+                            jnp.arange(self.n)[None, :, None, None],
+                            jnp.arange(self.t)[:, None], jnp.arange(self.s)[None, :], rate)
+    return jnp.where(kept, 1.0 / (1.0 - rate), 0.0)
+
   def mask(self):
     """bool[B, T, S], or [B, N, T, S] when a dense mask is part of the case."""
     return reference.dense_mask(

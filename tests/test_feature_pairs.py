@@ -9,7 +9,8 @@ float64 numpy reference for out and lse, the f32 naive reference's autodiff for 
 gradients, each within twice the error of the naive attention in the case's dtype), on
 small tiles so that the problems span several in each axis. A pair with dropout is
 checked against the naive reference with the dropout factor written out densely from its
-definition (jflash._src.dropout.keep, the documented counter-based hash).
+definition (helpers.Case.dropout_factor: jflash._src.dropout.keep, the documented
+counter-based hash).
 
 On CPU: "xla" and "triton" (Pallas interpret mode), float32. On the GPU (``gpu``):
 "triton" in float32 and bfloat16, and "mosaic" (Hopper) in bfloat16 for the pairs it
@@ -19,7 +20,6 @@ feature, and implementation=None falls back to "triton", tests/test_mosaic.py).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax
@@ -64,34 +64,26 @@ def _case(pair, **kw) -> Case:
 
 def _check_dropout(case: Case, impl: str, rtol: float = 2e-5, atol: float = 2e-5):
   """out and every gradient, with dropout at RATE, against the naive reference with the
-  same dropout factor (and the pair's other feature) written out densely."""
-  from jflash._src import dropout as dropout_def
+  same dropout factor (Case.dropout_factor) and the pair's other feature."""
   rng = jax.random.PRNGKey(case.seed + 3)
   q, k, v, do = case.inputs()
   bias = case.bias_array()
-  seed = dropout_def.seed_from_rng(rng)
-  kept = dropout_def.keep(seed, jnp.arange(case.b)[:, None, None, None],
-                          jnp.arange(case.n)[None, :, None, None],
-                          jnp.arange(case.t)[:, None], jnp.arange(case.s)[None, :], RATE)
-  factor = jnp.where(kept, 1.0 / (1.0 - RATE), 0.0)
-  kw = case.kwargs()
+  factor = case.dropout_factor(RATE, rng)
   mask = jnp.asarray(case.mask())
+  kw = case.kwargs()
 
-  @jax.jit
-  def f(q, k, v, bias):
-    return jflash.dot_product_attention(q, k, v, bias, implementation=impl,
+  def f(q, k, v, *bias):
+    return jflash.dot_product_attention(q, k, v, *bias, implementation=impl,
                                         dropout_rate=RATE, dropout_rng=rng, **kw)
 
-  @jax.jit
-  def ref(q, k, v, bias):
-    return reference.attention(q, k, v, mask, scale=case.scale,
-                               softcap=case.softcap, bias=bias, dropout=factor)[0]
+  def ref(q, k, v, *bias):
+    return reference.attention(q, k, v, mask, scale=case.scale, softcap=case.softcap,
+                               bias=bias[0] if bias else None, dropout=factor)[0]
 
-  args = (q, k, v, bias)
-  argnums = (0, 1, 2) + ((3,) if bias is not None else ())
-  out, vjp = jax.vjp(lambda *a: f(*a, *args[len(a):]), *args[:len(argnums)])
-  ref_out, ref_vjp = jax.vjp(lambda *a: ref(*a, *args[len(a):]), *args[:len(argnums)])
-  assert 0.6 < float(kept.mean()) < 0.8, float(kept.mean())  # about 1 - RATE kept
+  args = (q, k, v) + (() if bias is None else (bias,))
+  out, vjp = jax.vjp(jax.jit(f), *args)
+  ref_out, ref_vjp = jax.vjp(jax.jit(ref), *args)
+  assert 0.6 < float((factor > 0).mean()) < 0.8  # about 1 - RATE kept
   scale = lambda x: max(1.0, float(np.abs(np.asarray(x, np.float64)).max()))
   np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=atol * scale(ref_out))
   for name, g, r in zip(("dq", "dk", "dv", "dbias"), vjp(do), ref_vjp(do)):
