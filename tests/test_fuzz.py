@@ -204,7 +204,7 @@ def _dbias_rounding_slack(case: Case, expected) -> float:
   return 2 * float(per_entry.max()) / scale
 
 
-def _fa_assert_close(case: Case):
+def fa_assert_close(case: Case):
   """helpers.assert_close, with FA_GRAD_SLACK on ``case``'s half-precision gradients."""
   rows_per_dbias = 1
   if case.bias is not None:
@@ -228,7 +228,7 @@ def fuzz_check(case: Case, impl: str, blocks: dict | None = None):
   with contextlib.suppress(InvalidArgument):  # outside @given (the regressions): no notes
     note(f"repro: fuzz_check({case_repr(case)}, {impl!r}, {blocks!r})")
   with (_tiles(impl, case, blocks),
-        mock.patch.object(test_attention, "assert_close", _fa_assert_close(case))):
+        mock.patch.object(test_attention, "assert_close", fa_assert_close(case))):
     check_case(case, impl)
 
 
