@@ -1,5 +1,8 @@
 """Feature cases of `bench.py --features`: sliding window, packed documents (and the same
-tokens as a batch of short sequences), soft-cap, dense mask.
+tokens as a batch of short sequences), soft-cap, dense mask. Each is compared with cuDNN
+(jax.nn) where jax.nn offers the case, and with dense XLA where it does not: the packed
+documents as a dense mask (jax.nn, "xla"), the soft-cap as dense logits written out
+(``api="dense"``, `_jax_bench.dense_attention`), both at a smaller s.
 
 Stdlib + numpy only: the case list and the useful-FLOP counts. Each row is plain
 data (JSON-able); `_jax_bench.make_feature_fn` turns its ``call`` into a jitted
@@ -64,7 +67,11 @@ def _call(impl, *, causal, window=None, softcap=None, segment_ids=False, mask=Fa
     return {"api": "jflash", "implementation": impl[len("jflash-"):], "is_causal": causal,
             "local_window_size": window, "logits_soft_cap": softcap,
             "segment_ids": segment_ids, "mask": mask}
-  assert softcap is None and not segment_ids, impl  # jax.nn has neither
+  assert not segment_ids, impl  # jax.nn has no segment ids
+  if softcap is not None:  # nor a soft-cap: the dense logits written out in XLA
+    assert impl == "xla" and window is None and not mask, impl
+    return {"api": "dense", "implementation": impl, "is_causal": causal,
+            "logits_soft_cap": softcap}
   return {"api": "jax.nn", "implementation": impl, "is_causal": causal,
           "local_window_size": window, "mask": mask}
 
@@ -122,6 +129,9 @@ def rows(cfg, impls):
   for impl in jfl:
     add("softcap", title, impl, _call(impl, causal=False, softcap=cfg["softcap"]), "full",
         ("full", impl), "soft-cap / plain")
+  if "xla" in impls:  # no cuDNN soft-cap in jax.nn: dense logits in XLA, a smaller s
+    add("softcap", title, "xla", _call("xla", causal=False, softcap=cfg["softcap"]), "full",
+        None, "", f"dense logits, s={cfg['dense_s']}", b=cfg["dense_b"], s=cfg["dense_s"])
 
   title = f"dense block-diag mask ({cfg['docs']} docs), causal"
   for impl in jfl:

@@ -55,6 +55,23 @@ def make_fn(impl, mode, causal):
   return jax.jit(fwdbwd)
 
 
+def dense_attention(q, k, v, *, is_causal, implementation, logits_soft_cap=None):
+  """Attention as written in plain XLA: the [B, N, T, S] logits in f32, soft-capped
+  (``cap * tanh(logits / cap)``), softmaxed, P in the input dtype. The baseline of the
+  feature cases jax.nn cannot run (``implementation`` is "xla", for the row's label)."""
+  assert implementation == "xla", implementation
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (q.shape[-1] ** -0.5)
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  if is_causal:
+    t, s = logits.shape[-2:]
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32
+                    ).astype(q.dtype)
+
+
 def make_feature_fn(call, mode):
   """A jitted ``fn(q, k, v, do, *extras)`` for one feature row's ``call`` (see _features.py).
 
@@ -67,7 +84,8 @@ def make_feature_fn(call, mode):
   if call.get("logits_soft_cap") is not None:
     kw["logits_soft_cap"] = call["logits_soft_cap"]
   names = [name for name in ("segment_ids", "mask") if call.get(name)]
-  f = jflash.dot_product_attention if call["api"] == "jflash" else jax.nn.dot_product_attention
+  f = {"jflash": jflash.dot_product_attention, "jax.nn": jax.nn.dot_product_attention,
+       "dense": dense_attention}[call["api"]]
 
   def attn(q, k, v, extras):
     return f(q, k, v, **kw, **dict(zip(names, extras)))
