@@ -11,7 +11,7 @@
 #   RUN_TRAIN=1 adds the GPT training-step benchmark (train_step.py $TRAIN_ARGS):
 #   train_step.log, train_step.md, train_step.json.
 # Sizing (2 x H200, 2026-11-28): the whole suite, 268 tests, in JOBS=12 shards took
-# 350-440 s a shard (two of them passed 480 s); a device call ends at 600 s, so on one
+# 350-440 s a shard, two more than 480 s; a device call ends at 600 s, so on one
 # GPU split it over two calls (TESTS), and rerun a cut shard's rest with TEST_IDS_FILE.
 # Exits with the pytest status, so a benchmark hiccup cannot hide a failing kernel.
 set -uo pipefail
