@@ -95,11 +95,11 @@ def _check_dropout(case: Case, impl: str):
   assert out.dtype == case.dtype and out.shape == q.shape
   close = fa_assert_close(case)
   close("out", out, ref_out, base_out, case.dtype)
-  names = ("dq", "dk", "dv", "dbias")
   _, np_lse = reference.attention_np64(q, k, v, case.mask(), scale=case.scale,
                                        softcap=case.softcap, bias=bias)
   assert_lse_close(lse, np_lse, case.dtype)  # the softmax's, before dropout
   grads = vjp((do, jnp.zeros_like(lse)))
+  names = ("dq", "dk", "dv", "dbias")
   for name, g, r, b, x in zip(names, grads, ref_vjp(do), base_vjp(do), args):
     assert g.dtype == x.dtype and g.shape == x.shape, name
     close(name, g, r, b, case.dtype)
