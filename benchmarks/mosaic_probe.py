@@ -15,6 +15,8 @@
       --docs 8 --impls mosaic triton --variants q_tiles_per_cta=2 q_tiles_per_cta=4  # packed
   PYTHONPATH=.:benchmarks python3 benchmarks/mosaic_probe.py --s 16384 --heads 16x128 \
       --modes fwd --impls cudnn --variants q_registers=0 --sustain 1.5  # + clock, per GHz
+  PYTHONPATH=. python3 benchmarks/mosaic_probe.py --s 16384 --heads 16x128 --causal yes \
+      --window 4096 --modes fwdbwd --impls cudnn --mosaic-bwd --sweep-bwd "" dkv_stages=3
 
 Grid: bf16, b*s = 16k tokens, heads x head_dim in {16x128, 32x64}, s in {1k, 4k, 16k},
 causal and not. Prints TFLOP/s (fwd: 4*b*h*s^2*d, halved when causal; fwd+bwd: 3.5x
@@ -52,18 +54,20 @@ from jflash._src.backends.mosaic import backend as mosaic_backend
 from jflash._src.backends.mosaic.config import MosaicBwdConfig, MosaicConfig
 
 # benchmarks/ is on sys.path when this runs as a script.
-from _features import doc_lengths
+from _features import doc_lengths, visible_pairs
 import sustained as sustained_lib
 
 
-def attention(impl: str, segment_ids=None):
+def attention(impl: str, segment_ids=None, window=None):
+  """``window``: None, or ``local_window_size`` (jax.nn's meaning) for every implementation."""
   if impl.startswith("mosaic_bwd"):  # mosaic, its backward switched on by the caller
     impl = "mosaic"
   if impl == "cudnn":
     return lambda q, k, v, causal: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="cudnn")
+        q, k, v, is_causal=causal, implementation="cudnn", local_window_size=window)
   return lambda q, k, v, causal: jflash.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=impl, segment_ids=segment_ids)
+      q, k, v, is_causal=causal, implementation=impl, segment_ids=segment_ids,
+      local_window_size=window)
 
 
 def packed_ids(b: int, s: int, docs: int):
@@ -75,8 +79,8 @@ def packed_ids(b: int, s: int, docs: int):
   return jnp.asarray(np.broadcast_to(ids, (b, s)), jnp.int32), pairs
 
 
-def make_fn(impl: str, mode: str, causal: bool, segment_ids=None):
-  attn = attention(impl, segment_ids)
+def make_fn(impl: str, mode: str, causal: bool, segment_ids=None, window=None):
+  attn = attention(impl, segment_ids, window)
   if mode == "fwd":
     return jax.jit(lambda q, k, v, do: attn(q, k, v, causal))
 
@@ -178,6 +182,9 @@ def main():
   ap.add_argument("--docs", type=int, default=0,
                   help="pack this many documents of random lengths into each sequence "
                        "(segment_ids; cudnn skipped; TFLOP/s of visible pairs only)")
+  ap.add_argument("--window", type=int, default=0,
+                  help="causal with a sliding window: local_window_size=(W, 0) (as bench.py's "
+                       "feature case); TFLOP/s of visible pairs only")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--loops", type=int, default=5)
@@ -193,6 +200,10 @@ def main():
                   help="with --mosaic-bwd: MosaicBwdConfig overrides to time, each "
                        "'field=value,...' (default: the heuristic only)")
   args = ap.parse_args()
+  if args.window and (args.causal != "yes" or args.docs):
+    ap.error("--window W times causal attention with a (W, 0) window: give --causal yes, "
+             "and no --docs")
+  window = (args.window, 0) if args.window else None
   impls = list(args.impls)
   if args.mosaic_bwd:
     impls += [f"mosaic_bwd[{s}]" for s in args.sweep_bwd] or ["mosaic_bwd"]
@@ -219,6 +230,8 @@ def main():
     if args.docs:
       ids, pairs = packed_ids(b, s, args.docs)
       flops = 4 * b * n * d * pairs[causal]
+    if window:
+      flops = 4 * b * n * d * visible_pairs("window", s, args.window)
     base = MosaicConfig.for_problem(s, s, d, segments=ids is not None, causal=causal,
                                     sm_count=mosaic_backend.sm_count(), batch_heads=b * n)
     configs = [None]
@@ -242,7 +255,8 @@ def main():
       cfg = fwd_config(base, spec)
       labels[id(cfg)] = f"mosaic[{spec}]"
       configs.append(cfg)
-    print(f"== b={b} s={s} n={n} d={d} causal={causal} default={base}", flush=True)
+    print(f"== b={b} s={s} n={n} d={d} causal={causal} window={window} default={base}",
+          flush=True)
     ref_out = None
     ref_grads = None
     for mode in args.modes:
@@ -260,7 +274,7 @@ def main():
           # compile ahead of time under the config.
           jax.clear_caches()
           try:
-            fn = make_fn(impl, mode, causal, ids)
+            fn = make_fn(impl, mode, causal, ids, window)
             with contextlib.ExitStack() as stack:
               if impl.startswith("mosaic_bwd"):
                 stack.enter_context(mosaic_backend.override_config(
